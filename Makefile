@@ -1,0 +1,30 @@
+# Two entry points: `make demo` (the main job) and `make test`. Each creates .venv if missing and installs
+# the package into it; re-installs only when pyproject.toml changes.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install clean help
+
+help:  ## list targets
+	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(STAMP)  ## create .venv and install nanochat with test extras
+
+demo: $(STAMP)  ## tokenizer + tiny GPT smoke run on CPU (a few minutes)
+	$(PY) -m nanochat.demo
+
+test: $(STAMP)  ## run the test suite (CPU, a few minutes)
+	$(PY) -m pytest
+
+clean:  ## remove the virtual environment and caches
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info src/*.egg-info

@@ -1,0 +1,54 @@
+"""Newton-Schulz in bf16 vs fp32 on this machine, side by side (why ns_dtype defaults to 'auto').
+
+    python bench/muon_ns_dtype.py [--device cpu|cuda] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from nanochat.hardware import fast_bf16
+from nanochat.optim.muon import newton_schulz
+
+
+def best_of(fn, repeats: int = 5) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    rows = []
+    # d4 attention / MLP matrices, and d12's for scale.
+    for shape in [(256, 256), (1024, 256), (768, 768), (3072, 768)]:
+        G = torch.randn(shape, device=args.device)
+        row = {"shape": f"{shape[0]}x{shape[1]}"}
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            row[f"ns_{name}_ms"] = 1e3 * best_of(lambda: newton_schulz(G, dtype=dtype))
+        row["bf16_over_fp32"] = row["ns_bf16_ms"] / row["ns_fp32_ms"]
+        rows.append(row)
+    print(f"device={args.device} capability={torch.backends.cpu.get_cpu_capability()} fast_bf16={fast_bf16(args.device)}")
+    print(f"{'shape':>10} {'NS fp32 ms':>11} {'NS bf16 ms':>11} {'bf16/fp32':>10}")
+    for r in rows:
+        print(f"{r['shape']:>10} {r['ns_fp32_ms']:>11.2f} {r['ns_bf16_ms']:>11.2f} {r['bf16_over_fp32']:>10.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Chat rendering: conversations -> token ids plus a mask of which tokens the model is trained on.
+
+Rules (nanochat's, spec section 1.6): BOS first; a leading system message is merged into the first user
+message; user turns are never trained on; in assistant turns the text, python tool calls and the closing
+<|assistant_end|> are trained (mask 1) while tool outputs are not (the engine forces them at inference);
+both lists are truncated to max_tokens. Message text is encoded without parsing special-token strings, so
+a user typing "<|assistant_end|>" gets ordinary text tokens.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from nanochat.errors import UserError
+
+if TYPE_CHECKING:
+    from nanochat.tokenizer.tokenizer import Tokenizer
+
+PART_DELIMITERS = {"python": ("<|python_start|>", "<|python_end|>"), "python_output": ("<|output_start|>", "<|output_end|>")}
+PART_TRAINED = {"text": 1, "python": 1, "python_output": 0}
+
+
+def _messages(conversation) -> list[dict]:
+    messages = conversation["messages"] if isinstance(conversation, dict) else conversation
+    if not isinstance(messages, list) or not messages:
+        raise UserError("a conversation must be a non-empty list of messages (or a dict with 'messages')")
+    if messages[0].get("role") == "system":
+        if len(messages) < 2 or messages[1].get("role") != "user":
+            raise UserError("a system message must be followed by a user message")
+        first = {"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}
+        messages = [first, *messages[2:]]
+    for i, message in enumerate(messages):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if message.get("role") != expected:
+            raise UserError(f"message {i} has role {message.get('role')!r}; roles must alternate user/assistant")
+    return messages
+
+
+def render_conversation(tok: Tokenizer, conversation, max_tokens: int = 2048) -> tuple[list[int], list[int]]:
+    ids: list[int] = []
+    mask: list[int] = []
+
+    def add(tokens: list[int], trained: int) -> None:
+        ids.extend(tokens)
+        mask.extend([trained] * len(tokens))
+
+    def special(name: str) -> list[int]:
+        return [tok.token_id(name)]
+
+    add([tok.bos_token_id], 0)
+    for message in _messages(conversation):
+        content = message["content"]
+        if message["role"] == "user":
+            if not isinstance(content, str):
+                raise UserError("user message content must be a string")
+            add(special("<|user_start|>") + tok.encode(content) + special("<|user_end|>"), 0)
+            continue
+        add(special("<|assistant_start|>"), 0)
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        for part in parts:
+            kind = part.get("type")
+            if kind not in PART_TRAINED:
+                raise UserError(f"assistant content part type {kind!r} is not one of {sorted(PART_TRAINED)}")
+            body = tok.encode(part["text"])
+            if kind in PART_DELIMITERS:
+                start, end = PART_DELIMITERS[kind]
+                body = special(start) + body + special(end)
+            add(body, PART_TRAINED[kind])
+        add(special("<|assistant_end|>"), 1)
+    return ids[:max_tokens], mask[:max_tokens]
+
+
+def render_for_completion(tok: Tokenizer, conversation) -> list[int]:
+    """The prompt for sampling the assistant's reply: drop the final assistant message, open a new one."""
+    messages = conversation["messages"] if isinstance(conversation, dict) else conversation
+    if messages and messages[-1].get("role") == "assistant":
+        messages = messages[:-1]
+    ids, _ = render_conversation(tok, messages, max_tokens=10**9)
+    return ids + [tok.token_id("<|assistant_start|>")]
