@@ -73,12 +73,14 @@ class MuonAdamW(torch.optim.Optimizer):
         if not params:
             return
         fused = all(p.is_cuda for p in params)  # one kernel per step on GPU; the foreach path elsewhere
+        step_device = params[0].device if fused else "cpu"  # where torch's fused / foreach kernels expect the counter
         for p in params:
             state = self.state[p]
             if not state:
-                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu")
+                state["step"] = torch.zeros((), dtype=torch.float32)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"] = state["step"].to(step_device)  # no-op unless a checkpoint came from another device
         states = [self.state[p] for p in params]
         beta1, beta2 = group["betas"]
         adamw_functional(

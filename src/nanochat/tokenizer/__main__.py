@@ -30,7 +30,7 @@ def capped_documents(docs: Iterable[str], max_chars: int, doc_cap: int) -> Itera
             return
 
 
-def _positive_int(text: str) -> int:
+def _count(text: str) -> int:
     value = int(float(text))  # accept 2e9
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text} must be a non-negative number")
@@ -113,9 +113,9 @@ def main(argv: list[str] | None = None) -> None:
 
     train = sub.add_parser("train", help="train a byte-level BPE tokenizer on text files")
     train.add_argument("--input", nargs="+", required=True, help="text (.txt), .jsonl (text field) or .parquet files or directories")
-    train.add_argument("--vocab-size", type=_positive_int, default=65536, help="final vocabulary size incl. 9 special tokens")
-    train.add_argument("--max-chars", type=_positive_int, default=2_000_000_000, help="stop reading after this many characters")
-    train.add_argument("--doc-cap", type=_positive_int, default=10_000, help="crop each document to this many chars (0: no crop)")
+    train.add_argument("--vocab-size", type=_count, default=65536, help="final vocabulary size incl. 9 special tokens")
+    train.add_argument("--max-chars", type=_count, default=2_000_000_000, help="stop reading after this many characters")
+    train.add_argument("--doc-cap", type=_count, default=10_000, help="crop each document to this many chars (0: no crop)")
     train.add_argument("--gutenberg", action="store_true", help="strip Project Gutenberg licence headers/footers")
     train.add_argument("--out", type=Path, default=default_dir, help=f"output directory (default {default_dir})")
     train.add_argument("--quiet", action="store_true", help="no progress bars")

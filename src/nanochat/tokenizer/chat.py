@@ -22,8 +22,8 @@ PART_TRAINED = {"text": 1, "python": 1, "python_output": 0}
 
 def _messages(conversation) -> list[dict]:
     messages = conversation["messages"] if isinstance(conversation, dict) else conversation
-    if not isinstance(messages, list) or not messages:
-        raise UserError("a conversation must be a non-empty list of messages (or a dict with 'messages')")
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise UserError("a conversation must be a non-empty list of message dicts (or a dict with 'messages')")
     if messages[0].get("role") == "system":
         if len(messages) < 2 or messages[1].get("role") != "user":
             raise UserError("a system message must be followed by a user message")

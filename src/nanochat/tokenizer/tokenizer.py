@@ -41,8 +41,8 @@ class Tokenizer:
 
     def save(self, directory: str | Path) -> Path:
         directory = Path(directory)
-        ranks = self.enc._mergeable_ranks  # tiktoken exposes no public accessor for the ranks
-        lines = (f"{base64.b64encode(token).decode()} {rank}" for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]))
+        n_ranks = self.vocab_size - len(self._specials)  # ranks are ids 0..n-1; specials follow
+        lines = (f"{base64.b64encode(self.enc.decode_single_token_bytes(i)).decode()} {i}" for i in range(n_ranks))
         atomic_write(directory / RANKS_FILE, "\n".join(lines) + "\n")
         config = {"pattern": SPLIT_PATTERN, "special_tokens": self._specials, "vocab_size": self.vocab_size}
         atomic_write(directory / CONFIG_FILE, json.dumps(config, indent=2))
@@ -61,17 +61,16 @@ class Tokenizer:
             )
         try:
             config = json.loads(config_path.read_text())
+            pattern, specials = config["pattern"], config["special_tokens"]
             ranks = {}
             for line in ranks_path.read_text().splitlines():
                 token, rank = line.split()
-                ranks[base64.b64decode(token)] = int(rank)
-            if config["pattern"] != SPLIT_PATTERN:
-                raise UserError(f"{config_path} uses a different split pattern than this version of nanochat")
-            encoding = make_encoding(ranks, config["special_tokens"])
-        except (ValueError, KeyError, TypeError) as e:
-            if isinstance(e, UserError):
-                raise
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except (ValueError, KeyError, TypeError) as e:  # binascii and JSON errors are ValueErrors
             raise UserError(f"tokenizer files in {directory} are corrupt ({type(e).__name__}: {e})") from None
+        if pattern != SPLIT_PATTERN:
+            raise UserError(f"{config_path} uses a different split pattern than this version of nanochat")
+        encoding = make_encoding(ranks, specials)
         hf = None
         if (directory / HF_FILE).is_file():
             from tokenizers import Tokenizer as HFTokenizer
