@@ -4,6 +4,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Real text for the demo and the real-data tests when the shared datasets sit beside the checkout.
+SHARED_TEXT := $(abspath ../shared/data/pretrain_text)
+ifneq ($(wildcard $(SHARED_TEXT)),)
+export NANOCHAT_PRETRAIN_TEXT ?= $(SHARED_TEXT)
+endif
 
 .PHONY: demo test install clean help
 
@@ -19,7 +24,7 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)  ## create .venv and install nanochat with test extras
 
-demo: $(STAMP)  ## tokenizer + tiny GPT smoke run on CPU (a few minutes)
+demo: $(STAMP)  ## text -> tokenizer -> d4 base model on CPU -> samples -> export (~6 min)
 	$(PY) -m nanochat.demo
 
 test: $(STAMP)  ## run the test suite (CPU, a few minutes)

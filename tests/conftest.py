@@ -1,4 +1,5 @@
 import inspect
+import json
 import os
 
 import pytest
@@ -45,3 +46,40 @@ def tiny_tokenizer():
     from nanochat.tokenizer import Tokenizer
 
     return Tokenizer.train(corpus_documents(), vocab_size=1024, show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus_shards(tmp_path_factory):
+    """Shards prepared from corpus_documents(): several train shards and row groups, 10% validation."""
+    from nanochat.data.documents import split_text
+    from nanochat.data.shards import prepare
+
+    root = tmp_path_factory.mktemp("corpus")
+    with open(root / "corpus.jsonl", "w", encoding="utf-8") as f:
+        for doc in corpus_documents():
+            for piece in split_text(doc, 1500):
+                f.write(json.dumps({"text": piece}) + "\n")
+    prepare([root / "corpus.jsonl"], root / "shards", val_fraction=0.1, shard_chars=60_000, show_progress=False)
+    return root / "shards"
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tiny_tokenizer, tmp_path_factory):
+    return tiny_tokenizer.save(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture
+def tiny_run(tiny_corpus_shards, tiny_tokenizer_dir):
+    """Hydra overrides for a seconds-long base run: depth 2, seq 16, 64-token steps, no logger."""
+
+    def overrides(*extra: str) -> list[str]:
+        return [
+            "stage=base", "model=d4", "trainer=cpu", "data=local", "logger=none",
+            f"data.dir={tiny_corpus_shards}", f"paths.tokenizer_dir={tiny_tokenizer_dir}",
+            "model.depth=2", "model.sequence_len=16", "model.device_batch_size=4", "model.total_batch_size=64",
+            "model.num_iterations=8", "model.eval_every=4", "model.eval_tokens=256", "model.sample_every=100",
+            "model.save_every=4", "model.log_every=2", "module.head_dim=64",
+            *extra,
+        ]
+
+    return overrides

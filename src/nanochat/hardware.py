@@ -19,3 +19,53 @@ def fast_bf16(device_type: str) -> bool:
         probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
         return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
     return False
+
+
+# Dense bf16 tensor-core peaks (FLOP/s) by GPU name, as nanochat's MFU table; matched by substring, first hit wins.
+GPU_PEAK_BF16 = (
+    ("GB200", 2.5e15),
+    ("B200", 2.25e15),
+    ("H200", 989e12),
+    ("H100 NVL", 835e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("H800", 989e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("A10G", 70e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
+)
+
+
+@cache
+def peak_flops(device_type: str, dtype: torch.dtype = torch.bfloat16) -> float:
+    """Peak matmul FLOP/s of one device: the vendor table for known GPUs, else measured once with a matmul.
+
+    The denominator of MFU. A CPU has no meaningful datasheet number, so its peak is what a large
+    matmul in `dtype` actually achieves with all threads - MFU there reads as "share of attainable".
+    """
+    if device_type == "cuda":
+        name = torch.cuda.get_device_name()
+        for key, flops in GPU_PEAK_BF16:
+            if key in name:
+                return flops
+    return measure_matmul_flops(device_type, dtype)
+
+
+def measure_matmul_flops(device_type: str, dtype: torch.dtype, n: int = 1024, repeats: int = 8) -> float:
+    import time
+
+    a = torch.randn(n, n, device=device_type, dtype=dtype)
+    b = torch.randn(n, n, device=device_type, dtype=dtype)
+    a @ b  # warm-up: thread pools, kernels
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * repeats / (time.perf_counter() - t0)

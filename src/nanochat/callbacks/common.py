@@ -1,0 +1,64 @@
+"""What the evaluation callbacks share: when to run, how to log, and keeping eval time out of tok/s."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import lightning as L
+import torch
+
+
+def log_scalars(trainer: L.Trainer, metrics: dict[str, float]) -> None:
+    """Write scalars to every logger at the current optimizer step (usable in hooks where `self.log` is not)."""
+    for name, value in metrics.items():
+        trainer.callback_metrics[name] = value
+    if trainer.is_global_zero:
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+
+class Periodic(L.Callback):
+    """Runs `run(trainer, pl_module)` every `every_n_steps` optimizer steps (0: never), at the end of training,
+    and at the start when `at_start`; never twice for the same step (an eval step that is also the last)."""
+
+    at_start = False
+
+    def __init__(self, every_n_steps: int):
+        self.every_n_steps = every_n_steps
+        self.last_step = -1
+
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        raise NotImplementedError
+
+    def _run_once(self, trainer, pl_module) -> None:
+        if trainer.global_step != self.last_step:
+            self.last_step = trainer.global_step
+            self.run(trainer, pl_module)
+
+    def on_train_start(self, trainer, pl_module):
+        if self.at_start:
+            self._run_once(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0:
+            self._run_once(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        self._run_once(trainer, pl_module)
+
+
+@contextmanager
+def evaluating(trainer: L.Trainer, pl_module: L.LightningModule):
+    """Eval mode, no grad, the trainer's precision context; the time spent is excluded from throughput."""
+    t0 = time.perf_counter()
+    was_training = pl_module.training
+    pl_module.eval()
+    try:
+        with torch.no_grad(), trainer.precision_plugin.forward_context():
+            yield
+    finally:
+        pl_module.train(was_training)
+        if hasattr(pl_module, "excluded_seconds"):
+            pl_module.excluded_seconds += time.perf_counter() - t0
+

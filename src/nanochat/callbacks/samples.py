@@ -1,0 +1,45 @@
+"""Greedy completions of fixed prompts during training: the quickest sanity check that a model is learning."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+
+from nanochat.callbacks.common import Periodic, evaluating
+from nanochat.engine.sampling import greedy_complete
+
+log = logging.getLogger(__name__)
+
+PROMPTS = (  # nanochat's base_train prompts
+    "The capital of France is",
+    "The chemical symbol of gold is",
+    "If yesterday was Friday, then tomorrow will be",
+    "The opposite of hot is",
+    "The planets of the solar system are:",
+    "My favorite color is",
+    "If 5*x + 3 = 13, then x is",
+)
+
+
+class Samples(Periodic):
+    """Every `every_n_steps` and at the end: complete each prompt greedily, log it and append it to `samples.md`."""
+
+    def __init__(self, every_n_steps: int = 2000, prompts: list[str] | tuple[str, ...] = PROMPTS, max_tokens: int = 16):
+        super().__init__(every_n_steps)
+        self.prompts = list(prompts)
+        self.max_tokens = max_tokens
+        self.latest: dict[str, str] = {}
+
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        with evaluating(trainer, pl_module):
+            self.latest = {p: greedy_complete(pl_module.model, pl_module.tokenizer, p, self.max_tokens) for p in self.prompts}
+        lines = [f"### step {trainer.global_step}", ""] + [f"- {p!r} → {c!r}" for p, c in self.latest.items()] + [""]
+        for line in lines[2:-1]:
+            log.info(f"sample {line[2:]}")
+        path = Path(trainer.default_root_dir) / "samples.md"
+        with open(path, "a", encoding="utf-8") as f:  # an append-only log; a torn last line loses one sample
+            f.write("\n".join(lines) + "\n")

@@ -1,0 +1,42 @@
+"""Hydra/OmegaConf glue: the resolvers the YAML uses and `compose()` for tests and notebooks.
+
+Kept free of torch and lightning imports so `python train.py --help` stays fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def _precision(device_type: str) -> str:
+    """bf16 autocast where the hardware multiplies bf16 natively (measured capability), else fp32."""
+    from nanochat.hardware import fast_bf16
+
+    return "bf16-mixed" if fast_bf16(device_type) else "32-true"
+
+
+def register_resolvers() -> None:
+    from nanochat.paths import base_dir
+
+    resolvers = {
+        "nanochat_home": lambda: str(base_dir()),
+        "precision_for": _precision,
+        "mul": lambda a, b: a * b,
+    }
+    for name, fn in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+def compose(overrides: list[str] | None = None, config_name: str = "train"):
+    """The config `train.py` would run with, for the given command-line overrides (no run dir is created)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=overrides or [], return_hydra_config=False)

@@ -1,0 +1,210 @@
+"""Download published pretraining shards (nanochat's shuffled FineWeb-Edu re-packaging).
+
+Each shard is fetched into `<name>.part`, checked to be readable parquet and then renamed into place, so a
+`shard_XXXXX.parquet` on disk is always complete. An interrupted transfer keeps its `.part` file and the
+next attempt (or the next run) continues it with an HTTP Range request. Only the standard library does HTTP.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+from nanochat.data.shards import check_shard, shard_name
+from nanochat.errors import UserError
+from nanochat.paths import base_dir
+
+CHUNK_BYTES = 1 << 20
+USER_AGENT = "nanochat-data-download"
+
+
+@dataclass(frozen=True)
+class Source:
+    base_url: str
+    num_shards: int
+    dirname: str
+
+
+SOURCES = {
+    "fineweb-edu": Source(
+        base_url="https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main",
+        num_shards=1823,
+        dirname="fineweb_edu",
+    ),
+}
+
+
+class RetryableError(Exception):
+    """A failed attempt worth repeating (network trouble, server error, truncated or corrupt transfer)."""
+
+
+class PermanentError(Exception):
+    """A failed attempt that repeating will not fix (e.g. 404)."""
+
+
+def _source(name: str) -> Source:
+    if name not in SOURCES:
+        raise UserError(f"unknown data source {name!r}; known sources: {', '.join(sorted(SOURCES))}")
+    return SOURCES[name]
+
+
+def _shard_count(source_name: str, source: Source, num_shards: int) -> int:
+    if num_shards == -1:
+        return source.num_shards
+    if num_shards < 1:
+        raise UserError(f"the number of shards must be positive (or -1 for all), got {num_shards}")
+    if num_shards > source.num_shards:
+        raise UserError(f"{source_name} publishes {source.num_shards} shards but {num_shards} were requested")
+    return num_shards
+
+
+def _is_complete_shard(path: Path) -> bool:
+    try:
+        check_shard(path)
+    except UserError:
+        return False
+    return True
+
+
+def _fetch_once(url: str, part: Path, opener, timeout: float) -> None:
+    """One HTTP attempt that appends to (or restarts) `part`; raises RetryableError/PermanentError."""
+    offset = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+    if offset:
+        request.add_header("Range", f"bytes={offset}-")
+    try:
+        response = opener.open(request, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416:  # our .part is not a prefix of the file the server has: start over
+            part.unlink(missing_ok=True)
+            raise RetryableError("HTTP 416, restarting from byte 0") from None
+        # Client errors other than timeout / rate limiting will not go away by asking again.
+        if 400 <= e.code < 500 and e.code not in (408, 429):
+            raise PermanentError(f"HTTP {e.code} {e.reason}") from None
+        raise RetryableError(f"HTTP {e.code} {e.reason}") from None
+    except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, resets are OSErrors
+        raise RetryableError(str(e) or type(e).__name__) from None
+
+    with response:
+        resumed = offset > 0 and response.status == 206
+        if resumed and not response.headers.get("Content-Range", "").startswith(f"bytes {offset}-"):
+            part.unlink(missing_ok=True)
+            raise RetryableError("server answered a different byte range, restarting from byte 0")
+        # A 200 to a Range request carries the whole file: overwrite rather than append.
+        expected = response.headers.get("Content-Length")
+        written = 0
+        try:
+            with open(part, "ab" if resumed else "wb") as f:
+                while chunk := response.read(CHUNK_BYTES):
+                    f.write(chunk)
+                    written += len(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+        except (OSError, http.client.HTTPException) as e:
+            raise RetryableError(f"transfer interrupted after {written} bytes ({e or type(e).__name__})") from None
+    # http.client returns a short body silently when the connection drops, so compare with the header.
+    if expected is not None and written < int(expected):
+        raise RetryableError(f"connection closed after {written} of {expected} bytes")
+
+
+def fetch_shard(
+    url: str,
+    dest: Path,
+    *,
+    opener,
+    attempts: int,
+    backoff: float,
+    sleep: Callable[[float], None],
+    timeout: float,
+) -> None:
+    """Download url to dest with retries; on success dest is a verified shard, else raises PermanentError."""
+    part = dest.with_name(dest.name + ".part")
+    if part.exists() and _is_complete_shard(part):  # an earlier run finished the transfer but not the rename
+        os.replace(part, dest)
+        return
+    error = "no attempt made"
+    for attempt in range(1, attempts + 1):
+        try:
+            _fetch_once(url, part, opener, timeout)
+            if not _is_complete_shard(part):
+                part.unlink()  # resuming a corrupt file cannot help: start over
+                raise RetryableError("downloaded file is not readable parquet")
+            os.replace(part, dest)
+            return
+        except RetryableError as e:
+            error = str(e)
+        if attempt < attempts:
+            sleep(backoff**attempt)
+    raise PermanentError(f"{error} (after {attempts} attempts)")
+
+
+def download(
+    name: str,
+    num_shards: int,
+    out_dir: str | Path | None = None,
+    *,
+    base_url: str | None = None,
+    workers: int = 4,
+    attempts: int = 5,
+    backoff: float = 2.0,
+    timeout: float = 60.0,
+    opener=None,
+    sleep: Callable[[float], None] = time.sleep,
+    show_progress: bool = True,
+) -> list[Path]:
+    """Make sure shards 0 .. num_shards-1 (-1: all) of a published source are on disk; return their paths.
+
+    Shards already present and readable are kept. `base_url` points at a mirror, `opener` (anything with
+    urllib's `open(request, timeout=)`) replaces the HTTP transport. Shards that still fail after `attempts`
+    tries (waiting backoff**attempt seconds between tries) are reported in one UserError at the end; the
+    others stay on disk and a re-run fetches only what is missing.
+    """
+    from tqdm import tqdm
+
+    source = _source(name)
+    count = _shard_count(name, source, num_shards)
+    if workers < 1 or attempts < 1:
+        raise UserError(f"workers and attempts must be at least 1 (got workers={workers}, attempts={attempts})")
+    out_dir = Path(out_dir) if out_dir is not None else base_dir() / "data" / source.dirname
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base_url = (base_url or source.base_url).rstrip("/")
+    opener = opener or urllib.request.build_opener()
+
+    paths = [out_dir / shard_name(i) for i in range(count)]
+    todo = [p for p in paths if not _is_complete_shard(p)]
+    for path in todo:
+        path.unlink(missing_ok=True)  # a corrupt or empty shard must not linger if its download fails
+    failures: dict[str, str] = {}
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        with tqdm(total=count, initial=count - len(todo), desc=f"downloading {name}", unit="shard",
+                  disable=not show_progress) as progress:
+            futures = {
+                pool.submit(fetch_shard, f"{base_url}/{p.name}", p, opener=opener, attempts=attempts,
+                            backoff=backoff, sleep=sleep, timeout=timeout): p
+                for p in todo
+            }
+            for future in as_completed(futures):
+                try:
+                    future.result()
+                except PermanentError as e:
+                    failures[futures[future].name] = str(e)
+                progress.update(1)
+    finally:
+        # On Ctrl-C, drop the queued shards instead of waiting for all of them; running ones keep their .part.
+        pool.shutdown(wait=True, cancel_futures=True)
+
+    if failures:
+        listed = "; ".join(f"{shard}: {why}" for shard, why in sorted(failures.items()))
+        raise UserError(
+            f"could not download {len(failures)} of {count} shards from {base_url} ({listed}); "
+            f"the other {count - len(failures)} are in {out_dir} and re-running the command fetches only the missing ones"
+        )
+    return paths

@@ -1,0 +1,160 @@
+"""PretrainDataModule: shards on disk -> the TokenStream -> (accum, device_batch, seq_len + 1) training batches.
+
+It owns the data position. Each batch arrives with its reader's position; the module records it when
+Lightning hands the batch to the training step (`on_before_batch_transfer` runs for the batch being used,
+not for the one prefetched), so the checkpointed `state_dict` is exactly "what has been trained on".
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from nanochat.data.shards import MANIFEST_NAME, check_shard, list_shards, prepare, split_shards
+from nanochat.data.stream import TokenStream, resume_positions
+from nanochat.errors import UserError
+from nanochat.models.horizon import grad_accum_steps
+
+log = logging.getLogger(__name__)
+
+
+def ensure_shards(directory: str | Path, source=None, **prepare_kwargs) -> list[Path]:
+    """The shards in `directory`; prepared from `source` (files or dirs of text) first when there are none."""
+    directory = Path(directory)
+    if source and not (directory / MANIFEST_NAME).is_file():
+        if directory.is_dir() and any(directory.glob("*.parquet")):
+            # prepare() writes its manifest last: these are an interrupted prepare's, or someone else's, shards.
+            raise UserError(
+                f"{directory} holds shards but no {MANIFEST_NAME} (an interrupted prepare?); delete them to prepare "
+                f"again from data.source, or set data.source=null to train on them as they are"
+            )
+        sources = [source] if isinstance(source, (str, Path)) else list(source)
+        log.info(f"preparing shards in {directory} from {', '.join(map(str, sources))}")
+        prepare(sources, directory, **prepare_kwargs)
+    return list_shards(directory)
+
+
+class PretrainDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        *,
+        dir: str,
+        tokenizer_dir: str,
+        sequence_len: int,
+        device_batch_size: int,
+        total_batch_size: int,
+        source: str | list[str] | None = None,
+        gutenberg: bool = True,
+        val_fraction: float = 0.01,
+        shard_chars: int = 250_000_000,
+        num_workers: int = 1,
+        tokenizer_threads: int = 4,
+        tokenizer_batch: int = 128,
+        on_bad_data: str = "skip",
+    ):
+        super().__init__()
+        self.dir = Path(dir)
+        self.tokenizer_dir = tokenizer_dir
+        self.source = source
+        self.prepare_kwargs = dict(gutenberg=gutenberg, val_fraction=val_fraction, shard_chars=shard_chars)
+        self.seq_len, self.device_batch_size, self.total_batch_size = sequence_len, device_batch_size, total_batch_size
+        self.num_workers = num_workers
+        self.stream_kwargs = dict(tokenizer_batch=tokenizer_batch, tokenizer_threads=tokenizer_threads, on_bad_data=on_bad_data)
+        self._slots: dict[int, dict] = {}  # reader slot -> position after the last batch trained on
+        self._skipped: dict[int, int] = {}
+        self._next_slot = 0
+        self._loaded: dict = {}
+
+    @property
+    def num_slots(self) -> int:
+        return max(1, self.num_workers)
+
+    @property
+    def rank_and_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    @property
+    def skipped_row_groups(self) -> int:
+        return sum(self._skipped.values())
+
+    def prepare_data(self) -> None:
+        ensure_shards(self.dir, self.source, **self.prepare_kwargs)
+
+    def setup(self, stage: str | None = None) -> None:
+        from nanochat.tokenizer import Tokenizer
+
+        files = list_shards(self.dir)
+        for f in files:
+            check_shard(f)
+        self.train_files, self.val_files = split_shards(files)
+        self.tokenizer = Tokenizer.load(self.tokenizer_dir)
+        rank, world = self.rank_and_world
+        self.grad_accum = grad_accum_steps(self.total_batch_size, self.device_batch_size, self.seq_len, world)
+        if rank == 0:
+            log.info(
+                f"data: {len(self.train_files)} train + {len(self.val_files)} val shards in {self.dir}; "
+                f"{self.device_batch_size} x {self.seq_len} tokens per micro-batch x {self.grad_accum} accumulation "
+                f"x {world} ranks = {self.total_batch_size:,} tokens per step"
+            )
+
+    # --- training stream -----------------------------------------------------------------------
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self.rank_and_world
+        stream = TokenStream(
+            self.train_files,
+            self.tokenizer,
+            rows=self.grad_accum * self.device_batch_size,
+            seq_len=self.seq_len,
+            rank=rank,
+            world_size=world,
+            num_slots=self.num_slots,
+            start=resume_positions(self._loaded, rank, self.num_slots, world * self.num_slots),
+            **self.stream_kwargs,
+        )
+        self.stride = stream.stride
+        on_cuda = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        return DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=on_cuda)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        if not isinstance(batch, dict):
+            return batch
+        state = dict(batch["state"])
+        slot = state.pop("slot")
+        self._skipped[slot] = state.pop("skipped")
+        self._slots[slot] = state
+        self._next_slot = (slot + 1) % self.num_slots
+        return batch["tokens"].view(self.grad_accum, self.device_batch_size, self.seq_len + 1)
+
+    def state_dict(self) -> dict:
+        if not self._slots:
+            return dict(self._loaded)
+        return {"slots": dict(self._slots), "next_slot": self._next_slot, "num_slots": self.num_slots, "stride": self.stride}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._loaded = dict(state)
+        self._slots = {int(k): dict(v) for k, v in state.get("slots", {}).items()}
+        self._next_slot = state.get("next_slot", 0)
+        self.stride = state.get("stride")
+
+    # --- validation tokens ---------------------------------------------------------------------
+    def val_batches(self, max_tokens: int, batch_size: int | None = None) -> Iterator[torch.Tensor]:
+        """The same fixed validation rows every call: (B, seq_len + 1) batches, this rank's share of `max_tokens`."""
+        rank, world = self.rank_and_world
+        rows = batch_size or self.device_batch_size
+        stream = TokenStream(self.val_files, self.tokenizer, rows=rows, seq_len=self.seq_len, rank=rank, world_size=world,
+                             infinite=False, **self.stream_kwargs)
+        budget = max(1, max_tokens // world)
+        seen = 0
+        for item in stream:
+            if seen >= budget:
+                return
+            seen += item["tokens"][:, :-1].numel()
+            yield item["tokens"]
+        if seen == 0:
+            raise UserError(f"validation shard {self.val_files[-1]} has fewer than {rows * (self.seq_len + 1)} tokens for one batch")

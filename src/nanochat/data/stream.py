@@ -1,0 +1,194 @@
+"""The pretraining token stream: parquet shards -> documents -> BOS-prefixed tokens -> packed (rows, T+1) batches.
+
+Work is split by *units*: a unit is one parquet row group (or, when there are fewer row groups than
+readers, an interleaved slice of one). Reader `slot` of rank `r` takes units `r*S + slot, r*S + slot + W*S, ...`
+for W ranks and S slots (DataLoader workers, at least one), so two ranks with two workers each read
+disjoint documents and together read every document once per epoch. The stream is endless: after its last
+unit a reader starts the next epoch.
+
+Resume is exact for one process: each batch carries the position of the next token its reader would emit
+(epoch, round, document, token), and `TokenStream(start=...)` restarts there. Under several ranks only
+rank 0's positions are checkpointed; other ranks restart at the same round of their own units, so resume is
+exact up to the current row group (nanochat does the same).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from nanochat.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a reader stands: the next token to emit is token `token` of document `doc` of its round-th unit."""
+
+    epoch: int = 0
+    round: int = 0
+    doc: int = 0
+    token: int = 0
+
+
+class TokenStream(IterableDataset):
+    """Yields `{"tokens": LongTensor(rows, seq_len + 1), "state": {...}}` forever (or once, `infinite=False`)."""
+
+    def __init__(
+        self,
+        files: list[Path],
+        tokenizer,
+        rows: int,
+        seq_len: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        num_slots: int = 1,
+        start: dict[int, Position] | None = None,
+        infinite: bool = True,
+        tokenizer_batch: int = 128,
+        tokenizer_threads: int = 4,
+        on_bad_data: str = "skip",
+    ):
+        if on_bad_data not in ("skip", "fail"):
+            raise UserError(f"data.on_bad_data must be 'skip' or 'fail', got {on_bad_data!r}")
+        self.files = [Path(f) for f in files]
+        self.tokenizer = tokenizer
+        self.rows, self.seq_len = rows, seq_len
+        self.rank, self.world_size, self.num_slots = rank, world_size, max(1, num_slots)
+        self.start = start or {}
+        self.infinite = infinite
+        self.tokenizer_batch, self.tokenizer_threads = tokenizer_batch, tokenizer_threads
+        self.on_bad_data = on_bad_data
+        self.units = self._plan_units()
+        self.skipped = 0  # unreadable row groups passed over (on_bad_data=skip)
+
+    @property
+    def stride(self) -> int:
+        return self.world_size * self.num_slots
+
+    def _plan_units(self) -> list[tuple[int, int, int, int]]:
+        """(file index, row group, part, parts): row groups split into `parts` interleaved slices when scarce."""
+        import pyarrow.parquet as pq
+
+        groups = []
+        for i, path in enumerate(self.files):
+            try:
+                groups += [(i, rg) for rg in range(pq.ParquetFile(path).num_row_groups)]
+            except Exception as e:  # pyarrow raises several types for unreadable files
+                raise UserError(f"{path} is not a readable parquet shard ({e}); delete it and prepare/download it again") from None
+        if not groups:
+            raise UserError(f"the shards {[str(f) for f in self.files]} hold no row groups")
+        parts = math.ceil(self.stride / len(groups))
+        return [(f, rg, part, parts) for f, rg in groups for part in range(parts)]
+
+    def slot_units(self, slot: int) -> list[int]:
+        """Indices into `self.units` read by this rank's reader `slot`, in order."""
+        return list(range(self.rank * self.num_slots + slot, len(self.units), self.stride))
+
+    # --- reading -------------------------------------------------------------------------------
+    def _read_unit(self, unit: int, cache: dict) -> list[str]:
+        import pyarrow.parquet as pq
+
+        f, rg, part, parts = self.units[unit]
+        path = self.files[f]
+        try:
+            if f not in cache:
+                cache.clear()  # one open file per reader is enough: units of a file are read in sequence
+                cache[f] = pq.ParquetFile(path)
+            texts = cache[f].read_row_group(rg, columns=["text"]).column("text").to_pylist()
+        except Exception as e:
+            if self.on_bad_data == "fail":
+                raise UserError(f"{path} row group {rg} cannot be read ({e}); set data.on_bad_data=skip to skip it") from None
+            log.warning("skipping unreadable row group %d of %s (%s)", rg, path, e)
+            return None
+        return texts[part::parts]
+
+    def _documents(self, slot: int, pos: Position) -> Iterator[tuple[Position, list[int]]]:
+        """(position of the document's first token, its tokens) from `pos` on, tokenized in batches."""
+        units = self.slot_units(slot)
+        epoch, round_, doc, token = pos.epoch, pos.round, pos.doc, pos.token
+        cache: dict = {}
+        bos = self.tokenizer.bos_token_id
+        while True:
+            for r in range(round_, len(units)):
+                texts = self._read_unit(units[r], cache)
+                if texts is None:
+                    self.skipped += 1
+                    texts = []
+                for lo in range(doc, len(texts), self.tokenizer_batch):
+                    batch = texts[lo : lo + self.tokenizer_batch]
+                    keep = [i for i, t in enumerate(batch) if t and t.strip()]  # empty documents carry no signal
+                    encoded = self.tokenizer.encode_batch([batch[i] for i in keep], prepend=bos, num_threads=self.tokenizer_threads)
+                    for i, ids in zip(keep, encoded):
+                        start = token if lo + i == doc else 0
+                        yield Position(epoch, r, lo + i, start), ids[start:]
+                doc, token = 0, 0
+            if not self.infinite:
+                return
+            epoch, round_ = epoch + 1, 0
+
+    def batches(self, slot: int) -> Iterator[dict]:
+        """Reader `slot`'s batches; `__iter__` picks the slot from the DataLoader worker id."""
+        need = self.rows * (self.seq_len + 1)
+        pos = self.start.get(slot, Position())
+        if pos.round >= len(self.slot_units(slot)):
+            pos = Position(pos.epoch + 1)
+        pending: list[tuple[Position, list[int]]] = []  # documents with tokens not yet emitted
+        docs = self._documents(slot, pos)
+        exhausted = False
+        while True:
+            have = sum(len(ids) for _, ids in pending)
+            while have < need and not exhausted:
+                item = next(docs, None)
+                if item is None:
+                    exhausted = True
+                else:
+                    pending.append(item)
+                    have += len(item[1])
+            if have < need:
+                return  # a finite stream ends without a partial batch
+            out, taken = [], 0
+            while taken < need:
+                p, ids = pending.pop(0)
+                use = min(len(ids), need - taken)
+                out.extend(ids[:use])
+                taken += use
+                if use < len(ids):  # the rest of this document starts the next batch
+                    pending.insert(0, (Position(p.epoch, p.round, p.doc, p.token + use), ids[use:]))
+            nxt = pending[0][0] if pending else Position(p.epoch, p.round, p.doc + 1, 0)
+            tokens = torch.tensor(out, dtype=torch.long).view(self.rows, self.seq_len + 1)
+            yield {"tokens": tokens, "state": {"slot": slot, "skipped": self.skipped, **asdict(nxt)}}
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        if info is not None and info.num_workers != self.num_slots:
+            raise RuntimeError(f"TokenStream planned {self.num_slots} slots but runs in {info.num_workers} workers")
+        self.skipped = 0
+        # After a resume the loader's first batch must come from the reader whose turn it is.
+        slot = (worker + self.start.get("next_slot", 0)) % self.num_slots
+        return self.batches(slot)
+
+
+def resume_positions(state: dict, rank: int, num_slots: int, stride: int) -> dict:
+    """Turn a checkpointed stream state (rank 0's readers) into start positions for this rank's readers."""
+    if not state:
+        return {}
+    if state.get("num_slots") != num_slots or state.get("stride") != stride:
+        log.warning("data stream resumed with a different rank/worker layout; restarting readers at the saved epoch")
+        epoch = min(p["epoch"] for p in state["slots"].values()) if state.get("slots") else 0
+        return {slot: Position(epoch) for slot in range(num_slots)}
+    start: dict = {"next_slot": state["next_slot"]}
+    for slot, p in state["slots"].items():
+        p = Position(**p)
+        # Other ranks only know rank 0's round, so they restart at the beginning of it.
+        start[int(slot)] = p if rank == 0 else Position(p.epoch, p.round)
+    return start

@@ -1,0 +1,96 @@
+"""The export directory: everything inference or the next stage needs, nothing else.
+
+    export/
+      model.safetensors   fp32 weights of the GPT (no optimizer, no Lightning state)
+      config.json         {"model": GPTConfig fields, "meta": {stage, step, metrics, ...}}
+      tokenizer.tiktoken, tokenizer_config.json, tokenizer.json
+
+The directory is written beside the target and swapped in with renames, so a reader sees the old export or
+the new one, never a mix. `init_from=` and serving accept an export dir or a stage run dir holding `export/`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from nanochat.errors import UserError
+from nanochat.io import atomic_write
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+def save_export(model, tokenizer, out_dir: str | Path, meta: dict | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    staging = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(staging / WEIGHTS_FILE))
+    with open(staging / WEIGHTS_FILE, "rb+") as f:
+        os.fsync(f.fileno())
+    atomic_write(staging / CONFIG_FILE, json.dumps({"model": model.config.to_dict(), "meta": meta or {}}, indent=2))
+    tokenizer.save(staging)
+    old = out_dir.with_name(out_dir.name + ".old")
+    if out_dir.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+    os.replace(staging, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
+def find_export(path: str | Path) -> Path:
+    """An export dir itself, or a run dir with `export/` inside; a clear error otherwise."""
+    path = Path(path).expanduser()
+    for candidate in (path, path / "export"):
+        if (candidate / WEIGHTS_FILE).is_file() and (candidate / CONFIG_FILE).is_file():
+            return candidate
+    raise UserError(f"{path} holds no exported model (expected {WEIGHTS_FILE} and {CONFIG_FILE} in it or in {path / 'export'})")
+
+
+def read_export_config(path: str | Path) -> dict:
+    export = find_export(path)
+    try:
+        return json.loads((export / CONFIG_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{export / CONFIG_FILE} is unreadable ({e})") from None
+
+
+def load_weights(model, path: str | Path) -> Path:
+    """Copy exported weights into `model`; the shapes must match (same depth, width and vocab)."""
+    from safetensors.torch import load_file
+
+    export = find_export(path)
+    saved = read_export_config(export)["model"]
+    if saved != model.config.to_dict():
+        diff = {k: (saved.get(k), v) for k, v in model.config.to_dict().items() if saved.get(k) != v}
+        raise UserError(f"model in {export} does not match this run's model (saved vs configured: {diff})")
+    try:
+        state = load_file(str(export / WEIGHTS_FILE))
+    except Exception as e:  # safetensors raises its own error types for truncated files
+        raise UserError(f"{export / WEIGHTS_FILE} is unreadable ({e})") from None
+    model.load_state_dict(state)
+    return export
+
+
+def load_export(path: str | Path, device: str | torch.device = "cpu"):
+    """(GPT, Tokenizer, meta) from an export: what the engine, serving and evaluation start from."""
+    from nanochat.models.components import GPT, GPTConfig
+    from nanochat.tokenizer import Tokenizer
+
+    export = find_export(path)
+    cfg = read_export_config(export)
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_dict(cfg["model"]))
+    model.to_empty(device=device)
+    model.init_weights()  # rebuilds the non-persistent rotary tables
+    load_weights(model, export)
+    return model.eval(), Tokenizer.load(export), cfg.get("meta", {})

@@ -1,0 +1,176 @@
+"""PretrainModule: next-token prediction on packed token rows with the Muon+AdamW hybrid, nanochat's base_train.
+
+One `training_step` is one optimizer step. Its batch holds all gradient-accumulation micro-batches,
+shape (accum, device_batch, seq_len + 1), so `global_step` counts optimizer steps and DDP all-reduces only
+on the last micro-batch. Schedules are pure functions of the step, set on the optimizer before it steps.
+Metrics stay on the device between log points: one host sync every `log_every` steps, not every step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from nanochat.callbacks.common import log_scalars
+from nanochat.errors import UserError
+from nanochat.models.components import GPT, GPTConfig
+from nanochat.models.horizon import num_iterations
+from nanochat.optim import build_optimizer, lr_multiplier, muon_momentum
+
+log = logging.getLogger(__name__)
+
+SCHEDULE_DEFAULTS = dict(
+    warmup_ratio=0.0, warmdown_ratio=0.2, final_lr_frac=0.0, momentum_warmup_steps=300, momentum_start=0.85, momentum_end=0.95
+)
+HORIZON_DEFAULTS = dict(num_iterations=-1, target_flops=-1.0, param_data_ratio=20.0)
+
+
+class PretrainModule(L.LightningModule):
+    def __init__(
+        self,
+        *,
+        depth: int,
+        tokenizer_dir: str,
+        sequence_len: int = 2048,
+        total_batch_size: int = 524_288,
+        aspect_ratio: int = 64,
+        head_dim: int = 128,
+        n_kv_head: int | None = None,
+        optimizer: dict | None = None,
+        schedule: dict | None = None,
+        horizon: dict | None = None,
+        compile: bool = False,
+        init_from: str | None = None,
+        log_every: int = 10,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        from nanochat.tokenizer import Tokenizer
+
+        if not (Path(tokenizer_dir) / "tokenizer_config.json").is_file():
+            raise UserError(
+                f"no tokenizer in {tokenizer_dir}; train it for this data and vocabulary first with "
+                f"`python train.py stage=tokenizer` plus the same data=/model= overrides as this run"
+            )
+        self.tokenizer = Tokenizer.load(tokenizer_dir)
+        self.config = GPTConfig.from_depth(
+            depth, self.tokenizer.vocab_size, sequence_len, aspect_ratio=aspect_ratio, head_dim=head_dim, n_kv_head=n_kv_head
+        )
+        self.model = GPT(self.config)
+        if init_from:
+            from nanochat.export import load_weights
+
+            load_weights(self.model, init_from)
+        self.optimizer_kwargs = optimizer or {}
+        self.schedule = {**SCHEDULE_DEFAULTS, **(schedule or {})}
+        self.total_batch_size = total_batch_size
+        self.num_iterations = num_iterations(
+            num_params=self.model.num_params(),
+            flops_per_token=self.model.flops_per_token(),
+            total_batch_size=total_batch_size,
+            **{**HORIZON_DEFAULTS, **(horizon or {})},
+        )
+        self.log_every = log_every
+        self.compile = compile
+        self.excluded_seconds = 0.0  # evaluation time inside a logging interval, kept out of tok/s
+        self._reset_meter()
+
+    # --- Lightning hooks --------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.compile and "_compiled" not in self.__dict__:
+            # Stored outside the module tree so the state dict has no `_orig_mod.` duplicates;
+            # evaluation and sampling use the uncompiled self.model, whose shapes vary.
+            self.__dict__["_compiled"] = torch.compile(self.model, dynamic=False)
+
+    def configure_optimizers(self):
+        return build_optimizer(self.model, **self.optimizer_kwargs)
+
+    def on_fit_start(self) -> None:
+        if self.trainer.is_global_zero:
+            log.info(self.describe())
+        self._reset_meter()
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        opt = self.optimizers()
+        step = self.global_step  # optimizer steps already taken
+        forward = self.__dict__.get("_compiled", self.model)
+        accum = batch.size(0)
+        loss_sum = torch.zeros((), device=batch.device)
+        for i in range(accum):
+            x, y = batch[i, :, :-1], batch[i, :, 1:].contiguous()
+            with opt.toggle_model(sync_grad=i == accum - 1):  # no DDP all-reduce on intermediate micro-batches
+                loss = forward(x, y)
+                self.manual_backward(loss / accum)
+            loss_sum += loss.detach()
+        s = self.schedule
+        lrm = lr_multiplier(step, self.num_iterations, s["warmup_ratio"], s["warmdown_ratio"], s["final_lr_frac"])
+        opt.optimizer.apply_schedule(lrm, muon_momentum(step, s["momentum_warmup_steps"], s["momentum_start"], s["momentum_end"]))
+        # Lightning's bf16-mixed autocast spans the whole training_step; the optimizer chooses its own dtypes
+        # (Newton-Schulz in fp32 where bf16 is emulated), so it steps outside autocast.
+        with torch.autocast(self.device.type, enabled=False):
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        self._meter_loss += loss_sum / accum
+        self._meter_steps += 1
+        self._meter_tokens += accum * x.numel()
+        done = step + 1
+        if done % self.log_every == 0 or done == self.num_iterations:
+            self._log_progress(done, lrm)
+
+    # --- metrics ----------------------------------------------------------------------------------
+    def _reset_meter(self) -> None:
+        self._meter_loss = 0.0
+        self._meter_steps = 0
+        self._meter_tokens = 0
+        self._meter_t0 = time.perf_counter()
+        self.excluded_seconds = 0.0
+
+    def _log_progress(self, done: int, lrm: float) -> None:
+        loss = float(self._meter_loss / self._meter_steps)  # the one host-device sync per interval
+        seconds = max(time.perf_counter() - self._meter_t0 - self.excluded_seconds, 1e-9)
+        tok_per_s = self._meter_tokens * self.trainer.world_size / seconds
+        mfu = self.model.flops_per_token() * tok_per_s / (self.peak_flops() * self.trainer.world_size)
+        metrics = {
+            "train/loss": loss,
+            "train/lrm": lrm,
+            "train/lr": lrm * self.optimizers().optimizer.param_groups[0]["initial_lr"],
+            "perf/tok_per_s": tok_per_s,
+            "perf/mfu": mfu,
+            "perf/step_seconds": seconds / self._meter_steps,
+        }
+        skipped = getattr(self.trainer.datamodule, "skipped_row_groups", 0)
+        if skipped:
+            metrics["data/skipped_row_groups"] = float(skipped)
+        log_scalars(self.trainer, metrics)  # at step = optimizer steps done, like the evaluation callbacks
+        if self.trainer.is_global_zero:
+            eta = (self.num_iterations - done) * seconds / self._meter_steps
+            log.info(
+                f"step {done:6d}/{self.num_iterations} ({100 * done / self.num_iterations:5.1f}%) | loss {loss:.4f} | "
+                f"lrm {lrm:.3f} | {tok_per_s:,.0f} tok/s | mfu {100 * mfu:.2f}% | eta {eta / 60:.1f} min"
+            )
+        self._reset_meter()
+
+    def peak_flops(self) -> float:
+        from nanochat.hardware import peak_flops
+
+        bf16 = "bf16" in str(self.trainer.precision)
+        return peak_flops(self.device.type, torch.bfloat16 if bf16 else torch.float32)
+
+    def describe(self) -> str:
+        c, n = self.config, self.model.num_params()
+        tokens = self.num_iterations * self.total_batch_size
+        flops = self.model.flops_per_token() * tokens
+        return (
+            f"model d{c.n_layer}: width {c.n_embd}, {c.n_head} heads (kv {c.n_kv_head}), vocab {c.vocab_size:,}, "
+            f"seq {c.sequence_len}, {n:,} params, {self.model.flops_per_token():.3e} FLOPs/token\n"
+            f"horizon: {self.num_iterations:,} steps x {self.total_batch_size:,} tokens = {tokens:,} tokens "
+            f"({tokens / n:.1f} tokens/param), {flops:.3e} FLOPs"
+        )
+
+    def export_meta(self) -> dict:
+        return {"step": self.global_step, "tokens": self.global_step * self.total_batch_size, "tokenizer_dir": str(Path(self.hparams.tokenizer_dir))}

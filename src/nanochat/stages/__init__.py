@@ -1,0 +1,23 @@
+"""Stage entry points: each takes the composed config and runs one stage (tokenizer, base, ...)."""
+
+from __future__ import annotations
+
+import sys
+
+
+def run_stage(cfg) -> None:
+    """Dispatch to `cfg.stage.entry`; a UserError ends the run with one line instead of a traceback."""
+    from hydra.utils import get_method
+
+    from nanochat.errors import UserError
+
+    try:
+        get_method(cfg.stage.entry)(cfg)
+    except Exception as e:
+        cause = e  # hydra.utils.instantiate wraps errors raised in constructors; find ours inside
+        while cause is not None and not isinstance(cause, UserError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,286 @@
+"""The downloader against a real HTTP server on 127.0.0.1 that can fail, cut responses short or ignore Range."""
+
+import re
+import threading
+import urllib.request
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from nanochat.data.__main__ import main
+from nanochat.data.download import SOURCES, download
+from nanochat.data.shards import check_shard, shard_name, write_shard
+from nanochat.errors import UserError
+from nanochat.paths import base_dir
+
+N_SERVED = 5
+
+
+class ShardServer:
+    """Serves `files` by name; tests steer it through the dictionaries below (guarded by one lock)."""
+
+    def __init__(self, files: dict[str, bytes]):
+        self.files = files
+        self.fail: dict[str, int] = {}  # name -> how many more requests get HTTP 500
+        self.cut: dict[str, int] = {}  # name -> the next response stops after this many body bytes
+        self.serve_once: dict[str, bytes] = {}  # name -> a wrong body sent once
+        self.ignore_range = False
+        self.requests: list[tuple[str, str | None]] = []  # (name, Range header)
+        self.lock = threading.Lock()
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/shards"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def ranges(self, name: str) -> list[str | None]:
+        return [r for n, r in self.requests if n == name]
+
+    def _handler(self):
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output clean
+                pass
+
+            def do_GET(self):
+                name = self.path.rsplit("/", 1)[-1]
+                rng = self.headers.get("Range")
+                with server.lock:
+                    server.requests.append((name, rng))
+                    failing = server.fail.get(name, 0) > 0
+                    if failing:
+                        server.fail[name] -= 1
+                    cut = server.cut.pop(name, None)
+                    body = server.serve_once.pop(name, None) or server.files.get(name)
+                if body is None:
+                    return self.send_error(404)
+                if failing:
+                    return self.send_error(500)
+                status, start = 200, 0
+                if rng and not server.ignore_range:
+                    start = int(re.fullmatch(r"bytes=(\d+)-", rng).group(1))
+                    if start >= len(body):
+                        return self.send_error(416)
+                    status = 206
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body) - start))
+                if status == 206:
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                self.end_headers()
+                # HTTP/1.0: the connection closes after this handler, so a cut body ends early at the client.
+                self.wfile.write(body[start:] if cut is None else body[start : start + cut])
+
+        return Handler
+
+
+def make_shard_bytes(tmp: Path, i: int) -> bytes:
+    path = tmp / f"src_{i}.parquet"
+    write_shard(path, [f"shard {i} document {j}: " + "lorem ipsum " * (j % 17) for j in range(400)])
+    return path.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def shard_bytes(tmp_path_factory) -> dict[str, bytes]:
+    tmp = tmp_path_factory.mktemp("served")
+    return {shard_name(i): make_shard_bytes(tmp, i) for i in range(N_SERVED)}
+
+
+@pytest.fixture
+def server(shard_bytes, monkeypatch):
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)  # a CI proxy must not intercept 127.0.0.1
+    srv = ShardServer(shard_bytes)
+    srv.thread.start()
+    yield srv
+    srv.httpd.shutdown()
+    srv.httpd.server_close()
+
+
+@pytest.fixture
+def sleeps() -> list[float]:
+    return []
+
+
+def fetch(server, out, n, sleeps, **kw):
+    kw.setdefault("workers", 2)
+    return download("fineweb-edu", n, out, base_url=server.url, sleep=sleeps.append, show_progress=False,
+                    timeout=10, **kw)
+
+
+def assert_identical(out: Path, shard_bytes, n: int):
+    assert sorted(p.name for p in out.iterdir()) == [shard_name(i) for i in range(n)]  # no .part left
+    for i in range(n):
+        assert (out / shard_name(i)).read_bytes() == shard_bytes[shard_name(i)]
+
+
+def test_full_download(server, shard_bytes, sleeps, tmp_path):
+    out = tmp_path / "dl"
+    paths = fetch(server, out, 3, sleeps)
+    assert paths == [out / shard_name(i) for i in range(3)]
+    assert_identical(out, shard_bytes, 3)
+    assert Counter(n for n, _ in server.requests) == {shard_name(i): 1 for i in range(3)}
+    assert all(r is None for _, r in server.requests) and sleeps == []
+    assert [check_shard(p) for p in paths] == [400, 400, 400]
+
+
+def test_rerun_skips_existing(server, shard_bytes, sleeps, tmp_path):
+    out = tmp_path / "dl"
+    fetch(server, out, 2, sleeps)
+    assert len(server.requests) == 2
+    assert fetch(server, out, 2, sleeps) == [out / shard_name(0), out / shard_name(1)]
+    assert len(server.requests) == 2  # nothing fetched again
+    fetch(server, out, 4, sleeps)
+    assert sorted(n for n, _ in server.requests[2:]) == [shard_name(2), shard_name(3)]
+    assert_identical(out, shard_bytes, 4)
+
+
+def test_retries_with_exponential_backoff(server, shard_bytes, sleeps, tmp_path):
+    out = tmp_path / "dl"
+    name = shard_name(1)
+    server.fail[name] = 2
+    fetch(server, out, 3, sleeps, backoff=3.0)
+    assert sleeps == [3.0, 9.0]
+    assert len(server.ranges(name)) == 3 and len(server.ranges(shard_name(0))) == 1
+    assert_identical(out, shard_bytes, 3)
+
+
+def test_resumes_a_part_file_with_range(server, shard_bytes, sleeps, tmp_path):
+    out = tmp_path / "dl"
+    out.mkdir()
+    name = shard_name(2)
+    half = len(shard_bytes[name]) // 2
+    (out / f"{name}.part").write_bytes(shard_bytes[name][:half])
+    fetch(server, out, 3, sleeps)
+    assert server.ranges(name) == [f"bytes={half}-"]
+    assert_identical(out, shard_bytes, 3)
+
+
+def test_finished_part_file_is_only_renamed(server, shard_bytes, sleeps, tmp_path):
+    out = tmp_path / "dl"
+    out.mkdir()
+    (out / f"{shard_name(0)}.part").write_bytes(shard_bytes[shard_name(0)])
+    fetch(server, out, 1, sleeps)
+    assert server.requests == []
+    assert_identical(out, shard_bytes, 1)
+
+
+def test_part_longer_than_the_file_starts_over(server, shard_bytes, sleeps, tmp_path):
+    out = tmp_path / "dl"
+    out.mkdir()
+    name = shard_name(0)
+    size = len(shard_bytes[name])
+    (out / f"{name}.part").write_bytes(b"y" * (size + 5))  # e.g. left by a different upload of the file
+    fetch(server, out, 1, sleeps)
+    assert server.ranges(name) == [f"bytes={size + 5}-", None]  # HTTP 416, then a fresh download
+    assert_identical(out, shard_bytes, 1)
+
+
+def test_cut_response_resumes_within_the_same_run(server, shard_bytes, sleeps, tmp_path):
+    out = tmp_path / "dl"
+    name = shard_name(0)
+    server.cut[name] = 1000
+    fetch(server, out, 1, sleeps)
+    assert server.ranges(name) == [None, "bytes=1000-"]
+    assert sleeps == [2.0]
+    assert_identical(out, shard_bytes, 1)
+
+
+def test_full_answer_to_a_range_request_replaces_the_part(server, shard_bytes, sleeps, tmp_path):
+    out = tmp_path / "dl"
+    out.mkdir()
+    name = shard_name(0)
+    (out / f"{name}.part").write_bytes(b"x" * 777)  # would corrupt the file if the 200 body were appended
+    server.ignore_range = True
+    fetch(server, out, 1, sleeps)
+    assert server.ranges(name) == ["bytes=777-"]
+    assert_identical(out, shard_bytes, 1)
+
+
+def test_corrupt_transfer_restarts_from_scratch(server, shard_bytes, sleeps, tmp_path):
+    out = tmp_path / "dl"
+    name = shard_name(1)
+    server.serve_once[name] = b"<html>rate limited</html>"
+    fetch(server, out, 2, sleeps)
+    assert server.ranges(name) == [None, None]  # the bad body was discarded, not resumed
+    assert sleeps == [2.0]
+    assert_identical(out, shard_bytes, 2)
+
+
+def test_corrupt_existing_shard_is_downloaded_again(server, shard_bytes, sleeps, tmp_path):
+    out = tmp_path / "dl"
+    out.mkdir()
+    (out / shard_name(0)).write_bytes(shard_bytes[shard_name(0)][:-100])  # truncated footer
+    (out / shard_name(1)).write_bytes(shard_bytes[shard_name(1)])
+    fetch(server, out, 2, sleeps)
+    assert [n for n, _ in server.requests] == [shard_name(0)]
+    assert_identical(out, shard_bytes, 2)
+
+
+def test_permanent_failure_keeps_the_other_shards(server, shard_bytes, sleeps, tmp_path):
+    out = tmp_path / "dl"
+    out.mkdir()
+    bad = shard_name(1)
+    (out / bad).write_bytes(b"corrupt leftover")
+    server.fail[bad] = 100
+    with pytest.raises(UserError, match=bad) as err:
+        fetch(server, out, 3, sleeps, attempts=3)
+    assert "HTTP 500" in str(err.value) and str(out) in str(err.value)
+    assert sleeps == [2.0, 4.0] and len(server.ranges(bad)) == 3
+    assert sorted(p.name for p in out.iterdir()) == [shard_name(0), shard_name(2)]
+    for i in (0, 2):
+        assert (out / shard_name(i)).read_bytes() == shard_bytes[shard_name(i)]
+
+
+def test_missing_file_is_not_retried(server, shard_bytes, sleeps, tmp_path):
+    out = tmp_path / "dl"
+    missing = shard_name(N_SERVED)
+    with pytest.raises(UserError, match=missing) as err:
+        fetch(server, out, N_SERVED + 1, sleeps)
+    assert "404" in str(err.value) and f"1 of {N_SERVED + 1}" in str(err.value)
+    assert len(server.ranges(missing)) == 1 and sleeps == []
+    assert_identical(out, shard_bytes, N_SERVED)
+
+
+def test_default_directory_and_injected_opener(server, shard_bytes, sleeps):
+    seen = []
+    real = urllib.request.build_opener()
+
+    class CountingOpener:
+        def open(self, request, timeout=None):
+            seen.append(request.full_url)
+            return real.open(request, timeout=timeout)
+
+    paths = fetch(server, None, 2, sleeps, opener=CountingOpener())
+    out = base_dir() / "data" / SOURCES["fineweb-edu"].dirname
+    assert paths == [out / shard_name(0), out / shard_name(1)]
+    assert sorted(seen) == [f"{server.url}/{shard_name(i)}" for i in range(2)]
+    assert_identical(out, shard_bytes, 2)
+
+
+def test_argument_errors(tmp_path):
+    with pytest.raises(UserError, match="fineweb-edu") as err:
+        download("fineweb", 1, tmp_path)
+    assert "unknown data source 'fineweb'" in str(err.value)
+    with pytest.raises(UserError, match="1823 shards but 1824"):
+        download("fineweb-edu", 1824, tmp_path)
+    with pytest.raises(UserError, match="positive"):
+        download("fineweb-edu", 0, tmp_path)
+    with pytest.raises(UserError, match="workers"):
+        download("fineweb-edu", 1, tmp_path, workers=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_download(server, shard_bytes, tmp_path, capsys):
+    out = tmp_path / "cli"
+    main(["download", "fineweb-edu", "-n", "2", "--out", str(out), "--base-url", server.url, "--quiet"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("2 fineweb-edu shards") and str(out) in lines[0]
+    assert_identical(out, shard_bytes, 2)
+
+    with pytest.raises(SystemExit) as exc:
+        main(["download", "nope", "-n", "1", "--out", str(out), "--quiet"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: unknown data source 'nope'")
