@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning as L
 
 from nanochat.callbacks.common import Periodic, evaluating
-from nanochat.engine.sampling import greedy_complete
+from nanochat.engine.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +35,13 @@ class Samples(Periodic):
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
+        tok = pl_module.tokenizer
+        engine = Engine(pl_module.model, tok, use_tools=False)
         with evaluating(trainer, pl_module):
-            self.latest = {p: greedy_complete(pl_module.model, pl_module.tokenizer, p, self.max_tokens) for p in self.prompts}
+            for prompt in self.prompts:
+                ids = tok.encode(prompt, prepend="<|bos|>")
+                (row,), _ = engine.generate_batch(ids, max_tokens=self.max_tokens, temperature=0)
+                self.latest[prompt] = tok.decode(row[len(ids):])
         lines = [f"### step {trainer.global_step}", ""] + [f"- {p!r} → {c!r}" for p, c in self.latest.items()] + [""]
         for line in lines[2:-1]:
             log.info(f"sample {line[2:]}")

@@ -36,6 +36,20 @@ class KVCache:
         self.v[layer_idx, :, :, self.pos : end] = v
         return self.k[layer_idx, :, :, :end], self.v[layer_idx, :, :, :end]
 
+    def replicate(self, batch_size: int, max_len: int) -> KVCache:
+        """A cache of `batch_size` rows, each starting with this (one-row) cache's prefix: prefill once, sample many."""
+        num_layers, _, num_kv_heads, _, head_dim = self.shape
+        new = KVCache(batch_size, num_layers, num_kv_heads, head_dim, max_len)
+        if self.pos > max_len:
+            raise UserError(f"KV cache holds {max_len} tokens but the prefix already has {self.pos}")
+        if self.k is not None:
+            new.k = self.k.new_empty(new.shape)
+            new.v = self.v.new_empty(new.shape)
+            new.k[:, :, :, : self.pos] = self.k[:, :, :, : self.pos]  # broadcasts the one row to all rows
+            new.v[:, :, :, : self.pos] = self.v[:, :, :, : self.pos]
+        new.pos = self.pos
+        return new
+
     def advance(self, num_tokens: int) -> None:
         self.pos += num_tokens
 

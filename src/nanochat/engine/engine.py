@@ -1,0 +1,151 @@
+"""The inference engine: everything that generates text (CLI, web UI, API, chat eval, RL rollouts) goes through it.
+
+    prompt --prefill (batch 1)--> KV cache --replicate--> num_samples rows --> one decode forward per step
+
+Each row runs a small tool-use state machine: tokens between <|python_start|> and <|python_end|> are an
+expression for the calculator; when it yields a result, the row's next tokens are forced to
+<|output_start|> result <|output_end|> instead of being sampled (mask 0), then sampling resumes.
+A row finishes when it emits <|assistant_end|> or <|bos|>; generation ends when every row has finished or
+`max_tokens` steps have run.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+
+from nanochat.engine.calculator import calculate
+from nanochat.engine.kv_cache import KVCache
+from nanochat.errors import UserError
+
+
+def sample_next(logits: torch.Tensor, rng: torch.Generator, temperature: float, top_k: int | None) -> torch.Tensor:
+    """One token id per row of (B, vocab) logits: argmax at temperature 0, else softmax sampling over the top k."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        values, indices = torch.topk(logits, top_k, dim=-1)
+        choice = torch.multinomial(torch.softmax(values, dim=-1), 1, generator=rng)
+        return indices.gather(-1, choice).squeeze(-1)
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=rng).squeeze(-1)
+
+
+@dataclass
+class _Row:
+    forced: deque = field(default_factory=deque)  # tool output tokens waiting to be emitted
+    expression: list[int] | None = None  # tokens of a tool call being collected
+    done: bool = False
+
+
+class Engine:
+    def __init__(self, model, tokenizer, *, use_tools: bool = True):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.use_tools = use_tools
+        t = tokenizer.token_id
+        self.stop_ids = {t("<|assistant_end|>"), t("<|bos|>")}
+        self.python_start, self.python_end = t("<|python_start|>"), t("<|python_end|>")
+        self.output_start, self.output_end = t("<|output_start|>"), t("<|output_end|>")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def max_context(self) -> int:
+        """The most prompt + new tokens one generation may hold (the model's rotary table)."""
+        return self.model.rotary_len
+
+    def _autocast(self):
+        from nanochat.hardware import fast_bf16
+
+        kind = self.device.type
+        if kind in ("cuda", "cpu") and fast_bf16(kind) and next(self.model.parameters()).dtype == torch.float32:
+            return torch.autocast(kind, dtype=torch.bfloat16)
+        return nullcontext()
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        tokens: list[int],
+        num_samples: int = 1,
+        max_tokens: int = 256,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        seed: int = 42,
+    ) -> Iterator[tuple[list[int], list[int]]]:
+        """Yield (token per row, mask per row) each step; mask 0 marks a forced tool-output token."""
+        if not tokens:
+            raise UserError("generation needs a non-empty prompt")
+        if len(tokens) + max_tokens > self.max_context:
+            raise UserError(f"prompt of {len(tokens)} tokens + max_tokens={max_tokens} exceeds the context of {self.max_context}")
+        device = self.device
+        rng = torch.Generator(device=device).manual_seed(seed)
+        rows = [_Row() for _ in range(num_samples)]
+        with self._autocast():
+            prefill = KVCache.for_model(self.model, 1, len(tokens))
+            logits = self.model(torch.tensor([tokens], device=device), kv_cache=prefill)[:, -1]
+            cache = prefill.replicate(num_samples, len(tokens) + max_tokens)
+            logits = logits.expand(num_samples, -1)  # each row samples its own first token
+            for step in range(max_tokens):
+                if step:
+                    logits = self.model(torch.tensor(column, device=device).view(-1, 1), kv_cache=cache)[:, -1]
+                sampled = sample_next(logits, rng, temperature, top_k).tolist()
+                column, masks = [], []
+                for row, token in zip(rows, sampled):
+                    token, mask = (row.forced.popleft(), 0) if row.forced else (token, 1)
+                    column.append(token)
+                    masks.append(mask)
+                    self._advance_row(row, token)
+                yield column, masks
+                if all(row.done for row in rows):
+                    return
+
+    def _advance_row(self, row: _Row, token: int) -> None:
+        if token in self.stop_ids:
+            row.done = True
+        if not self.use_tools:
+            return
+        if token == self.python_start:
+            row.expression = []
+        elif token == self.python_end and row.expression is not None:
+            result = calculate(self.tokenizer.decode(row.expression))
+            if result is not None:
+                row.forced.extend([self.output_start, *self.tokenizer.encode(result), self.output_end])
+            row.expression = None
+        elif row.expression is not None:
+            row.expression.append(token)
+
+    def generate_batch(self, tokens: list[int], num_samples: int = 1, **kwargs) -> tuple[list[list[int]], list[list[int]]]:
+        """Whole sequences per row: prompt + generated tokens (the stop token excluded), and their masks."""
+        results = [list(tokens) for _ in range(num_samples)]
+        masks = [[0] * len(tokens) for _ in range(num_samples)]
+        done = [False] * num_samples
+        for column, mask_column in self.generate(tokens, num_samples, **kwargs):
+            for i, (token, mask) in enumerate(zip(column, mask_column)):
+                if done[i]:
+                    continue
+                if token in self.stop_ids:
+                    done[i] = True
+                else:
+                    results[i].append(token)
+                    masks[i].append(mask)
+        return results, masks
+
+
+@torch.inference_mode()
+def generate_naive(model, tokens: list[int], max_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+                   seed: int = 42) -> list[int]:
+    """Reference decoding without a cache: recompute the whole sequence for every new token (tests, benchmarks)."""
+    device = next(model.parameters()).device
+    rng = torch.Generator(device=device).manual_seed(seed)
+    ids = list(tokens)
+    for _ in range(max_tokens):
+        logits = model(torch.tensor([ids], device=device))[:, -1]
+        ids.append(int(sample_next(logits, rng, temperature, top_k)[0]))
+    return ids[len(tokens):]

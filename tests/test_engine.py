@@ -1,0 +1,120 @@
+"""The inference engine: cached decoding equals naive decoding, seeded sampling, the tool-use state machine."""
+
+import pytest
+import torch
+from torch import nn
+
+from nanochat.engine.engine import Engine, generate_naive
+from nanochat.engine.kv_cache import KVCache
+from nanochat.models.components import GPT, GPTConfig
+
+
+@pytest.fixture(scope="module")
+def random_model(tiny_tokenizer):
+    """A tiny GPT with large random weights: varied, prompt-dependent output (a zero-init model is constant)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=64, vocab_size=tiny_tokenizer.vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=64))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return model.eval()
+
+
+def test_kv_cache_decoding_equals_naive_recompute_at_temperature_0(random_model, tiny_tokenizer):
+    engine = Engine(random_model, tiny_tokenizer, use_tools=False)
+    prompt = tiny_tokenizer.encode("def fibonacci(n):", prepend="<|bos|>")
+    cached = [column[0] for column, _ in engine.generate(prompt, max_tokens=40, temperature=0)]
+    naive = generate_naive(random_model, prompt, max_tokens=len(cached), temperature=0)
+    assert cached == naive
+    assert len(set(cached)) > 3  # a real sequence, not one repeated token
+
+
+def test_seeded_samples_differ_between_rows_and_repeat_with_the_seed(random_model, tiny_tokenizer):
+    engine = Engine(random_model, tiny_tokenizer, use_tools=False)
+    prompt = tiny_tokenizer.encode("The", prepend="<|bos|>")
+    a, _ = engine.generate_batch(prompt, num_samples=4, max_tokens=12, temperature=1.0, seed=1)
+    b, _ = engine.generate_batch(prompt, num_samples=4, max_tokens=12, temperature=1.0, seed=1)
+    c, _ = engine.generate_batch(prompt, num_samples=4, max_tokens=12, temperature=1.0, seed=2)
+    assert a == b
+    assert a != c
+    assert len({tuple(row) for row in a}) == 4  # the rows sample independently from the first token on
+    assert all(row[: len(prompt)] == prompt for row in a)
+
+
+def test_top_k_1_is_greedy(random_model, tiny_tokenizer):
+    engine = Engine(random_model, tiny_tokenizer, use_tools=False)
+    prompt = tiny_tokenizer.encode("import", prepend="<|bos|>")
+    greedy, _ = engine.generate_batch(prompt, max_tokens=10, temperature=0)
+    topk1, _ = engine.generate_batch(prompt, max_tokens=10, temperature=1.5, top_k=1, seed=7)
+    assert greedy == topk1
+
+
+def test_replicated_cache_rows_hold_the_prefix():
+    cache = KVCache(1, 2, 3, 4, max_len=5)
+    k = torch.randn(1, 3, 5, 4)
+    cache.insert_kv(0, k, k)
+    cache.insert_kv(1, k, k)
+    cache.advance(5)
+    rows = cache.replicate(batch_size=3, max_len=9)
+    assert rows.pos == 5 and rows.k.shape == (2, 3, 3, 9, 4)
+    for r in range(3):
+        assert torch.equal(rows.k[0, r, :, :5], k[0])
+
+
+class ScriptedModel(nn.Module):
+    """Emits a fixed token script, one per forward, whatever the input: drives the tool state machine."""
+
+    def __init__(self, script: list[int], vocab_size: int):
+        super().__init__()
+        self.config = GPTConfig(sequence_len=64, vocab_size=vocab_size, n_layer=1, n_head=1, n_kv_head=1, n_embd=8)
+        self.rotary_len = 640
+        self.anchor = nn.Parameter(torch.zeros(1))
+        self.script, self.calls, self.seen = script, 0, []
+
+    def forward(self, idx, kv_cache=None):
+        self.seen.append(idx[:, -1].tolist())
+        token = self.script[min(self.calls, len(self.script) - 1)]
+        self.calls += 1
+        kv_cache.advance(idx.size(1))
+        logits = torch.full((idx.size(0), idx.size(1), self.config.vocab_size), -1e9)
+        logits[..., token] = 0.0
+        return logits
+
+
+def test_tool_call_gets_the_calculator_output_forced_in(tiny_tokenizer):
+    t = tiny_tokenizer.token_id
+    expr = tiny_tokenizer.encode("12*(3+4)")
+    answer = tiny_tokenizer.encode(" so 84")
+    filler = t("<|user_end|>")  # what the model "would" say while the output is forced: must be ignored
+    result = tiny_tokenizer.encode("84")
+    script = [t("<|python_start|>"), *expr, t("<|python_end|>")] + [filler] * (len(result) + 2) + answer + [t("<|assistant_end|>")]
+    model = ScriptedModel(script, tiny_tokenizer.vocab_size)
+    engine = Engine(model, tiny_tokenizer)
+    steps = list(engine.generate([t("<|bos|>")], max_tokens=100, temperature=0))
+    tokens = [c[0] for c, _ in steps]
+    masks = [m[0] for _, m in steps]
+    forced = [t("<|output_start|>"), *result, t("<|output_end|>")]
+    call = [t("<|python_start|>"), *expr, t("<|python_end|>")]
+    assert tokens == call + forced + answer + [t("<|assistant_end|>")]
+    assert masks == [1] * len(call) + [0] * len(forced) + [1] * (len(answer) + 1)
+    # the forced tokens were fed back to the model as its input
+    assert [s[0] for s in model.seen[len(call) + 1 : len(call) + 1 + len(forced)]] == forced
+
+
+def test_refused_expression_forces_nothing_and_batch_masks(tiny_tokenizer):
+    t = tiny_tokenizer.token_id
+    bad = tiny_tokenizer.encode("__import__('os')")
+    script = [t("<|python_start|>"), *bad, t("<|python_end|>"), t("<|assistant_end|>")]
+    engine = Engine(ScriptedModel(script, tiny_tokenizer.vocab_size), tiny_tokenizer)
+    prompt = [t("<|bos|>"), t("<|user_start|>")]
+    results, masks = engine.generate_batch(prompt, max_tokens=50)
+    assert results[0] == prompt + script[:-1]  # no output block, stop token excluded
+    assert masks[0] == [0, 0] + [1] * (len(script) - 1)
+
+
+def test_prompt_longer_than_the_context_is_refused(random_model, tiny_tokenizer):
+    from nanochat.errors import UserError
+
+    engine = Engine(random_model, tiny_tokenizer)
+    with pytest.raises(UserError, match="exceeds the context"):
+        next(engine.generate([1] * 600, max_tokens=100))
