@@ -1,0 +1,48 @@
+"""ARC (`allenai/ai2_arc`, `ARC-Easy` / `ARC-Challenge`): multiple choice with the dataset's own labels."""
+
+from __future__ import annotations
+
+from nanochat.errors import UserError
+from nanochat.tasks.base import Task, render_mc
+from nanochat.tasks.sources import load_rows
+
+SUBSETS = ("ARC-Easy", "ARC-Challenge")
+
+
+class ARC(Task):
+    eval_type = "categorical"
+
+    def __init__(self, subset: str = "ARC-Easy", split: str = "train", path=None, shuffle_seed: int | None = 42, **kw):
+        super().__init__(**kw)
+        if subset not in SUBSETS:
+            raise UserError(f"ARC subset {subset!r} is not one of {', '.join(SUBSETS)}")
+        self.subset, self.split = subset, split
+        self.rows = load_rows("allenai/ai2_arc", subset, split, path=path, shuffle_seed=shuffle_seed)
+
+    def get_example(self, index: int) -> dict:
+        row = self.rows[index]
+        letters = [str(x) for x in row["choices"]["label"]]  # usually A-D, sometimes 1-4
+        choices = list(row["choices"]["text"])
+        answer = str(row["answerKey"])
+        if answer not in letters:
+            raise UserError(f"ARC row {index}: answerKey {answer!r} is not one of the labels {letters}")
+        return {
+            "messages": [
+                {"role": "user", "content": render_mc(row["question"], letters, choices)},
+                {"role": "assistant", "content": answer},
+            ],
+            "letters": letters,
+        }
+
+    def evaluate(self, conversation: dict, completion: str) -> bool:
+        return completion.strip() == conversation["messages"][-1]["content"]
+
+
+class ARCEasy(ARC):
+    def __init__(self, split: str = "train", **kw):
+        super().__init__(subset="ARC-Easy", split=split, **kw)
+
+
+class ARCChallenge(ARC):
+    def __init__(self, split: str = "train", **kw):
+        super().__init__(subset="ARC-Challenge", split=split, **kw)

@@ -1,0 +1,56 @@
+"""Task names for configs, and `build_mixture` to turn a list of entries into one shuffled TaskMixture.
+
+An entry is `{"name": "gsm8k", "split": "train", "epochs": 1, "start": 0, "stop": None, **loader_kwargs}`;
+`epochs: n` lists the same task n times (n passes over it in one mixture).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from nanochat.errors import UserError
+from nanochat.tasks.arc import ARCChallenge, ARCEasy
+from nanochat.tasks.base import Task, TaskMixture
+from nanochat.tasks.custom_json import CustomJSON
+from nanochat.tasks.gsm8k import GSM8K
+from nanochat.tasks.humaneval import HumanEval
+from nanochat.tasks.mmlu import MMLU
+from nanochat.tasks.smoltalk import SmolTalk
+from nanochat.tasks.spelling import SimpleSpelling, SpellingBee
+
+TASKS: dict[str, type[Task]] = {
+    "gsm8k": GSM8K,
+    "mmlu": MMLU,
+    "arc_easy": ARCEasy,
+    "arc_challenge": ARCChallenge,
+    "humaneval": HumanEval,
+    "smoltalk": SmolTalk,
+    "custom_json": CustomJSON,
+    "spelling_bee": SpellingBee,
+    "simple_spelling": SimpleSpelling,
+}
+
+
+def build_task(entry: Mapping) -> Task:
+    """One task from an entry (its `epochs` key is ignored here)."""
+    kwargs = dict(entry)
+    name = kwargs.pop("name", None)
+    kwargs.pop("epochs", None)
+    if name not in TASKS:
+        raise UserError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
+    kwargs = {k: v for k, v in kwargs.items() if not (k in ("split", "stop") and v is None)}
+    try:
+        return TASKS[name](**kwargs)
+    except TypeError as e:
+        raise UserError(f"task {name!r} got bad arguments {sorted(kwargs)}: {e}") from e
+
+
+def build_mixture(entries: list[Mapping], seed: int = 42) -> TaskMixture:
+    tasks = []
+    for entry in entries:
+        epochs = int(entry.get("epochs", 1))
+        if epochs < 1:
+            raise UserError(f"task {entry.get('name')!r} has epochs={epochs}; it must be at least 1")
+        task = build_task(entry)
+        tasks.extend([task] * epochs)
+    return TaskMixture(tasks, seed=seed)
