@@ -25,7 +25,6 @@ def register_resolvers() -> None:
     resolvers = {
         "nanochat_home": lambda: str(base_dir()),
         "precision_for": _precision,
-        "mul": lambda a, b: a * b,
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):

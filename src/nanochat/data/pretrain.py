@@ -117,7 +117,6 @@ class PretrainDataModule(L.LightningDataModule):
             start=resume_positions(self._loaded, rank, self.num_slots, world * self.num_slots),
             **self.stream_kwargs,
         )
-        self.stride = stream.stride
         on_cuda = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=on_cuda)
 
@@ -134,13 +133,13 @@ class PretrainDataModule(L.LightningDataModule):
     def state_dict(self) -> dict:
         if not self._slots:
             return dict(self._loaded)
-        return {"slots": dict(self._slots), "next_slot": self._next_slot, "num_slots": self.num_slots, "stride": self.stride}
+        stride = self.rank_and_world[1] * self.num_slots  # readers across all ranks, as TokenStream.stride
+        return {"slots": dict(self._slots), "next_slot": self._next_slot, "num_slots": self.num_slots, "stride": stride}
 
     def load_state_dict(self, state: dict) -> None:
         self._loaded = dict(state)
         self._slots = {int(k): dict(v) for k, v in state.get("slots", {}).items()}
         self._next_slot = state.get("next_slot", 0)
-        self.stride = state.get("stride")
 
     # --- validation tokens ---------------------------------------------------------------------
     def val_batches(self, max_tokens: int, batch_size: int | None = None) -> Iterator[torch.Tensor]:

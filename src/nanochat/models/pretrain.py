@@ -77,7 +77,6 @@ class PretrainModule(L.LightningModule):
         )
         self.log_every = log_every
         self.compile = compile
-        self.excluded_seconds = 0.0  # evaluation time inside a logging interval, kept out of tok/s
         self._reset_meter()
 
     # --- Lightning hooks --------------------------------------------------------------------------
@@ -128,7 +127,7 @@ class PretrainModule(L.LightningModule):
         self._meter_steps = 0
         self._meter_tokens = 0
         self._meter_t0 = time.perf_counter()
-        self.excluded_seconds = 0.0
+        self.excluded_seconds = 0.0  # evaluation time inside this logging interval, kept out of tok/s
 
     def _log_progress(self, done: int, lrm: float) -> None:
         loss = float(self._meter_loss / self._meter_steps)  # the one host-device sync per interval

@@ -13,15 +13,12 @@ def resolve_device(device: str = "auto") -> str:
 
     from nanochat.errors import UserError
 
+    available = {"cuda": torch.cuda.is_available(),
+                 "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(),
+                 "cpu": True}
     if device == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
+        return next(kind for kind, ok in available.items() if ok)  # in order of preference
     kind = device.split(":")[0]
-    available = {"cpu": True, "cuda": torch.cuda.is_available(),
-                 "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
     if kind not in available:
         raise UserError(f"device={device!r} is not one of auto, cpu, cuda, cuda:N, mps")
     if not available[kind]:

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 
 from nanochat.errors import UserError
+from nanochat.tokenizer.chat import out_of_turn
 
 MAX_MESSAGES = 500
 MAX_MESSAGE_CHARS = 8_000
@@ -119,15 +120,13 @@ def validate_messages(messages) -> list[dict]:
         clean.append({"role": role, "content": content})
     if total > MAX_TOTAL_CHARS:
         raise RequestError("messages", f"messages hold {total:,} characters in all; the limit is {MAX_TOTAL_CHARS:,}")
-    first = 1 if clean[0]["role"] == "system" else 0
-    for i in range(first, len(clean)):
-        expected = "user" if (i - first) % 2 == 0 else "assistant"
-        if clean[i]["role"] != expected:
-            raise RequestError(
-                f"messages[{i}].role",
-                f"messages[{i}].role is {clean[i]['role']!r} but {expected!r} was expected: after an optional first "
-                "system message, user and assistant messages must alternate, starting and ending with user",
-            )
+    if (bad := out_of_turn(clean)) is not None:
+        i, expected = bad
+        raise RequestError(
+            f"messages[{i}].role",
+            f"messages[{i}].role is {clean[i]['role']!r} but {expected!r} was expected: after an optional first "
+            "system message, user and assistant messages must alternate, starting and ending with user",
+        )
     if clean[-1]["role"] != "user":
         raise RequestError("messages", "the last message must be the user's")
     return clean

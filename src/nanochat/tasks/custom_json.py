@@ -11,17 +11,19 @@ from pathlib import Path
 
 from nanochat.errors import UserError
 from nanochat.tasks.base import Task
+from nanochat.tokenizer.chat import out_of_turn
 
 
 def _check(messages, where: str) -> list[dict]:
     if not isinstance(messages, list) or not messages:
         raise UserError(f"{where}: expected a non-empty JSON list of messages")
-    body = messages[1:] if isinstance(messages[0], dict) and messages[0].get("role") == "system" else messages
+    first = 1 if isinstance(messages[0], dict) and messages[0].get("role") == "system" else 0
+    body = messages[first:]
     if len(body) < 2:
         raise UserError(f"{where}: a conversation needs at least one user and one assistant message")
+    bad = out_of_turn(messages)
     for i, m in enumerate(body):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if not isinstance(m, dict) or m.get("role") != expected:
+        if bad is not None and bad[0] == first + i:
             role = m.get("role") if isinstance(m, dict) else type(m).__name__
             raise UserError(f"{where}: message {i + 1} has role {role!r} but messages must alternate user/assistant starting with user")
         if not isinstance(m.get("content"), (str, list)):

@@ -20,6 +20,20 @@ PART_DELIMITERS = {"python": ("<|python_start|>", "<|python_end|>"), "python_out
 PART_TRAINED = {"text": 1, "python": 1, "python_output": 0}
 
 
+def out_of_turn(messages: list) -> tuple[int, str] | None:
+    """(index, expected role) of the first message that breaks the chat order, or None when the order is right.
+
+    The order the renderer accepts: an optional leading system message, then user and assistant alternating,
+    starting with user. Non-dict entries count as out of turn.
+    """
+    first = 1 if messages and isinstance(messages[0], dict) and messages[0].get("role") == "system" else 0
+    for i in range(first, len(messages)):
+        expected = "user" if (i - first) % 2 == 0 else "assistant"
+        if not isinstance(messages[i], dict) or messages[i].get("role") != expected:
+            return i, expected
+    return None
+
+
 def _messages(conversation) -> list[dict]:
     messages = conversation["messages"] if isinstance(conversation, dict) else conversation
     if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
@@ -29,10 +43,9 @@ def _messages(conversation) -> list[dict]:
             raise UserError("a system message must be followed by a user message")
         first = {"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}
         messages = [first, *messages[2:]]
-    for i, message in enumerate(messages):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if message.get("role") != expected:
-            raise UserError(f"message {i} has role {message.get('role')!r}; roles must alternate user/assistant")
+    if (bad := out_of_turn(messages)) is not None:
+        i = bad[0]
+        raise UserError(f"message {i} has role {messages[i].get('role')!r}; roles must alternate user/assistant")
     return messages
 
 
