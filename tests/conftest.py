@@ -16,6 +16,23 @@ def _isolated_home(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "nanochat_home"))
 
 
+@pytest.fixture
+def stage_error(capsys):
+    """Run a stage config that must fail; check it exits 2 with exactly one `error: ...` line, and return it."""
+
+    def run(cfg) -> str:
+        from nanochat.stages import run_stage
+
+        with pytest.raises(SystemExit) as exit_info:
+            run_stage(cfg)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ")
+        return err[0]
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def shared_data():
     from nanochat.paths import shared_data_dir

@@ -284,3 +284,29 @@ def test_cli_download(server, shard_bytes, tmp_path, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: unknown data source 'nope'")
+
+
+def test_fetch_single_files_resumes_and_checks_text(server, sleeps, tmp_path, capsys):
+    from nanochat.data.download import download_file
+
+    body = ('[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "I am nanochat."}]\n' * 200).encode()
+    server.files["identity_conversations.jsonl"] = body
+    server.cut["identity_conversations.jsonl"] = 1000  # the first response stops short: the next one resumes
+    url = f"{server.url}/identity_conversations.jsonl"
+    path = download_file("identity", tmp_path, url=url, sleep=sleeps.append, timeout=10)
+    assert path == tmp_path / "identity_conversations.jsonl" and path.read_bytes() == body
+    assert server.ranges("identity_conversations.jsonl") == [None, "bytes=1000-"]
+    assert download_file("identity", tmp_path, url=url) == path  # present: no request
+    assert len(server.ranges("identity_conversations.jsonl")) == 2
+
+    server.files["words_alpha.txt"] = b"\xff\xfe not utf-8"  # a corrupt body fails its check on every attempt
+    with pytest.raises(UserError, match="could not download words"):
+        download_file("words", tmp_path, url=f"{server.url}/words_alpha.txt", sleep=sleeps.append, attempts=2, timeout=10)
+    assert not (tmp_path / "words_alpha.txt").exists()
+
+    server.files["words_alpha.txt"] = b"apple\nbanana\n"
+    main(["fetch", "words", "--out", str(tmp_path), "--url", f"{server.url}/words_alpha.txt"])
+    assert capsys.readouterr().out.startswith(f"words: {tmp_path / 'words_alpha.txt'}")
+    with pytest.raises(SystemExit):
+        main(["fetch", "wordz", "--out", str(tmp_path)])
+    assert "unknown file 'wordz'; known files: identity, words" in capsys.readouterr().err

@@ -185,27 +185,18 @@ def test_run_writes_metrics_checkpoint_export_and_config(tiny_run):
 
 
 # --- bad input ----------------------------------------------------------------------------------
-def _one_error_line(cfg, capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        run_stage(cfg)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ")
-    return err[0]
-
-
-def test_missing_data_dir_says_how_to_get_data(tiny_run, tmp_path, capsys):
-    line = _one_error_line(compose(tiny_run(f"data.dir={tmp_path / 'nowhere'}", "data.source=null")), capsys)
+def test_missing_data_dir_says_how_to_get_data(tiny_run, tmp_path, stage_error):
+    line = stage_error(compose(tiny_run(f"data.dir={tmp_path / 'nowhere'}", "data.source=null")))
     assert str(tmp_path / "nowhere") in line and "nanochat.data download" in line
 
 
-def test_batch_that_does_not_divide_names_the_keys(tiny_run, capsys):
-    line = _one_error_line(compose(tiny_run("model.total_batch_size=100")), capsys)
+def test_batch_that_does_not_divide_names_the_keys(tiny_run, stage_error):
+    line = stage_error(compose(tiny_run("model.total_batch_size=100")))
     assert "total_batch_size=100" in line and "device_batch_size" in line
 
 
-def test_missing_tokenizer_says_which_stage_to_run(tiny_run, tmp_path, capsys):
-    line = _one_error_line(compose(tiny_run(f"paths.tokenizer_dir={tmp_path}")), capsys)
+def test_missing_tokenizer_says_which_stage_to_run(tiny_run, tmp_path, stage_error):
+    line = stage_error(compose(tiny_run(f"paths.tokenizer_dir={tmp_path}")))
     assert str(tmp_path) in line and "stage=tokenizer" in line
 
 

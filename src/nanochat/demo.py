@@ -1,11 +1,12 @@
-"""`make demo`: local text -> shards -> tokenizer -> a d4 base model trained on CPU -> greedy samples -> export.
+"""`make demo`: local text -> shards -> tokenizer -> a d4 base model trained on CPU -> midtraining -> SFT -> chat.
 
 Each step is the same `python train.py ...` command a user would type, printed before it runs, so the
 demo doubles as a tour. Text comes from NANOCHAT_PRETRAIN_TEXT (the Makefile points it at
 ../shared/data/pretrain_text when that folder exists); without it the demo builds a small stand-in corpus
-from Python's own standard-library sources and says so.
+from Python's own standard-library sources and says so. The chat stages need the conversations in
+../shared/data (`mixture=shared`); without them the demo stops after the base model and says why.
 
-    python -m nanochat.demo [--steps 250] [--run demo]
+    python -m nanochat.demo [--steps 250] [--mid-steps 150] [--sft-steps 40] [--run demo]
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from nanochat.errors import UserError, exit_on_user_error
 from nanochat.io import atomic_write
-from nanochat.paths import base_dir
+from nanochat.paths import base_dir, shared_data_dir
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -46,6 +47,8 @@ def train(*overrides: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m nanochat.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=250, help="base training steps of 2,048 tokens")
+    parser.add_argument("--mid-steps", type=int, default=150, help="midtraining steps of 2,048 tokens (0: stop after base)")
+    parser.add_argument("--sft-steps", type=int, default=40, help="SFT steps of 32 conversations")
     parser.add_argument("--run", default="demo", help="run name: artifacts go to <home>/runs/<run>/")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
@@ -62,13 +65,30 @@ def main(argv: list[str] | None = None) -> None:
     train("stage=tokenizer", *common, "tokenizer.progress=false")
     train("stage=base", *common, "trainer=cpu", f"model.num_iterations={args.steps}")
 
-    export = base_dir() / "runs" / args.run / "base" / "export"
-    meta = json.loads((export / "config.json").read_text())["meta"]
-    step, _, samples = (export.parent / "samples.md").read_text(encoding="utf-8").split("### step ")[-1].partition("\n")
-    print(f"\ngreedy samples at step {step}:{samples.rstrip()}")
-    print(f"\nval/bpb {meta['metrics'].get('val/bpb', float('nan')):.3f} after {meta['step']} steps")
-    print(f"exported model: {export}")
+    runs = base_dir() / "runs" / args.run
+    report("base", runs / "base", "greedy samples")
+    if args.mid_steps > 0 and shared_data_dir() is None:
+        print("\nno ../shared/data beside the checkout: skipping midtraining and SFT (they read its conversations)")
+    elif args.mid_steps > 0:
+        chat = ["model=d4", f"run={args.run}", "trainer=cpu", "mixture=shared"]
+        train("stage=mid", *chat, f"module.horizon.num_iterations={args.mid_steps}")
+        train("stage=sft", *chat, f"module.horizon.num_iterations={args.sft_steps}",
+              "callbacks.val_bpb.every_n_steps=20", "callbacks.val_bpb.eval_tokens=32768", "callbacks.samples.every_n_steps=0")
+        report("mid", runs / "mid", None)
+        report("sft", runs / "sft", "chat answers (greedy, calculator live)")
+        print(f"\nchat with it: python -m nanochat.chat --ckpt {runs / 'sft'}")
     print(f"demo finished in {time.perf_counter() - t0:.0f} s")
+
+
+def report(stage: str, run_dir: Path, samples_title: str | None) -> None:
+    export = run_dir / "export"
+    meta = json.loads((export / "config.json").read_text())["meta"]
+    if samples_title:
+        step, _, samples = (run_dir / "samples.md").read_text(encoding="utf-8").split("### step ")[-1].partition("\n")
+        print(f"\n{stage}: {samples_title} at step {step}:{samples.rstrip()}")
+    metrics = meta["metrics"]
+    loss = f", val/loss {metrics['val/loss']:.3f}" if "val/loss" in metrics else ""
+    print(f"{stage}: val/bpb {metrics.get('val/bpb', float('nan')):.3f}{loss} after {meta['step']} steps; exported to {export}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,13 @@ class UserError(ValueError):
     """A problem with the user's input or configuration, explained in one sentence."""
 
 
+class DataUnavailable(UserError):
+    """Data that is not on this machine (not cached, not downloaded), as opposed to data that is there but bad.
+
+    Mixture entries marked `optional` are skipped on this error and on no other.
+    """
+
+
 def exit_on_user_error(main: Callable) -> Callable:
     """Decorate a command-line entry point: a UserError becomes `error: <message>` and exit status 2."""
 

@@ -72,13 +72,53 @@ def load_weights(model, path: str | Path) -> Path:
     saved = read_export_config(export)["model"]
     if saved != model.config.to_dict():
         diff = {k: (saved.get(k), v) for k, v in model.config.to_dict().items() if saved.get(k) != v}
-        raise UserError(f"model in {export} does not match this run's model (saved vs configured: {diff})")
+        raise UserError(
+            f"the model in {export} (depth {saved.get('n_layer')}, vocab {saved.get('vocab_size')}) does not match this "
+            f"run's model (saved vs configured: {diff}); configure the model= and tokenizer it was trained with"
+        )
     try:
         state = load_file(str(export / WEIGHTS_FILE))
     except Exception as e:  # safetensors raises its own error types for truncated files
         raise UserError(f"{export / WEIGHTS_FILE} is unreadable ({e})") from None
     model.load_state_dict(state)
     return export
+
+
+def stage_tokenizer(tokenizer_dir: str | Path | None, init_from: str | Path | None):
+    """The tokenizer a stage trains with: `tokenizer_dir`'s when it holds one, else the `init_from` export's.
+
+    When both exist they must be the same tokenizer: weights trained with one vocabulary are meaningless
+    under another, so a mismatch is refused rather than trained on.
+    """
+    from nanochat.tokenizer import Tokenizer
+
+    here = tokenizer_dir is not None and (Path(tokenizer_dir) / "tokenizer_config.json").is_file()
+    if init_from is None:
+        if not here:
+            raise UserError(
+                f"no tokenizer in {tokenizer_dir}; train it for this data and vocabulary first with "
+                f"`python train.py stage=tokenizer` plus the same data=/model= overrides as this run"
+            )
+        return Tokenizer.load(tokenizer_dir)
+    export = find_export(init_from)
+    inherited = Tokenizer.load(export)
+    if here:
+        configured = Tokenizer.load(tokenizer_dir)
+        if not configured.same_as(inherited):
+            raise UserError(
+                f"init_from={init_from} was trained with the tokenizer in {export} (vocab {inherited.vocab_size:,}), "
+                f"which differs from the tokenizer in {tokenizer_dir} (vocab {configured.vocab_size:,}); set "
+                f"paths.tokenizer_dir={export} or the data=/model= of the run that trained it"
+            )
+        return configured
+    return inherited
+
+
+def parent_meta(init_from: str | Path) -> dict:
+    """What a run records about the run it started from: where, which stage, how far it had trained."""
+    export = find_export(init_from)
+    meta = read_export_config(export).get("meta", {})
+    return {"export": str(export.resolve()), **{k: meta[k] for k in ("stage", "step", "tokens", "metrics") if k in meta}}
 
 
 def load_export(path: str | Path, device: str | torch.device = "cpu"):

@@ -2,6 +2,6 @@
 
 from nanochat.callbacks.bpb import ValBPB
 from nanochat.callbacks.export import ExportModel
-from nanochat.callbacks.samples import Samples
+from nanochat.callbacks.samples import ChatSamples, Samples
 
-__all__ = ["ExportModel", "Samples", "ValBPB"]
+__all__ = ["ChatSamples", "ExportModel", "Samples", "ValBPB"]

@@ -19,34 +19,40 @@ from nanochat.callbacks.common import Periodic, evaluating, log_scalars
 log = logging.getLogger(__name__)
 
 
-def bpb_sums(model, rows: torch.Tensor, token_bytes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(nats, bytes) summed over one batch of (B, T+1) token rows."""
-    x, y = rows[:, :-1], rows[:, 1:].contiguous()
+def bpb_sums(model, batch, token_bytes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(nats over byte-carrying targets, their bytes, nats over all targets, number of targets) for one batch:
+    (B, T+1) token rows, or an (inputs, targets) pair whose targets are -1 where nothing is evaluated."""
+    x, y = (batch[:, :-1], batch[:, 1:].contiguous()) if isinstance(batch, torch.Tensor) else batch
     nats = model(x, y, loss_reduction="none").view(-1).float()
-    y = y.view(-1)
-    nbytes = torch.where(y >= 0, token_bytes[y.clamp(min=0)], torch.zeros_like(y))
+    y = y.reshape(-1)
+    valid = y >= 0
+    nbytes = torch.where(valid, token_bytes[y.clamp(min=0)], torch.zeros_like(y))
     counted = nbytes > 0
-    return (nats * counted).sum(), nbytes.sum().to(torch.float64)
+    return (nats * counted).sum(), nbytes.sum().to(torch.float64), (nats * valid).sum(), valid.sum().to(torch.float64)
 
 
-def bits_per_byte(model, batches: Iterable[torch.Tensor], token_bytes: torch.Tensor, reduce=None) -> float:
-    """bpb over all batches; `reduce` sums a tensor across ranks (identity on one process)."""
+def validation_losses(model, batches: Iterable, token_bytes: torch.Tensor, reduce=None) -> tuple[float, float]:
+    """(bits per byte, mean loss in nats per target token) over all batches; `reduce` sums a tensor across ranks."""
     device = token_bytes.device
-    nats = torch.zeros((), dtype=torch.float64, device=device)
-    nbytes = torch.zeros((), dtype=torch.float64, device=device)
-    for rows in batches:
-        n, b = bpb_sums(model, rows.to(device), token_bytes)
-        nats += n.double()
-        nbytes += b
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    for batch in batches:
+        batch = batch.to(device) if isinstance(batch, torch.Tensor) else tuple(t.to(device) for t in batch)
+        sums += torch.stack([t.double() for t in bpb_sums(model, batch, token_bytes)])
     if reduce is not None:
-        nats, nbytes = reduce(nats), reduce(nbytes)
-    if nbytes.item() == 0:
+        sums = reduce(sums)
+    nats, nbytes, all_nats, count = sums.tolist()
+    if nbytes == 0 or count == 0:
         raise ValueError("no target bytes to evaluate bits per byte on")
-    return (nats / (math.log(2) * nbytes)).item()
+    return nats / (math.log(2) * nbytes), all_nats / count
+
+
+def bits_per_byte(model, batches: Iterable, token_bytes: torch.Tensor, reduce=None) -> float:
+    return validation_losses(model, batches, token_bytes, reduce)[0]
 
 
 class ValBPB(Periodic):
-    """`val/bpb` at the start, every `every_n_steps` optimizer steps and at the end, on `eval_tokens` held-out tokens."""
+    """`val/bpb` and `val/loss` at the start, every `every_n_steps` optimizer steps and at the end, on `eval_tokens`
+    held-out tokens (the SFT data yields (inputs, targets) pairs: only the assistant's trained tokens count)."""
 
     at_start = True  # the baseline every later value is compared with
 
@@ -61,8 +67,8 @@ class ValBPB(Periodic):
         batches = trainer.datamodule.val_batches(self.eval_tokens, self.batch_size)
         with evaluating(trainer, pl_module):
             reduce = lambda t: trainer.strategy.reduce(t, reduce_op="sum")  # noqa: E731
-            bpb = bits_per_byte(pl_module.model, batches, token_bytes, reduce=reduce)
+            bpb, loss = validation_losses(pl_module.model, batches, token_bytes, reduce=reduce)
         self.history.append((trainer.global_step, bpb))
-        log_scalars(trainer, {"val/bpb": bpb})
+        log_scalars(trainer, {"val/bpb": bpb, "val/loss": loss})
         if trainer.is_global_zero:
-            log.info(f"step {trainer.global_step}: val/bpb {bpb:.4f}")
+            log.info(f"step {trainer.global_step}: val/bpb {bpb:.4f} | val/loss {loss:.4f}")

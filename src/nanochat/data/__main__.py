@@ -1,6 +1,7 @@
 """Pretraining data command line.
 
     python -m nanochat.data download fineweb-edu -n 8 [--workers 4] [--out DIR]
+    python -m nanochat.data fetch identity|words [--out DIR]      (single files for the chat mixtures)
     python -m nanochat.data prepare <files or dirs>... --out DIR [--gutenberg] [--val-fraction 0.01]
         [--shard-chars 250000000] [--seed 42] [--overwrite] [--quiet]
 """
@@ -31,6 +32,13 @@ def cmd_download(args) -> None:
     )
     size = sum(p.stat().st_size for p in paths)
     print(f"{len(paths)} {args.name} shards ({size / 1e9:.2f} GB) ready in {paths[0].parent}; the last one is validation")
+
+
+def cmd_fetch(args) -> None:
+    from nanochat.data.download import download_file
+
+    path = download_file(args.name, args.out, url=args.url)
+    print(f"{args.name}: {path} ({path.stat().st_size:,} bytes)")
 
 
 def cmd_prepare(args) -> None:
@@ -66,6 +74,12 @@ def main(argv: list[str] | None = None) -> None:
     dl.add_argument("--base-url", default=None, help="fetch from this mirror instead of the published URL")
     dl.add_argument("--quiet", action="store_true", help="no progress bar")
     dl.set_defaults(func=cmd_download)
+
+    fetch = sub.add_parser("fetch", help="download one file the chat mixtures use: identity, words")
+    fetch.add_argument("name", help="identity (nanochat's identity conversations) or words (English word list)")
+    fetch.add_argument("--out", type=Path, default=None, help=f"output directory (default {base_dir() / 'data'})")
+    fetch.add_argument("--url", default=None, help="fetch from this URL instead of the published one")
+    fetch.set_defaults(func=cmd_fetch)
 
     prep = sub.add_parser("prepare", help="turn local text/jsonl/parquet files into train + val shards")
     prep.add_argument("inputs", nargs="+", help="text (.txt), .jsonl (text field) or .parquet files or directories")

@@ -1,4 +1,5 @@
-"""Download published pretraining shards (nanochat's shuffled FineWeb-Edu re-packaging).
+"""Download published pretraining shards (nanochat's shuffled FineWeb-Edu re-packaging) and the single files the
+chat mixtures use (identity conversations, the English word list).
 
 Each shard is fetched into `<name>.part`, checked to be readable parquet and then renamed into place, so a
 `shard_XXXXX.parquet` on disk is always complete. An interrupted transfer keeps its `.part` file and the
@@ -38,6 +39,13 @@ SOURCES = {
         num_shards=1823,
         dirname="fineweb_edu",
     ),
+}
+
+
+# Single files: name -> (URL, file name under <home>/data). The hub mixture (conf/mixture/hub.yaml) reads them there.
+FILES = {
+    "identity": ("https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl", "identity_conversations.jsonl"),
+    "words": ("https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt", "words_alpha.txt"),
 }
 
 
@@ -123,19 +131,21 @@ def fetch_shard(
     backoff: float,
     sleep: Callable[[float], None],
     timeout: float,
+    verify: Callable[[Path], bool] = _is_complete_shard,
 ) -> None:
-    """Download url to dest with retries; on success dest is a verified shard, else raises PermanentError."""
+    """Download url to dest with retries; on success dest passed `verify` (default: a readable shard), else
+    raises PermanentError."""
     part = dest.with_name(dest.name + ".part")
-    if part.exists() and _is_complete_shard(part):  # an earlier run finished the transfer but not the rename
+    if part.exists() and verify(part):  # an earlier run finished the transfer but not the rename
         os.replace(part, dest)
         return
     error = "no attempt made"
     for attempt in range(1, attempts + 1):
         try:
             _fetch_once(url, part, opener, timeout)
-            if not _is_complete_shard(part):
+            if not verify(part):
                 part.unlink()  # resuming a corrupt file cannot help: start over
-                raise RetryableError("downloaded file is not readable parquet")
+                raise RetryableError("downloaded file failed its check (not readable parquet / not UTF-8 text)")
             os.replace(part, dest)
             return
         except RetryableError as e:
@@ -208,3 +218,38 @@ def download(
             f"the other {count - len(failures)} are in {out_dir} and re-running the command fetches only the missing ones"
         )
     return paths
+
+
+def _is_text(path: Path) -> bool:
+    try:
+        return path.stat().st_size > 0 and bool(path.read_text(encoding="utf-8").strip())
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def download_file(
+    name: str,
+    out_dir: str | Path | None = None,
+    *,
+    url: str | None = None,
+    attempts: int = 5,
+    backoff: float = 2.0,
+    timeout: float = 60.0,
+    opener=None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Path:
+    """Make sure one of FILES is in `out_dir` (default <home>/data) as non-empty UTF-8 text; return its path."""
+    if name not in FILES:
+        raise UserError(f"unknown file {name!r}; known files: {', '.join(sorted(FILES))}")
+    default_url, filename = FILES[name]
+    dest = Path(out_dir if out_dir is not None else base_dir() / "data") / filename
+    if _is_text(dest):
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    url = url or default_url
+    try:
+        fetch_shard(url, dest, opener=opener or urllib.request.build_opener(), attempts=attempts, backoff=backoff,
+                    sleep=sleep, timeout=timeout, verify=_is_text)
+    except PermanentError as e:
+        raise UserError(f"could not download {name} from {url} ({e}); re-running continues any partial transfer") from None
+    return dest

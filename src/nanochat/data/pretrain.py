@@ -1,8 +1,6 @@
 """PretrainDataModule: shards on disk -> the TokenStream -> (accum, device_batch, seq_len + 1) training batches.
 
-It owns the data position. Each batch arrives with its reader's position; the module records it when
-Lightning hands the batch to the training step (`on_before_batch_transfer` runs for the batch being used,
-not for the one prefetched), so the checkpointed `state_dict` is exactly "what has been trained on".
+It owns the data position (see StreamDataModule, shared with the chat stages' data modules).
 """
 
 from __future__ import annotations
@@ -39,32 +37,18 @@ def ensure_shards(directory: str | Path, source=None, **prepare_kwargs) -> list[
     return list_shards(directory)
 
 
-class PretrainDataModule(L.LightningDataModule):
-    def __init__(
-        self,
-        *,
-        dir: str,
-        tokenizer_dir: str,
-        sequence_len: int,
-        device_batch_size: int,
-        total_batch_size: int,
-        source: str | list[str] | None = None,
-        gutenberg: bool = True,
-        val_fraction: float = 0.01,
-        shard_chars: int = 250_000_000,
-        num_workers: int = 1,
-        tokenizer_threads: int = 4,
-        tokenizer_batch: int = 128,
-        on_bad_data: str = "skip",
-    ):
+class StreamDataModule(L.LightningDataModule):
+    """What the pretraining and midtraining/SFT data modules share: ranks and reader slots, and the data position.
+
+    A stream yields `{"state": {...}, ...}` items; `on_before_batch_transfer` records the state of the batch
+    Lightning hands to the training step (not of the one being prefetched) and `training_batch` turns the
+    item into what the module trains on. `state_dict` is therefore exactly "what has been trained on".
+    """
+
+    def __init__(self, *, sequence_len: int, device_batch_size: int, num_workers: int = 1):
         super().__init__()
-        self.dir = Path(dir)
-        self.tokenizer_dir = tokenizer_dir
-        self.source = source
-        self.prepare_kwargs = dict(gutenberg=gutenberg, val_fraction=val_fraction, shard_chars=shard_chars)
-        self.seq_len, self.device_batch_size, self.total_batch_size = sequence_len, device_batch_size, total_batch_size
+        self.seq_len, self.device_batch_size = sequence_len, device_batch_size
         self.num_workers = num_workers
-        self.stream_kwargs = dict(tokenizer_batch=tokenizer_batch, tokenizer_threads=tokenizer_threads, on_bad_data=on_bad_data)
         self._slots: dict[int, dict] = {}  # reader slot -> position after the last batch trained on
         self._skipped: dict[int, int] = {}
         self._next_slot = 0
@@ -83,9 +67,86 @@ class PretrainDataModule(L.LightningDataModule):
     def skipped_row_groups(self) -> int:
         return sum(self._skipped.values())
 
+    def start_positions(self) -> dict:
+        rank, world = self.rank_and_world
+        return resume_positions(self._loaded, rank, self.num_slots, world * self.num_slots)
+
+    def loader(self, stream) -> DataLoader:
+        on_cuda = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        return DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=on_cuda)
+
+    def training_batch(self, item: dict):
+        raise NotImplementedError
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        if not isinstance(batch, dict):
+            return batch
+        state = dict(batch["state"])
+        slot = state.pop("slot")
+        self._skipped[slot] = state.pop("skipped")
+        self._slots[slot] = state
+        self._next_slot = (slot + 1) % self.num_slots
+        return self.training_batch(batch)
+
+    def state_dict(self) -> dict:
+        if not self._slots:
+            return dict(self._loaded)
+        stride = self.rank_and_world[1] * self.num_slots  # readers across all ranks, as TokenStream.stride
+        return {"slots": dict(self._slots), "next_slot": self._next_slot, "num_slots": self.num_slots, "stride": stride}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._loaded = dict(state)
+        self._slots = {int(k): dict(v) for k, v in state.get("slots", {}).items()}
+        self._next_slot = state.get("next_slot", 0)
+
+    # --- validation tokens ---------------------------------------------------------------------
+    def val_stream(self, rows: int):
+        """A finite stream of this rank's share of the held-out data, `rows` packed rows per item."""
+        raise NotImplementedError
+
+    def val_batches(self, max_tokens: int, batch_size: int | None = None) -> Iterator[torch.Tensor]:
+        """The same fixed validation rows every call: (B, seq_len + 1) batches, this rank's share of `max_tokens`."""
+        world = self.rank_and_world[1]
+        rows = batch_size or self.device_batch_size
+        budget = max(1, max_tokens // world)
+        seen = 0
+        for item in self.val_stream(rows):
+            if seen >= budget:
+                return
+            seen += item["tokens"][:, :-1].numel()
+            yield item["tokens"]
+        if seen == 0:
+            raise UserError(f"the validation data has fewer than {rows * (self.seq_len + 1)} tokens for one batch of {rows} rows")
+
+
+class PretrainDataModule(StreamDataModule):
+    def __init__(
+        self,
+        *,
+        dir: str,
+        tokenizer_dir: str,
+        sequence_len: int,
+        device_batch_size: int,
+        total_batch_size: int,
+        source: str | list[str] | None = None,
+        gutenberg: bool = True,
+        val_fraction: float = 0.01,
+        shard_chars: int = 250_000_000,
+        num_workers: int = 1,
+        tokenizer_threads: int = 4,
+        tokenizer_batch: int = 128,
+        on_bad_data: str = "skip",
+    ):
+        super().__init__(sequence_len=sequence_len, device_batch_size=device_batch_size, num_workers=num_workers)
+        self.dir = Path(dir)
+        self.tokenizer_dir = tokenizer_dir
+        self.source = source
+        self.prepare_kwargs = dict(gutenberg=gutenberg, val_fraction=val_fraction, shard_chars=shard_chars)
+        self.total_batch_size = total_batch_size
+        self.stream_kwargs = dict(tokenizer_batch=tokenizer_batch, tokenizer_threads=tokenizer_threads, on_bad_data=on_bad_data)
+
     def prepare_data(self) -> None:
         ensure_shards(self.dir, self.source, **self.prepare_kwargs)
-
     def setup(self, stage: str | None = None) -> None:
         from nanochat.tokenizer import Tokenizer
 
@@ -114,46 +175,15 @@ class PretrainDataModule(L.LightningDataModule):
             rank=rank,
             world_size=world,
             num_slots=self.num_slots,
-            start=resume_positions(self._loaded, rank, self.num_slots, world * self.num_slots),
+            start=self.start_positions(),
             **self.stream_kwargs,
         )
-        on_cuda = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
-        return DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=on_cuda)
+        return self.loader(stream)
 
-    def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        if not isinstance(batch, dict):
-            return batch
-        state = dict(batch["state"])
-        slot = state.pop("slot")
-        self._skipped[slot] = state.pop("skipped")
-        self._slots[slot] = state
-        self._next_slot = (slot + 1) % self.num_slots
-        return batch["tokens"].view(self.grad_accum, self.device_batch_size, self.seq_len + 1)
+    def training_batch(self, item: dict) -> torch.Tensor:
+        return item["tokens"].view(self.grad_accum, self.device_batch_size, self.seq_len + 1)
 
-    def state_dict(self) -> dict:
-        if not self._slots:
-            return dict(self._loaded)
-        stride = self.rank_and_world[1] * self.num_slots  # readers across all ranks, as TokenStream.stride
-        return {"slots": dict(self._slots), "next_slot": self._next_slot, "num_slots": self.num_slots, "stride": stride}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._loaded = dict(state)
-        self._slots = {int(k): dict(v) for k, v in state.get("slots", {}).items()}
-        self._next_slot = state.get("next_slot", 0)
-
-    # --- validation tokens ---------------------------------------------------------------------
-    def val_batches(self, max_tokens: int, batch_size: int | None = None) -> Iterator[torch.Tensor]:
-        """The same fixed validation rows every call: (B, seq_len + 1) batches, this rank's share of `max_tokens`."""
+    def val_stream(self, rows: int) -> TokenStream:
         rank, world = self.rank_and_world
-        rows = batch_size or self.device_batch_size
-        stream = TokenStream(self.val_files, self.tokenizer, rows=rows, seq_len=self.seq_len, rank=rank, world_size=world,
-                             infinite=False, **self.stream_kwargs)
-        budget = max(1, max_tokens // world)
-        seen = 0
-        for item in stream:
-            if seen >= budget:
-                return
-            seen += item["tokens"][:, :-1].numel()
-            yield item["tokens"]
-        if seen == 0:
-            raise UserError(f"validation shard {self.val_files[-1]} has fewer than {rows * (self.seq_len + 1)} tokens for one batch")
+        return TokenStream(self.val_files, self.tokenizer, rows=rows, seq_len=self.seq_len, rank=rank, world_size=world,
+                           infinite=False, **self.stream_kwargs)

@@ -137,34 +137,10 @@ class TokenStream(IterableDataset):
 
     def batches(self, slot: int) -> Iterator[dict]:
         """Reader `slot`'s batches; `__iter__` picks the slot from the DataLoader worker id."""
-        need = self.rows * (self.seq_len + 1)
         pos = self.start.get(slot, Position())
         if pos.round >= len(self.slot_units(slot)):
             pos = Position(pos.epoch + 1)
-        pending: list[tuple[Position, list[int]]] = []  # documents with tokens not yet emitted
-        docs = self._documents(slot, pos)
-        exhausted = False
-        while True:
-            have = sum(len(ids) for _, ids in pending)
-            while have < need and not exhausted:
-                item = next(docs, None)
-                if item is None:
-                    exhausted = True
-                else:
-                    pending.append(item)
-                    have += len(item[1])
-            if have < need:
-                return  # a finite stream ends without a partial batch
-            out, taken = [], 0
-            while taken < need:
-                p, ids = pending.pop(0)
-                use = min(len(ids), need - taken)
-                out.extend(ids[:use])
-                taken += use
-                if use < len(ids):  # the rest of this document starts the next batch
-                    pending.insert(0, (Position(p.epoch, p.round, p.doc, p.token + use), ids[use:]))
-            nxt = pending[0][0] if pending else Position(p.epoch, p.round, p.doc + 1, 0)
-            tokens = torch.tensor(out, dtype=torch.long).view(self.rows, self.seq_len + 1)
+        for tokens, nxt in pack_rows(self._documents(slot, pos), self.rows, self.seq_len):
             yield {"tokens": tokens, "state": {"slot": slot, "skipped": self.skipped, **asdict(nxt)}}
 
     def __iter__(self) -> Iterator[dict]:
@@ -176,6 +152,40 @@ class TokenStream(IterableDataset):
         # After a resume the loader's first batch must come from the reader whose turn it is.
         slot = (worker + self.start.get("next_slot", 0)) % self.num_slots
         return self.batches(slot)
+
+
+def pack_rows(
+    documents: Iterator[tuple[Position, list[int]]], rows: int, seq_len: int
+) -> Iterator[tuple[torch.Tensor, Position]]:
+    """Concatenate documents into (rows, seq_len + 1) batches; each with the position of the next unused token.
+
+    A document that does not fit is split: its rest starts the next batch. When the documents run out, the
+    partial batch is dropped (a finite stream ends without padding).
+    """
+    need = rows * (seq_len + 1)
+    pending: list[tuple[Position, list[int]]] = []  # documents with tokens not yet emitted
+    exhausted = False
+    while True:
+        have = sum(len(ids) for _, ids in pending)
+        while have < need and not exhausted:
+            item = next(documents, None)
+            if item is None:
+                exhausted = True
+            else:
+                pending.append(item)
+                have += len(item[1])
+        if have < need:
+            return
+        out, taken = [], 0
+        while taken < need:
+            p, ids = pending.pop(0)
+            use = min(len(ids), need - taken)
+            out.extend(ids[:use])
+            taken += use
+            if use < len(ids):  # the rest of this document starts the next batch
+                pending.insert(0, (Position(p.epoch, p.round, p.doc, p.token + use), ids[use:]))
+        nxt = pending[0][0] if pending else Position(p.epoch, p.round, p.doc + 1, 0)
+        yield torch.tensor(out, dtype=torch.long).view(rows, seq_len + 1), nxt
 
 
 def resume_positions(state: dict, rank: int, num_slots: int, stride: int) -> dict:

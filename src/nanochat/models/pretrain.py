@@ -16,7 +16,6 @@ import lightning as L
 import torch
 
 from nanochat.callbacks.common import log_scalars
-from nanochat.errors import UserError
 from nanochat.models.components import GPT, GPTConfig
 from nanochat.models.horizon import num_iterations
 from nanochat.optim import build_optimizer, lr_multiplier, muon_momentum
@@ -24,6 +23,7 @@ from nanochat.optim import build_optimizer, lr_multiplier, muon_momentum
 log = logging.getLogger(__name__)
 
 SCHEDULE_DEFAULTS = dict(
+    init_lr_frac=1.0,
     warmup_ratio=0.0, warmdown_ratio=0.2, final_lr_frac=0.0, momentum_warmup_steps=300, momentum_start=0.85, momentum_end=0.95
 )
 HORIZON_DEFAULTS = dict(num_iterations=-1, target_flops=-1.0, param_data_ratio=20.0)
@@ -34,7 +34,7 @@ class PretrainModule(L.LightningModule):
         self,
         *,
         depth: int,
-        tokenizer_dir: str,
+        tokenizer_dir: str | None,
         sequence_len: int = 2048,
         total_batch_size: int = 524_288,
         aspect_ratio: int = 64,
@@ -50,34 +50,36 @@ class PretrainModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
-        from nanochat.tokenizer import Tokenizer
+        from nanochat.export import load_weights, parent_meta, stage_tokenizer
 
-        if not (Path(tokenizer_dir) / "tokenizer_config.json").is_file():
-            raise UserError(
-                f"no tokenizer in {tokenizer_dir}; train it for this data and vocabulary first with "
-                f"`python train.py stage=tokenizer` plus the same data=/model= overrides as this run"
-            )
-        self.tokenizer = Tokenizer.load(tokenizer_dir)
+        self.tokenizer = stage_tokenizer(tokenizer_dir, init_from)
         self.config = GPTConfig.from_depth(
             depth, self.tokenizer.vocab_size, sequence_len, aspect_ratio=aspect_ratio, head_dim=head_dim, n_kv_head=n_kv_head
         )
         self.model = GPT(self.config)
+        self.parent = None
         if init_from:
-            from nanochat.export import load_weights
-
             load_weights(self.model, init_from)
+            self.parent = parent_meta(init_from)
         self.optimizer_kwargs = optimizer or {}
         self.schedule = {**SCHEDULE_DEFAULTS, **(schedule or {})}
         self.total_batch_size = total_batch_size
-        self.num_iterations = num_iterations(
-            num_params=self.model.num_params(),
-            flops_per_token=self.model.flops_per_token(),
-            total_batch_size=total_batch_size,
-            **{**HORIZON_DEFAULTS, **(horizon or {})},
-        )
+        self.num_iterations = self._horizon({**HORIZON_DEFAULTS, **(horizon or {})})
         self.log_every = log_every
         self.compile = compile
         self._reset_meter()
+
+    def _horizon(self, horizon: dict) -> int | None:
+        return num_iterations(
+            num_params=self.model.num_params(),
+            flops_per_token=self.model.flops_per_token(),
+            total_batch_size=self.total_batch_size,
+            **horizon,
+        )
+
+    def fit_horizon(self, datamodule) -> int:
+        """Optimizer steps of the run (the Trainer's max_steps). Pretraining's follows from the model alone."""
+        return self.num_iterations
 
     # --- Lightning hooks --------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -98,16 +100,18 @@ class PretrainModule(L.LightningModule):
         opt = self.optimizers()
         step = self.global_step  # optimizer steps already taken
         forward = self.__dict__.get("_compiled", self.model)
-        accum = batch.size(0)
-        loss_sum = torch.zeros((), device=batch.device)
-        for i in range(accum):
-            x, y = batch[i, :, :-1], batch[i, :, 1:].contiguous()
+        pairs = micro_batches(batch)
+        accum = len(pairs)
+        loss_sum = torch.zeros((), device=self.device)
+        tokens = 0
+        for i, (x, y) in enumerate(pairs):
             with opt.toggle_model(sync_grad=i == accum - 1):  # no DDP all-reduce on intermediate micro-batches
-                loss = forward(x, y)
+                loss = forward(x, y)  # mean over this micro-batch's targets that are not -1
                 self.manual_backward(loss / accum)
             loss_sum += loss.detach()
+            tokens += x.numel()
         s = self.schedule
-        lrm = lr_multiplier(step, self.num_iterations, s["warmup_ratio"], s["warmdown_ratio"], s["final_lr_frac"])
+        lrm = s["init_lr_frac"] * lr_multiplier(step, self.num_iterations, s["warmup_ratio"], s["warmdown_ratio"], s["final_lr_frac"])
         opt.optimizer.apply_schedule(lrm, muon_momentum(step, s["momentum_warmup_steps"], s["momentum_start"], s["momentum_end"]))
         # Lightning's bf16-mixed autocast spans the whole training_step; the optimizer chooses its own dtypes
         # (Newton-Schulz in fp32 where bf16 is emulated), so it steps outside autocast.
@@ -116,7 +120,7 @@ class PretrainModule(L.LightningModule):
         opt.zero_grad(set_to_none=True)
         self._meter_loss += loss_sum / accum
         self._meter_steps += 1
-        self._meter_tokens += accum * x.numel()
+        self._meter_tokens += tokens
         done = step + 1
         if done % self.log_every == 0 or done == self.num_iterations:
             self._log_progress(done, lrm)
@@ -172,4 +176,17 @@ class PretrainModule(L.LightningModule):
         )
 
     def export_meta(self) -> dict:
-        return {"step": self.global_step, "tokens": self.global_step * self.total_batch_size, "tokenizer_dir": str(Path(self.hparams.tokenizer_dir))}
+        meta = {"step": self.global_step, "tokens": self.global_step * self.total_batch_size}
+        if self.hparams.tokenizer_dir:
+            meta["tokenizer_dir"] = str(Path(self.hparams.tokenizer_dir))
+        if self.parent:
+            meta["parent"] = self.parent
+        return meta
+
+
+def micro_batches(batch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(inputs, targets) per micro-batch: packed rows (accum, B, T + 1) are shifted by one token; the chat
+    stages' padded rows already come as (inputs, targets) pairs with -1 where nothing is trained."""
+    if isinstance(batch, torch.Tensor):
+        return [(rows[:, :-1], rows[:, 1:].contiguous()) for rows in batch]
+    return list(batch)

@@ -1,7 +1,7 @@
 """The training stages' entry point: instantiate what the config names and `trainer.fit` it.
 
     datamodule, module, callbacks, loggers  <- cfg.datamodule, cfg.module, cfg.callbacks, cfg.logger
-    Trainer                                 <- cfg.trainer, with max_steps from the module's horizon
+    Trainer                                 <- cfg.trainer, max_steps = the module's horizon for this data
     ckpt_path                               <- resume=auto: checkpoints/last.ckpt of this run dir, if any
 """
 
@@ -61,7 +61,7 @@ def build(cfg):
     callbacks = [instantiate(c, _convert_="all") for c in (cfg.get("callbacks") or {}).values() if c]
     loggers = [instantiate(c, _convert_="all") for c in (cfg.get("logger") or {}).values() if c]
     trainer = instantiate(
-        cfg.trainer, max_steps=module.num_iterations, callbacks=callbacks, logger=loggers or False, default_root_dir=str(run_dir)
+        cfg.trainer, max_steps=module.fit_horizon(datamodule), callbacks=callbacks, logger=loggers or False, default_root_dir=str(run_dir)
     )
     ckpt_path = resume_checkpoint(cfg.resume, run_dir / "checkpoints")
     if ckpt_path:  # resuming into our own checkpoint directory is the point, not a hazard

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from nanochat.errors import UserError
+from nanochat.errors import DataUnavailable, UserError
 from nanochat.tasks.base import Task
 from nanochat.tokenizer.chat import out_of_turn
 
@@ -38,7 +38,7 @@ class CustomJSON(Task):
         super().__init__(**kw)
         self.path = Path(path).expanduser()
         if not self.path.is_file():
-            raise UserError(f"CustomJSON file {self.path} does not exist")
+            raise DataUnavailable(f"CustomJSON file {self.path} does not exist")
         self.conversations = []
         with open(self.path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):

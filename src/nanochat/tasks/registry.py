@@ -1,14 +1,16 @@
 """Task names for configs, and `build_mixture` to turn a list of entries into one shuffled TaskMixture.
 
 An entry is `{"name": "gsm8k", "split": "train", "epochs": 1, "start": 0, "stop": None, **loader_kwargs}`;
-`epochs: n` lists the same task n times (n passes over it in one mixture).
+`epochs: n` lists the same task n times (n passes over it in one mixture); `optional: true` skips the entry,
+with a warning, when its data is not on this machine (bad data is an error either way).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
-from nanochat.errors import UserError
+from nanochat.errors import DataUnavailable, UserError
 from nanochat.tasks.arc import ARCChallenge, ARCEasy
 from nanochat.tasks.base import Task, TaskMixture
 from nanochat.tasks.custom_json import CustomJSON
@@ -17,6 +19,8 @@ from nanochat.tasks.humaneval import HumanEval
 from nanochat.tasks.mmlu import MMLU
 from nanochat.tasks.smoltalk import SmolTalk
 from nanochat.tasks.spelling import SimpleSpelling, SpellingBee
+
+log = logging.getLogger(__name__)
 
 TASKS: dict[str, type[Task]] = {
     "gsm8k": GSM8K,
@@ -36,6 +40,7 @@ def build_task(entry: Mapping) -> Task:
     kwargs = dict(entry)
     name = kwargs.pop("name", None)
     kwargs.pop("epochs", None)
+    kwargs.pop("optional", None)
     if name not in TASKS:
         raise UserError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
     kwargs = {k: v for k, v in kwargs.items() if not (k in ("split", "stop") and v is None)}
@@ -51,6 +56,14 @@ def build_mixture(entries: list[Mapping], seed: int = 42) -> TaskMixture:
         epochs = int(entry.get("epochs", 1))
         if epochs < 1:
             raise UserError(f"task {entry.get('name')!r} has epochs={epochs}; it must be at least 1")
-        task = build_task(entry)
+        try:
+            task = build_task(entry)
+        except DataUnavailable as e:
+            if not entry.get("optional", False):
+                raise
+            log.warning(f"skipping optional task {entry.get('name')!r}: {e}")
+            continue
         tasks.extend([task] * epochs)
+    if not tasks:
+        raise UserError(f"the mixture {[dict(e).get('name') for e in entries]} has no task with data on this machine")
     return TaskMixture(tasks, seed=seed)

@@ -12,11 +12,13 @@ import csv
 import gzip
 import io
 import json
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
 
-from nanochat.errors import UserError
+from nanochat.errors import DataUnavailable, UserError
 
 LOCAL_SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz", ".json", ".json.gz", ".csv")
 
@@ -68,7 +70,7 @@ def local_files(path: str | Path, split: str | None) -> list[Path]:
     if path.is_file():
         return [path]
     if not path.is_dir():
-        raise UserError(f"local dataset path {path} does not exist")
+        raise DataUnavailable(f"local dataset path {path} does not exist")
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(LOCAL_SUFFIXES))
     if split is not None:
         files = [p for p in files if _names_split(p.relative_to(path), split)]
@@ -104,6 +106,20 @@ def read_table(path: Path):
     return pa.Table.from_pylist(records)
 
 
+def hub_offline() -> None:
+    """Make `datasets` read only its cache from now on: no requests, no retries, no waiting on a network.
+
+    The libraries read HF_HUB_OFFLINE / HF_DATASETS_OFFLINE when imported, so the variables are set for later
+    imports and the flags of modules already imported are set too.
+    """
+    os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].constants.HF_HUB_OFFLINE = True
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].config.HF_HUB_OFFLINE = True
+        sys.modules["datasets"].config.HF_DATASETS_OFFLINE = True
+
+
 def load_rows(
     repo_id: str,
     config: str | None,
@@ -127,10 +143,10 @@ def load_rows(
     try:
         import datasets
     except ImportError as e:
-        raise UserError(how + " (the `datasets` package is not installed)") from e
+        raise DataUnavailable(how + " (the `datasets` package is not installed)") from e
     not_found = (OSError, ConnectionError, getattr(datasets.exceptions, "DatasetNotFoundError", OSError))
     try:
         ds = datasets.load_dataset(repo_id, config, split=split)
     except not_found as e:
-        raise UserError(f"{how} ({type(e).__name__}: {e})") from e
+        raise DataUnavailable(f"{how} ({type(e).__name__}: {e})") from e
     return Rows([ds], None, shuffle_seed)

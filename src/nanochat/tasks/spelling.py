@@ -11,7 +11,7 @@ import random
 from functools import lru_cache
 from pathlib import Path
 
-from nanochat.errors import UserError
+from nanochat.errors import DataUnavailable, UserError
 from nanochat.paths import shared_data_dir
 from nanochat.tasks.base import Task, extract_answer, last_text
 
@@ -55,7 +55,7 @@ def default_words_path() -> Path | None:
 def load_words(path: str) -> tuple[str, ...]:
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"word list {p} does not exist: pass words_path=<a text file with one word per line>")
+        raise DataUnavailable(f"word list {p} does not exist: pass words_path=<a text file with one word per line>")
     words = tuple(w for w in (line.strip() for line in p.read_text(encoding="utf-8").splitlines()) if w)
     if not words:
         raise UserError(f"word list {p} has no words")
@@ -65,7 +65,7 @@ def load_words(path: str) -> tuple[str, ...]:
 def _words(words_path) -> tuple[str, ...]:
     path = words_path or default_words_path()
     if path is None:
-        raise UserError("no word list: pass words_path=<a text file with one word per line> (e.g. words_alpha.txt from dwyl/english-words)")
+        raise DataUnavailable("no word list: pass words_path=<a text file with one word per line> (e.g. words_alpha.txt from dwyl/english-words)")
     return load_words(str(Path(path).expanduser()))
 
 

@@ -87,6 +87,14 @@ class Tokenizer:
     def special_tokens(self) -> dict[str, int]:
         return dict(self._specials)
 
+    def same_as(self, other: Tokenizer) -> bool:
+        """Whether both map every id to the same bytes and the same special tokens (what a model's weights assume)."""
+        if self.vocab_size != other.vocab_size or self._specials != other._specials:
+            return False
+        decode_a, decode_b = self.enc.decode_single_token_bytes, other.enc.decode_single_token_bytes
+        specials = set(self._specials.values())
+        return all(decode_a(i) == decode_b(i) for i in range(self.vocab_size) if i not in specials)
+
     def token_id(self, special: str) -> int:
         """The id of a special token such as '<|bos|>'."""
         try:
