@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)  ## create .venv and install nanochat with test extras
 
-demo: $(STAMP)  ## text -> tokenizer -> d4 base model on CPU -> samples -> export (~6 min)
+demo: $(STAMP)  ## text -> tokenizer -> d4 base -> mid -> SFT on CPU -> chat answers (~9.5 min)
 	$(PY) -m nanochat.demo
 
 test: $(STAMP)  ## run the test suite (CPU, a few minutes)
