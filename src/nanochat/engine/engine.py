@@ -92,6 +92,7 @@ class Engine:
             logits = self.model(torch.tensor([tokens], device=device), kv_cache=prefill)[:, -1]
             cache = prefill.replicate(num_samples, len(tokens) + max_tokens)
             logits = logits.expand(num_samples, -1)  # each row samples its own first token
+            column: list[int] = []  # the tokens of the previous step, fed back in
             for step in range(max_tokens):
                 if step:
                     logits = self.model(torch.tensor(column, device=device).view(-1, 1), kv_cache=cache)[:, -1]

@@ -62,10 +62,13 @@ def load_words(path: str) -> tuple[str, ...]:
     return words
 
 
-def _words(words_path) -> tuple[str, ...]:
+def word_list(words_path=None) -> tuple[str, ...]:
+    """The words of `words_path`, else of the shared English word list; DataUnavailable when there is none."""
     path = words_path or default_words_path()
     if path is None:
-        raise DataUnavailable("no word list: pass words_path=<a text file with one word per line> (e.g. words_alpha.txt from dwyl/english-words)")
+        raise DataUnavailable(
+            "no word list: pass words_path=<a text file with one word per line>, e.g. the one `python -m nanochat.data fetch words` downloads"
+        )
     return load_words(str(Path(path).expanduser()))
 
 
@@ -75,7 +78,7 @@ class _WordTask(Task):
         if size < 0:
             raise UserError(f"{type(self).__name__} size must be >= 0, got {size}")
         self.size, self.split = size, split
-        self.words = _words(words_path)
+        self.words = word_list(words_path)
 
     def num_examples(self) -> int:
         return self.size
