@@ -20,12 +20,12 @@ def _precision(device_type: str) -> str:
 
 
 def register_resolvers() -> None:
-    from nanochat.paths import base_dir, shared_data_dir
+    from nanochat.paths import SHARED_DATA_BESIDE_CHECKOUT, base_dir, shared_data_dir
 
     resolvers = {
         "nanochat_home": lambda: str(base_dir()),
         # ../shared/data beside the checkout (or NANOCHAT_SHARED_DATA); named even when absent, for error messages
-        "shared_data": lambda: str(shared_data_dir() or Path(__file__).resolve().parents[3] / "shared" / "data"),
+        "shared_data": lambda: str(shared_data_dir() or SHARED_DATA_BESIDE_CHECKOUT),
         "precision_for": _precision,
     }
     for name, fn in resolvers.items():

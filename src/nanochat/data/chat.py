@@ -181,9 +181,6 @@ class MidDataModule(ChatDataModule):
         rows = self.grad_accum * self.device_batch_size
         return self.loader(PackedConversations(self.train_mixture, rows=rows, seq_len=self.seq_len, **self._stream_kwargs(True)))
 
-    def training_batch(self, item: dict) -> torch.Tensor:
-        return item["tokens"].view(self.grad_accum, self.device_batch_size, self.seq_len + 1)
-
     def val_stream(self, rows: int):
         return PackedConversations(self.val_mixture, rows=rows, seq_len=self.seq_len, **self._stream_kwargs(False))
 

@@ -76,7 +76,8 @@ class StreamDataModule(L.LightningDataModule):
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=on_cuda)
 
     def training_batch(self, item: dict):
-        raise NotImplementedError
+        """Packed rows (set `grad_accum` in `setup`) as the (accum, B, T + 1) tensor one training_step consumes."""
+        return item["tokens"].view(self.grad_accum, self.device_batch_size, self.seq_len + 1)
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         if not isinstance(batch, dict):
@@ -147,6 +148,7 @@ class PretrainDataModule(StreamDataModule):
 
     def prepare_data(self) -> None:
         ensure_shards(self.dir, self.source, **self.prepare_kwargs)
+
     def setup(self, stage: str | None = None) -> None:
         from nanochat.tokenizer import Tokenizer
 
@@ -179,9 +181,6 @@ class PretrainDataModule(StreamDataModule):
             **self.stream_kwargs,
         )
         return self.loader(stream)
-
-    def training_batch(self, item: dict) -> torch.Tensor:
-        return item["tokens"].view(self.grad_accum, self.device_batch_size, self.seq_len + 1)
 
     def val_stream(self, rows: int) -> TokenStream:
         rank, world = self.rank_and_world
