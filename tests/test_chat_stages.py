@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from nanochat import report
 from nanochat.config import compose
 from nanochat.data.chat import ConversationRows, PackedConversations, sft_pair
 from nanochat.data.stream import Position
@@ -70,6 +71,8 @@ def chat_overrides(stage: str, init_from, chat_files: Path, *extra: str) -> list
         "module.head_dim=64", "module.horizon.num_iterations=4", "model.eval_every=2", "model.eval_tokens=256",
         "model.sample_every=0", "model.save_every=2", "model.log_every=1",
         f"mixture.{stage}.train={mixture}", f"mixture.{stage}.val={val}",
+        f"mixture.eval=[{{name: simple_spelling, split: test, size: 3, words_path: '{chat_files / 'words.txt'}'}}]",
+        "callbacks.chat_eval.max_new_tokens=8",
         *extra,
     ]
 
@@ -195,6 +198,12 @@ def test_mid_then_sft_through_the_trainer_record_their_parents(base_export, chat
     lrm = [float(r.split(",")[header.index("train/lrm")]) for r in rows[1:] if r.split(",")[header.index("train/lrm")]]
     assert lrm == pytest.approx([0.02 * m for m in (1.0, 0.75, 0.5, 0.25)])  # 0.02 x linear decay over 4 steps
     assert (sft_dir / "samples.md").read_text().count("What is 127 * 46?") == 1  # chat samples at the end
+    # chat evaluation ran after the last step, before the export recorded its metrics; both stages are in the report
+    assert set(meta["metrics"]) >= {"chat/simple_spelling", "chat/chatcore"}
+    text = (sft_dir.parent / "report.md").read_text()
+    assert "## Midtraining" in text and "## SFT" in text and "### Chat evaluation" in text
+    assert f"| ChatCORE | - | {report.format_value(meta['parent']['metrics']['chat/chatcore'])} | " \
+           f"{report.format_value(meta['metrics']['chat/chatcore'])} | - |" in text
 
 
 def test_init_from_mismatches_are_refused_with_one_line(base_export, chat_files, tmp_path, stage_error):

@@ -1,7 +1,9 @@
 """The downloader against a real HTTP server on 127.0.0.1 that can fail, cut responses short or ignore Range."""
 
+import io
 import re
 import threading
+import zipfile
 import urllib.request
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -309,4 +311,116 @@ def test_fetch_single_files_resumes_and_checks_text(server, sleeps, tmp_path, ca
     assert capsys.readouterr().out.startswith(f"words: {tmp_path / 'words_alpha.txt'}")
     with pytest.raises(SystemExit):
         main(["fetch", "wordz", "--out", str(tmp_path)])
-    assert "unknown file 'wordz'; known files: identity, words" in capsys.readouterr().err
+    assert "unknown file 'wordz'; known files: eval_bundle, identity, words" in capsys.readouterr().err
+
+
+BUNDLE = {
+    "core.yaml": b"icl_tasks:\n- label: t\n  dataset_uri: x/t.jsonl\n",
+    "eval_meta_data.csv": b"Eval Task,Random baseline\nt,25.0\n",
+    "eval_data/x/t.jsonl": b"".join(b'{"query": "q%d", "choices": ["a", "b"], "gold": 0}\n' % i for i in range(100)),
+}
+
+
+def make_zip(members: dict[str, bytes], prefix: str = "eval_bundle/") -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:  # stored: the member bytes sit verbatim in the zip
+        if prefix:
+            zf.writestr(prefix, b"")  # the directory entry, as `zip -r` writes it
+        for name, data in members.items():
+            zf.writestr(prefix + name, data)
+    return buf.getvalue()
+
+
+def assert_bundle(path: Path):
+    found = {p.relative_to(path).as_posix(): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+    assert found == BUNDLE
+
+
+def test_eval_bundle_resumes_unpacks_and_is_not_fetched_twice(server, sleeps, tmp_path):
+    from nanochat.data.download import ensure_eval_bundle
+
+    body = make_zip(BUNDLE)
+    assert len(body) > 3000
+    server.files["eval_bundle.zip"] = body
+    server.cut["eval_bundle.zip"] = 1500  # the first response stops short: the next one resumes
+    url = f"{server.url}/eval_bundle.zip"
+    out = tmp_path / "home"
+    (out / "eval_bundle").mkdir(parents=True)
+    (out / "eval_bundle" / "core.yaml").write_bytes(b"stale")  # an incomplete leftover is replaced
+
+    path = ensure_eval_bundle(out, url=url, sleep=sleeps.append, timeout=10)
+    assert path == out / "eval_bundle"
+    assert_bundle(path)  # core.yaml directly inside, not under eval_bundle/eval_bundle/
+    assert server.ranges("eval_bundle.zip") == [None, "bytes=1500-"] and sleeps == [2.0]
+    assert sorted(p.name for p in out.iterdir()) == ["eval_bundle"]  # no zip, .part or staging dir left
+
+    assert ensure_eval_bundle(out, url=url) == path  # complete: no request
+    assert len(server.requests) == 2
+    assert_bundle(path)
+
+
+def test_eval_bundle_corrupt_zip_is_fetched_again(server, sleeps, tmp_path):
+    from nanochat.data.download import download_file
+
+    body = make_zip(BUNDLE, prefix="")  # files at the zip's root work too
+    data_at = body.index(BUNDLE["eval_data/x/t.jsonl"])
+    corrupt = bytearray(body)
+    corrupt[data_at + 10] ^= 0xFF  # still a zip (central directory intact) but the member's CRC is wrong
+    assert zipfile.is_zipfile(io.BytesIO(bytes(corrupt)))
+    server.files["eval_bundle.zip"] = body
+    server.serve_once["eval_bundle.zip"] = bytes(corrupt)
+    path = download_file("eval_bundle", tmp_path, url=f"{server.url}/eval_bundle.zip", sleep=sleeps.append, timeout=10)
+    assert server.ranges("eval_bundle.zip") == [None, None]  # the bad body was discarded, not resumed
+    assert sleeps == [2.0]
+    assert_bundle(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval_bundle"]
+
+    server.files["bad.zip"] = b"<html>rate limited</html>"  # never a zip: fails after the attempts
+    with pytest.raises(UserError, match="could not download eval_bundle") as err:
+        download_file("eval_bundle", tmp_path / "other", url=f"{server.url}/bad.zip", sleep=sleeps.append,
+                      attempts=2, timeout=10)
+    assert "zip" in str(err.value) and "after 2 attempts" in str(err.value)
+    assert sorted(p.name for p in (tmp_path / "other").iterdir()) == []
+
+
+def test_eval_bundle_without_core_yaml_names_what_is_missing(server, sleeps, tmp_path):
+    from nanochat.data.download import ensure_eval_bundle
+
+    server.files["partial.zip"] = make_zip({k: v for k, v in BUNDLE.items() if k != "core.yaml"})
+    url = f"{server.url}/partial.zip"
+    with pytest.raises(UserError) as err:
+        ensure_eval_bundle(tmp_path, url=url, sleep=sleeps.append, timeout=10)
+    msg = str(err.value)
+    assert url in msg and "has no core.yaml at its root" in msg
+    assert "eval_data" not in msg and "eval_meta_data.csv" not in msg
+    assert list(tmp_path.iterdir()) == []  # no bundle, no zip, no staging dir
+
+
+def test_eval_bundle_refuses_zip_slip(server, sleeps, tmp_path):
+    from nanochat.data.download import ensure_eval_bundle
+
+    out = tmp_path / "home"
+    for evil in ("eval_bundle/../../escaped.txt", "/tmp/escaped_abs.txt"):
+        members = dict(BUNDLE)
+        members[evil] = b"pwned"
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as zf:
+            for name, data in members.items():
+                zf.writestr(zipfile.ZipInfo(name), data)  # ZipInfo keeps the name verbatim
+        assert evil in zipfile.ZipFile(io.BytesIO(buf.getvalue())).namelist()
+        server.files["evil.zip"] = buf.getvalue()
+        url = f"{server.url}/evil.zip"
+        with pytest.raises(UserError, match="unsafe member path") as err:
+            ensure_eval_bundle(out, url=url, sleep=sleeps.append, timeout=10)
+        assert url in str(err.value) and repr(evil) in str(err.value)
+        assert list(out.iterdir()) == []  # nothing extracted, the zip deleted
+    assert not (tmp_path / "escaped.txt").exists() and not Path("/tmp/escaped_abs.txt").exists()
+
+
+def test_cli_fetch_eval_bundle_default_home(server, tmp_path, capsys):
+    server.files["eval_bundle.zip"] = make_zip(BUNDLE)
+    main(["fetch", "eval_bundle", "--url", f"{server.url}/eval_bundle.zip"])
+    path = base_dir() / "eval_bundle"
+    assert_bundle(path)
+    size = sum(len(v) for v in BUNDLE.values())
+    assert capsys.readouterr().out.strip() == f"eval_bundle: {path} (3 files, {size:,} bytes)"

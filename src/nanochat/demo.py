@@ -1,4 +1,5 @@
-"""`make demo`: local text -> shards -> tokenizer -> a d4 base model trained on CPU -> midtraining -> SFT -> chat.
+"""`make demo`: local text -> shards -> tokenizer -> a d4 base model trained on CPU -> midtraining -> SFT -> chat,
+with CORE and chat evaluations after each stage and the report card in <home>/runs/<run>/report.md.
 
 Each step is the same `python train.py ...` command a user would type, printed before it runs, so the
 demo doubles as a tour. Text comes from NANOCHAT_PRETRAIN_TEXT (the Makefile points it at
@@ -62,12 +63,14 @@ def main(argv: list[str] | None = None) -> None:
               f"({source}) as a stand-in corpus - not FineWeb, so expect code-flavoured samples")
         data += ["data.name=stdlib", f"data.source={source}", "data.dir=${paths.data_dir}/stdlib"]
     common = [*data, "model=d4", f"run={args.run}"]
+    shared = shared_data_dir() is not None
     train("stage=tokenizer", *common, "tokenizer.progress=false")
-    train("stage=base", *common, "trainer=cpu", f"model.num_iterations={args.steps}")
+    # With ../shared/data the base model is also scored on its CORE bundle (20 examples per task).
+    train("stage=base", *common, "trainer=cpu", f"model.num_iterations={args.steps}", *(["mixture=shared"] if shared else []))
 
     runs = base_dir() / "runs" / args.run
     report("base", runs / "base", "greedy samples")
-    if args.mid_steps > 0 and shared_data_dir() is None:
+    if args.mid_steps > 0 and not shared:
         print("\nno ../shared/data beside the checkout: skipping midtraining and SFT (they read its conversations)")
     elif args.mid_steps > 0:
         chat = ["model=d4", f"run={args.run}", "trainer=cpu", "mixture=shared"]
@@ -77,6 +80,8 @@ def main(argv: list[str] | None = None) -> None:
         report("mid", runs / "mid", None)
         report("sft", runs / "sft", "chat answers (greedy, calculator live)")
         print(f"\nchat with it: python -m nanochat.chat --ckpt {runs / 'sft'}")
+    summary = (runs / "report.md").read_text(encoding="utf-8").partition("## Summary")[2].strip()
+    print(f"\nreport card: {runs / 'report.md'}\n{summary}")
     print(f"demo finished in {time.perf_counter() - t0:.0f} s")
 
 

@@ -14,6 +14,7 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600 would hide reports and exports from other users
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())

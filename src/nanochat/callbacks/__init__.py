@@ -1,7 +1,10 @@
-"""Evaluation and artifacts as Lightning callbacks: validation bits-per-byte, samples, export."""
+"""Evaluation and artifacts as Lightning callbacks: bits per byte, CORE, chat tasks, samples, export, report card."""
 
 from nanochat.callbacks.bpb import ValBPB
+from nanochat.callbacks.chat_eval import ChatEval
+from nanochat.callbacks.core import CoreEval
 from nanochat.callbacks.export import ExportModel
+from nanochat.callbacks.report import ReportCard
 from nanochat.callbacks.samples import ChatSamples, Samples
 
-__all__ = ["ChatSamples", "ExportModel", "Samples", "ValBPB"]
+__all__ = ["ChatEval", "ChatSamples", "CoreEval", "ExportModel", "ReportCard", "Samples", "ValBPB"]

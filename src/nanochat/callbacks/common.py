@@ -19,7 +19,7 @@ def log_scalars(trainer: L.Trainer, metrics: dict[str, float]) -> None:
 
 
 class Periodic(L.Callback):
-    """Runs `run(trainer, pl_module)` every `every_n_steps` optimizer steps (0: never), at the end of training,
+    """Runs `run(trainer, pl_module)` every `every_n_steps` optimizer steps (0: never), after the last step,
     and at the start when `at_start`; never twice for the same step (an eval step that is also the last)."""
 
     at_start = False
@@ -41,11 +41,46 @@ class Periodic(L.Callback):
             self._run_once(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0:
+        # The last step's evaluation runs here, before any callback's on_train_end (export, report) reads it.
+        last = trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps
+        if last or (self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0):
             self._run_once(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module):
         self._run_once(trainer, pl_module)
+
+
+class Evaluator(Periodic):
+    """A periodic evaluation that also runs outside training (`stage=eval`): `evaluate(model, tokenizer, rank,
+    world_size, reduce)` returns a result whose "metrics" are logged; `report()` is its report-card part."""
+
+    latest: dict | None = None
+
+    def load(self):
+        """The evaluation data, loaded once; None when there is none and the evaluation is optional."""
+        raise NotImplementedError
+
+    def evaluate(self, model, tokenizer, rank: int = 0, world_size: int = 1, reduce=None, show_progress=False) -> dict:
+        raise NotImplementedError
+
+    def log_latest(self, prefix: str = "", tasks: bool = True) -> None:
+        raise NotImplementedError
+
+    def report(self) -> dict:
+        raise NotImplementedError
+
+    def setup(self, trainer, pl_module, stage):
+        self.load()  # missing data shows at the start of the run, not after it
+
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.load() is None:
+            return
+        reduce = lambda t: trainer.strategy.reduce(t, reduce_op="sum")  # noqa: E731
+        with evaluating(trainer, pl_module):
+            result = self.evaluate(pl_module.model, pl_module.tokenizer, trainer.global_rank, trainer.world_size, reduce)
+        log_scalars(trainer, result["metrics"])
+        if trainer.is_global_zero:
+            self.log_latest(f"step {trainer.global_step}: ")
 
 
 @contextmanager

@@ -59,6 +59,7 @@ class Samples(Periodic):
         for line in lines[2:-1]:
             log.info(f"sample {line[2:]}")
         path = Path(trainer.default_root_dir) / "samples.md"
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a", encoding="utf-8") as f:  # an append-only log; a torn last line loses one sample
             f.write("\n".join(lines) + "\n")
 

@@ -1,7 +1,8 @@
 """Pretraining data command line.
 
     python -m nanochat.data download fineweb-edu -n 8 [--workers 4] [--out DIR]
-    python -m nanochat.data fetch identity|words [--out DIR]      (single files for the chat mixtures)
+    python -m nanochat.data fetch identity|words [--out DIR] [--url URL]   (single files for the chat mixtures)
+    python -m nanochat.data fetch eval_bundle [--out DIR] [--url URL]      (CORE evaluation bundle -> DIR/eval_bundle/)
     python -m nanochat.data prepare <files or dirs>... --out DIR [--gutenberg] [--val-fraction 0.01]
         [--shard-chars 250000000] [--seed 42] [--overwrite] [--quiet]
 """
@@ -38,7 +39,9 @@ def cmd_fetch(args) -> None:
     from nanochat.data.download import download_file
 
     path = download_file(args.name, args.out, url=args.url)
-    print(f"{args.name}: {path} ({path.stat().st_size:,} bytes)")
+    files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+    size = sum(p.stat().st_size for p in files)
+    print(f"{args.name}: {path} ({f'{len(files)} files, ' if path.is_dir() else ''}{size:,} bytes)")
 
 
 def cmd_prepare(args) -> None:
@@ -75,9 +78,11 @@ def main(argv: list[str] | None = None) -> None:
     dl.add_argument("--quiet", action="store_true", help="no progress bar")
     dl.set_defaults(func=cmd_download)
 
-    fetch = sub.add_parser("fetch", help="download one file the chat mixtures use: identity, words")
-    fetch.add_argument("name", help="identity (nanochat's identity conversations) or words (English word list)")
-    fetch.add_argument("--out", type=Path, default=None, help=f"output directory (default {base_dir() / 'data'})")
+    fetch = sub.add_parser("fetch", help="download one file (identity, words) or the CORE eval bundle (eval_bundle)")
+    fetch.add_argument("name", help="identity (nanochat's identity conversations), words (English word list) or "
+                       "eval_bundle (CORE evaluation bundle, a zip unpacked into <out>/eval_bundle/)")
+    fetch.add_argument("--out", type=Path, default=None,
+                       help=f"output directory (default {base_dir() / 'data'}; for eval_bundle {base_dir()})")
     fetch.add_argument("--url", default=None, help="fetch from this URL instead of the published one")
     fetch.set_defaults(func=cmd_fetch)
 

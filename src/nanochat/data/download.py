@@ -1,22 +1,30 @@
-"""Download published pretraining shards (nanochat's shuffled FineWeb-Edu re-packaging) and the single files the
-chat mixtures use (identity conversations, the English word list).
+"""Download published pretraining shards (nanochat's shuffled FineWeb-Edu re-packaging), the single files the
+chat mixtures use (identity conversations, the English word list) and the CORE evaluation bundle.
 
 Each shard is fetched into `<name>.part`, checked to be readable parquet and then renamed into place, so a
 `shard_XXXXX.parquet` on disk is always complete. An interrupted transfer keeps its `.part` file and the
 next attempt (or the next run) continues it with an HTTP Range request. Only the standard library does HTTP.
+
+The CORE bundle (`ensure_eval_bundle`, or `python -m nanochat.data fetch eval_bundle`) travels the same way as
+a zip, is checked (CRCs of every member), extracted into a staging directory beside the target and renamed
+into place, so `<home>/eval_bundle/` is either absent or complete (core.yaml, eval_meta_data.csv, eval_data/).
 """
 
 from __future__ import annotations
 
 import http.client
 import os
+import shutil
+import tempfile
 import time
 import urllib.error
 import urllib.request
+import zipfile
+import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from nanochat.data.shards import check_shard, shard_name
 from nanochat.errors import UserError
@@ -42,10 +50,30 @@ SOURCES = {
 }
 
 
-# Single files: name -> (URL, file name under <home>/data). The hub mixture (conf/mixture/hub.yaml) reads them there.
+@dataclass(frozen=True)
+class RemoteFile:
+    """One download: `url` becomes `<out_dir>/<name>`, out_dir defaulting to <home>/<home_subdir>.
+
+    Plain files must be non-empty UTF-8 text. With `unpack` the URL is a zip, extracted into the directory `name`,
+    which must then hold every path in `required` (a trailing "/" marks a directory).
+    """
+
+    url: str
+    name: str
+    home_subdir: str = "data"
+    unpack: bool = False
+    required: tuple[str, ...] = ()
+
+
+# The hub mixture (conf/mixture/hub.yaml) reads identity and words from <home>/data; CORE reads <home>/eval_bundle.
 FILES = {
-    "identity": ("https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl", "identity_conversations.jsonl"),
-    "words": ("https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt", "words_alpha.txt"),
+    "identity": RemoteFile("https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl",
+                           "identity_conversations.jsonl"),
+    "words": RemoteFile("https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt",
+                        "words_alpha.txt"),
+    "eval_bundle": RemoteFile("https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip", "eval_bundle",
+                              home_subdir="", unpack=True,
+                              required=("core.yaml", "eval_meta_data.csv", "eval_data/")),
 }
 
 
@@ -145,7 +173,7 @@ def fetch_shard(
             _fetch_once(url, part, opener, timeout)
             if not verify(part):
                 part.unlink()  # resuming a corrupt file cannot help: start over
-                raise RetryableError("downloaded file failed its check (not readable parquet / not UTF-8 text)")
+                raise RetryableError("downloaded file failed its check (not readable parquet / UTF-8 text / zip)")
             os.replace(part, dest)
             return
         except RetryableError as e:
@@ -227,6 +255,70 @@ def _is_text(path: Path) -> bool:
         return False
 
 
+def _is_zip(path: Path) -> bool:
+    """A complete zip whose members all decompress with the right CRC."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return False
+        with zipfile.ZipFile(path) as zf:
+            return zf.testzip() is None
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError, ValueError):
+        return False
+
+
+def _missing(root: Path, required: tuple[str, ...]) -> list[str]:
+    return [r for r in required if not ((root / r).is_dir() if r.endswith("/") else (root / r).is_file())]
+
+
+def _is_unpacked(root: Path, spec: RemoteFile) -> bool:
+    return root.is_dir() and not _missing(root, spec.required)
+
+
+def _check_members(zf: zipfile.ZipFile, url: str) -> None:
+    """Refuse members that would land outside the extraction directory (zip-slip)."""
+    for member in zf.namelist():
+        path = PurePosixPath(member.replace("\\", "/"))
+        if path.is_absolute() or ".." in path.parts:
+            raise UserError(f"the zip from {url} holds the unsafe member path {member!r} (absolute or with '..'), "
+                            "so it was not extracted")
+
+
+def _unpack(zip_path: Path, dest: Path, spec: RemoteFile, url: str) -> None:
+    """Extract zip_path beside dest and rename it into place; the result directly holds spec.required."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.staging-", dir=dest.parent))
+    old = None
+    try:
+        try:
+            with zipfile.ZipFile(zip_path) as zf:
+                _check_members(zf, url)
+                zf.extractall(staging)
+        except UserError:
+            zip_path.unlink(missing_ok=True)  # it will never extract safely: fetch afresh next time
+            raise
+        root = staging
+        if _missing(staging, spec.required):  # the files may sit under one top-level folder (eval_bundle/)
+            tops = [p for p in staging.iterdir() if p.name != "__MACOSX"]
+            if len(tops) == 1 and tops[0].is_dir():
+                root = tops[0]
+        if missing := _missing(root, spec.required):
+            zip_path.unlink(missing_ok=True)
+            raise UserError(f"the zip from {url} has no {', '.join(missing)} at its root or under one top-level "
+                            "folder, so it is not the expected bundle")
+        if dest.exists():  # an incomplete leftover (a complete one returned earlier): move it out of the way
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+            os.replace(dest, old / dest.name)
+        try:
+            os.replace(root, dest)
+        except OSError:
+            if not _is_unpacked(dest, spec):  # another process may have just put a complete bundle there
+                raise
+    finally:
+        for leftover in (staging, old):
+            if leftover is not None:
+                shutil.rmtree(leftover, ignore_errors=True)
+    zip_path.unlink(missing_ok=True)
+
+
 def download_file(
     name: str,
     out_dir: str | Path | None = None,
@@ -238,18 +330,37 @@ def download_file(
     opener=None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> Path:
-    """Make sure one of FILES is in `out_dir` (default <home>/data) as non-empty UTF-8 text; return its path."""
+    """Make sure one of FILES is in `out_dir` (default <home>/data, for eval_bundle <home>); return its path.
+
+    Plain files must be non-empty UTF-8 text. An `unpack` entry (eval_bundle) is downloaded as `<name>.zip`
+    (resumable, checked to be an intact zip), extracted beside the target and renamed into place as the
+    directory `<name>`; if that directory is already complete nothing is downloaded.
+    """
     if name not in FILES:
         raise UserError(f"unknown file {name!r}; known files: {', '.join(sorted(FILES))}")
-    default_url, filename = FILES[name]
-    dest = Path(out_dir if out_dir is not None else base_dir() / "data") / filename
-    if _is_text(dest):
+    spec = FILES[name]
+    dest = Path(out_dir if out_dir is not None else base_dir() / spec.home_subdir) / spec.name
+    if _is_unpacked(dest, spec) if spec.unpack else _is_text(dest):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    url = url or default_url
+    url = url or spec.url
+    target = dest.with_name(dest.name + ".zip") if spec.unpack else dest
+    verify = _is_zip if spec.unpack else _is_text
     try:
-        fetch_shard(url, dest, opener=opener or urllib.request.build_opener(), attempts=attempts, backoff=backoff,
-                    sleep=sleep, timeout=timeout, verify=_is_text)
+        if not (spec.unpack and verify(target)):  # a zip left by a run that stopped before extracting is reused
+            fetch_shard(url, target, opener=opener or urllib.request.build_opener(), attempts=attempts,
+                        backoff=backoff, sleep=sleep, timeout=timeout, verify=verify)
     except PermanentError as e:
         raise UserError(f"could not download {name} from {url} ({e}); re-running continues any partial transfer") from None
+    if spec.unpack:
+        _unpack(target, dest, spec, url)
     return dest
+
+
+def ensure_eval_bundle(out_dir: str | Path | None = None, url: str | None = None, **kwargs) -> Path:
+    """The CORE evaluation bundle directory (core.yaml, eval_meta_data.csv, eval_data/), downloading it if needed.
+
+    It lands in `<out_dir>/eval_bundle` (default <home>/eval_bundle); the command line equivalent is
+    `python -m nanochat.data fetch eval_bundle [--out DIR] [--url URL]`. kwargs go to download_file.
+    """
+    return download_file("eval_bundle", out_dir, url=url, **kwargs)

@@ -67,6 +67,7 @@ class PretrainModule(L.LightningModule):
         self.num_iterations = self._horizon({**HORIZON_DEFAULTS, **(horizon or {})})
         self.log_every = log_every
         self.compile = compile
+        self.totals = {"tokens": 0, "seconds": 0.0}  # trained by this process's fit, all ranks, eval time excluded
         self._reset_meter()
 
     def _horizon(self, horizon: dict) -> int | None:
@@ -150,6 +151,8 @@ class PretrainModule(L.LightningModule):
         if skipped:
             metrics["data/skipped_row_groups"] = float(skipped)
         log_scalars(self.trainer, metrics)  # at step = optimizer steps done, like the evaluation callbacks
+        self.totals["tokens"] += self._meter_tokens * self.trainer.world_size
+        self.totals["seconds"] += seconds
         if self.trainer.is_global_zero:
             eta = (self.num_iterations - done) * seconds / self._meter_steps
             log.info(
@@ -174,6 +177,34 @@ class PretrainModule(L.LightningModule):
             f"horizon: {self.num_iterations:,} steps x {self.total_batch_size:,} tokens = {tokens:,} tokens "
             f"({tokens / n:.1f} tokens/param), {flops:.3e} FLOPs"
         )
+
+    def report_items(self) -> dict:
+        """This run's configuration and totals, for its report card section."""
+        c, n, per_token = self.config, self.model.num_params(), self.model.flops_per_token()
+        tokens, seconds = self.totals["tokens"], max(self.totals["seconds"], 1e-9)
+        s, o = self.schedule, self.optimizer_kwargs
+        items = {
+            "model": f"d{c.n_layer}: width {c.n_embd}, {c.n_head} heads (kv {c.n_kv_head}), vocab {c.vocab_size:,}, "
+                     f"sequence {c.sequence_len}",
+            "parameters": n,
+            "FLOPs per token": f"{per_token:.3e}",
+            "optimizer steps": self.global_step,
+            "tokens per step": self.total_batch_size or "one batch of conversations (padded rows)",
+            "tokens trained": tokens,
+            "tokens : params": tokens / n,
+            "training FLOPs": f"{per_token * tokens:.3e}",
+            "training time": f"{seconds:.1f} s (evaluation excluded)",
+            "throughput": f"{tokens / seconds:,.0f} tok/s",
+            "MFU": f"{100 * per_token * tokens / (seconds * self.peak_flops() * self.trainer.world_size):.2f} %"
+                   + (" of a matmul's measured FLOP/s (CPU)" if self.device.type == "cpu" else ""),
+            "learning rates": f"matrix {o.get('matrix_lr', 0.02)}, embedding {o.get('embedding_lr', 0.2)}, "
+                              f"unembedding {o.get('unembedding_lr', 0.004)}, x {s['init_lr_frac']}; "
+                              f"warmup {s['warmup_ratio']}, warmdown {s['warmdown_ratio']}",
+        }
+        if self.parent:
+            p = self.parent
+            items["started from"] = f"{p.get('stage', '?')} step {p.get('step', '?')} ({p.get('export')})"
+        return items
 
     def export_meta(self) -> dict:
         meta = {"step": self.global_step, "tokens": self.global_step * self.total_batch_size}

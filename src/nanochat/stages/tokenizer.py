@@ -1,4 +1,5 @@
-"""`stage=tokenizer`: train the BPE on the training shards of `data` and save it to `paths.tokenizer_dir`."""
+"""`stage=tokenizer`: train the BPE on the training shards of `data`, save it to `paths.tokenizer_dir` and write
+the "tokenizer" section of runs/<run>/report.md."""
 
 from __future__ import annotations
 
@@ -6,13 +7,23 @@ from argparse import Namespace
 
 
 def run(cfg) -> None:
+    import json
+    import time
+    from pathlib import Path
+
     from nanochat.data.pretrain import ensure_shards
     from nanochat.data.shards import split_shards
+    from nanochat.report import start_run, write_section
     from nanochat.tokenizer.__main__ import cmd_train
 
+    t0 = time.perf_counter()
+    start_run(Path(cfg.paths.runs_dir) / cfg.run)
     d = cfg.data
     shards = ensure_shards(d.dir, d.source, gutenberg=d.gutenberg, val_fraction=d.val_fraction, shard_chars=d.shard_chars)
     train_files, _ = split_shards(shards)  # the validation shard stays unseen, as for the model
     t = cfg.tokenizer
     cmd_train(Namespace(input=[str(f) for f in train_files], vocab_size=cfg.model.vocab_size, max_chars=t.max_chars,
                         doc_cap=t.doc_cap, gutenberg=False, out=cfg.paths.tokenizer_dir, quiet=not t.progress))
+    stats = json.loads((Path(cfg.paths.tokenizer_dir) / "train_stats.json").read_text())
+    items = {"data": f"{d.name} ({len(train_files)} training shards)", "tokenizer dir": cfg.paths.tokenizer_dir, **stats}
+    write_section(Path(cfg.paths.runs_dir) / cfg.run, "tokenizer", {"items": items, "wall_time_s": time.perf_counter() - t0})

@@ -1,4 +1,8 @@
-"""ARC (`allenai/ai2_arc`, `ARC-Easy` / `ARC-Challenge`): multiple choice with the dataset's own labels."""
+"""ARC (`allenai/ai2_arc`, `ARC-Easy` / `ARC-Challenge`): multiple choice with the dataset's own labels.
+
+Local files may also be the CORE bundle's ARC test sets (`query`, `choices`, `gold`; letters A, B, ... assigned
+in order), so chat evaluation runs ARC offline from ../shared/data/core_eval.
+"""
 
 from __future__ import annotations
 
@@ -21,14 +25,20 @@ class ARC(Task):
 
     def get_example(self, index: int) -> dict:
         row = self.rows[index]
-        letters = [str(x) for x in row["choices"]["label"]]  # usually A-D, sometimes 1-4
-        choices = list(row["choices"]["text"])
-        answer = str(row["answerKey"])
+        if "query" in row:  # the CORE bundle's copy of the test sets: "Question: ...", choices, gold index
+            question, choices = row["query"].removeprefix("Question: "), list(row["choices"])
+            letters = [chr(ord("A") + i) for i in range(len(choices))]
+            answer = letters[row["gold"]] if 0 <= row["gold"] < len(choices) else None
+        else:
+            question = row["question"]
+            letters = [str(x) for x in row["choices"]["label"]]  # usually A-D, sometimes 1-4
+            choices = list(row["choices"]["text"])
+            answer = str(row["answerKey"])
         if answer not in letters:
             raise UserError(f"ARC row {index}: answerKey {answer!r} is not one of the labels {letters}")
         return {
             "messages": [
-                {"role": "user", "content": render_mc(row["question"], letters, choices)},
+                {"role": "user", "content": render_mc(question, letters, choices)},
                 {"role": "assistant", "content": answer},
             ],
             "letters": letters,

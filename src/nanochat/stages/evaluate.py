@@ -1,0 +1,69 @@
+"""`stage=eval`: evaluate an exported model with the evaluators of `cfg.eval` (the training callbacks' classes).
+
+Runs on the trainer preset's devices through Lightning Fabric, so `torchrun ... trainer=8xh100` strides the
+examples over 8 GPUs. Rank 0 prints each evaluator's table and writes the checkpoint stage's "<stage>-eval"
+section of runs/<run>/report.md when the checkpoint lives in a run directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from nanochat.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def select_evaluators(eval_cfg, stage: str) -> dict:
+    """The evaluator configs to run: all of them, or with `auto` CORE for a base model and chat tasks otherwise."""
+    evaluators = {k: v for k, v in eval_cfg.items() if k != "auto" and v}
+    if eval_cfg.get("auto"):
+        wanted = "core" if stage == "base" else "chat"
+        evaluators = {k: v for k, v in evaluators.items() if k == wanted}
+    if not evaluators:
+        raise UserError("nothing to evaluate: choose eval=core, eval=chat or eval=all")
+    return evaluators
+
+
+def report_root(export: Path) -> Path | None:
+    """runs/<run>/ when the export is runs/<run>/<stage>/export, else None (a loose export dir has no report)."""
+    return export.parent.parent if export.name == "export" else None
+
+
+def run(cfg) -> None:
+    import torch
+    from hydra.utils import instantiate
+    from lightning.fabric import Fabric
+
+    from nanochat.export import find_export, load_export
+    from nanochat.report import write_section
+
+    if not cfg.get("ckpt"):
+        raise UserError("stage=eval needs ckpt=<run dir or export dir of the model to evaluate>")
+    export = find_export(cfg.ckpt)
+    t = cfg.trainer
+    fabric = Fabric(accelerator=t.accelerator, devices=t.devices, num_nodes=t.get("num_nodes", 1),
+                    precision=t.precision, strategy="ddp" if t.devices != 1 or t.get("num_nodes", 1) > 1 else "auto")
+    fabric.launch()
+    model, tokenizer, meta = load_export(export, device=fabric.device)
+    stage = meta.get("stage", "base")
+    evaluators = {name: instantiate(c, _convert_="all") for name, c in select_evaluators(cfg.eval, stage).items()}
+    reduce = lambda x: fabric.all_reduce(x, reduce_op="sum")  # noqa: E731
+    section = {"items": {"model": str(export), "stage": stage, "step": meta.get("step", "?")},
+               "metrics": {}, "tables": [], "notes": []}
+    t0 = time.perf_counter()
+    for name, evaluator in evaluators.items():
+        fabric.print(f"{name} evaluation of {export} ({stage} step {meta.get('step', '?')}) on {fabric.device}")
+        with torch.no_grad(), fabric.autocast():
+            evaluator.evaluate(model, tokenizer, fabric.global_rank, fabric.world_size, reduce,
+                               show_progress=fabric.is_global_zero)
+        if fabric.is_global_zero:
+            evaluator.log_latest(tasks=False)  # each task was logged as it finished
+            for key, value in evaluator.report().items():
+                section[key].update(value) if key == "metrics" else section[key].extend(value)
+    section["wall_time_s"] = time.perf_counter() - t0
+    root = report_root(export)
+    if fabric.is_global_zero and root is not None:
+        log.info(f"report card: {write_section(root, f'{stage}-eval', section)}")
