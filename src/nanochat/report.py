@@ -231,6 +231,9 @@ def _render_summary(sections: dict) -> str:
     parts = ["## Summary"]
     parts.append(_table(["Metric", *(s.upper() for s in STAGE_COLUMNS)], rows) if rows
                  else "No summary metrics were recorded yet.")
+    if rows and any(k.endswith("-eval") for k in sections):
+        parts.append("Where a stage has a standalone evaluation section, its numbers are shown here rather than "
+                     "the ones measured at the end of training.")
     timed = [k for k, s in sections.items() if isinstance(s.get("wall_time_s"), (int, float))]
     if timed:
         total = sum(sections[k]["wall_time_s"] for k in timed)

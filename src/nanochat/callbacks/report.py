@@ -15,6 +15,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from nanochat.callbacks.common import Evaluator
 from nanochat.report import plot_curves, start_run, write_section
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ class ReportCard(L.Callback):
         if self.min_bpb < float("inf"):
             section["metrics"]["val/bpb (min)"] = self.min_bpb
         for callback in trainer.callbacks:
-            extra = callback.report() if hasattr(callback, "report") and callback is not self else {}
+            extra = callback.report() if isinstance(callback, Evaluator) else {}
             section["tables"] += extra.get("tables", [])
             section["metrics"].update(extra.get("metrics", {}))
             section["notes"] += extra.get("notes", [])

@@ -27,9 +27,9 @@ def select_evaluators(eval_cfg, stage: str) -> dict:
     return evaluators
 
 
-def report_root(export: Path) -> Path | None:
+def report_root(export: Path, stage: str) -> Path | None:
     """runs/<run>/ when the export is runs/<run>/<stage>/export, else None (a loose export dir has no report)."""
-    return export.parent.parent if export.name == "export" else None
+    return export.parent.parent if export.name == "export" and export.parent.name == stage else None
 
 
 def run(cfg) -> None:
@@ -64,6 +64,6 @@ def run(cfg) -> None:
             for key, value in evaluator.report().items():
                 section[key].update(value) if key == "metrics" else section[key].extend(value)
     section["wall_time_s"] = time.perf_counter() - t0
-    root = report_root(export)
+    root = report_root(export, stage)
     if fabric.is_global_zero and root is not None:
         log.info(f"report card: {write_section(root, f'{stage}-eval', section)}")
