@@ -175,3 +175,18 @@ def test_eval_stage_bad_inputs_are_one_line(run_export, tmp_path, stage_error):
     bad.write_text(bad.read_text() + '{"context": "cut short\n')
     line = stage_error(compose(["stage=eval", f"ckpt={export}", "eval=core", f"mixture.core_bundle={bundle}", "trainer=cpu"]))
     assert f"{bad}:7 is not valid JSON" in line
+
+
+def test_eval_task_list_skips_only_optional_entries_without_data(tmp_path, caplog):
+    from nanochat.callbacks.chat_eval import build_eval_tasks
+    from nanochat.errors import DataUnavailable
+
+    rows = [{"question": "q", "answer": "#### 1"}]
+    (tmp_path / "test.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    present = {"name": "gsm8k", "split": "test", "path": str(tmp_path / "test.jsonl"), "label": "gsm8k_local"}
+    absent = {"name": "gsm8k", "split": "test", "path": str(tmp_path / "nope")}
+    tasks = build_eval_tasks([present, {**absent, "optional": True}])
+    assert list(tasks) == ["gsm8k_local"] and len(tasks["gsm8k_local"]) == 1
+    assert any("skipping optional task 'gsm8k'" in r.getMessage() for r in caplog.records)
+    with pytest.raises(DataUnavailable, match="does not exist"):
+        build_eval_tasks([present, absent])

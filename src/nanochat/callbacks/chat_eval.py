@@ -20,7 +20,7 @@ from collections.abc import Mapping
 import torch
 
 from nanochat.callbacks.common import Evaluator
-from nanochat.errors import DataUnavailable, UserError
+from nanochat.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -116,18 +116,14 @@ def chat_table(result: dict) -> dict:
 
 
 def build_eval_tasks(entries: list[Mapping]) -> dict:
-    """{metric name: Task} from mixture-style entries; `optional` entries without data are skipped with a warning."""
-    from nanochat.tasks.registry import build_task
+    """{metric name: Task} from mixture-style entries (`label` renames one); `optional` ones without data are skipped."""
+    from nanochat.tasks.registry import build_entry
 
     tasks = {}
     for entry in entries:
-        name = entry.get("label") or entry.get("name")
-        try:
-            tasks[name] = build_task({k: v for k, v in entry.items() if k != "label"})
-        except DataUnavailable as e:
-            if not entry.get("optional", False):
-                raise
-            log.warning(f"chat evaluation skips {name!r}: {e}")
+        task = build_entry({k: v for k, v in entry.items() if k != "label"})
+        if task is not None:
+            tasks[entry.get("label") or entry.get("name")] = task
     return tasks
 
 

@@ -15,12 +15,13 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from nanochat.callbacks.bpb import ValBPB
 from nanochat.callbacks.common import Evaluator
 from nanochat.report import plot_curves, start_run, write_section
 
 log = logging.getLogger(__name__)
 
-REPORTED_METRICS = ("train/loss", "val/bpb", "val/loss", "core/score")
+REPORTED_METRICS = ("train/loss", "val/bpb", "val/loss")  # evaluators add their own
 
 
 def peak_memory(device: torch.device) -> str:
@@ -45,17 +46,11 @@ class ReportCard(L.Callback):
         self.run_root = Path(run_root)
         self.stage = stage
         self.t0 = time.perf_counter()
-        self.min_bpb = float("inf")
 
     def on_fit_start(self, trainer, pl_module):
         self.t0 = time.perf_counter()
         if trainer.is_global_zero:
             start_run(self.run_root)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        bpb = trainer.callback_metrics.get("val/bpb")
-        if bpb is not None:
-            self.min_bpb = min(self.min_bpb, float(bpb))
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -70,8 +65,9 @@ class ReportCard(L.Callback):
         })
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         section["metrics"] = {k: metrics[k] for k in REPORTED_METRICS if k in metrics}
-        if self.min_bpb < float("inf"):
-            section["metrics"]["val/bpb (min)"] = self.min_bpb
+        bpbs = [bpb for c in trainer.callbacks if isinstance(c, ValBPB) for _, bpb in c.history]
+        if bpbs:
+            section["metrics"]["val/bpb (min)"] = min(bpbs)
         for callback in trainer.callbacks:
             extra = callback.report() if isinstance(callback, Evaluator) else {}
             section["tables"] += extra.get("tables", [])

@@ -38,7 +38,7 @@ class ChatModule(PretrainModule):
         c, n = self.config, self.model.num_params()
         parent = self.parent or {}
         return (
-            f"model d{c.n_layer}: width {c.n_embd}, vocab {c.vocab_size:,}, seq {c.sequence_len}, {n:,} params, "
+            f"model {c.summary()}, {n:,} params, "
             f"from {parent.get('stage', '?')} step {parent.get('step', '?')} in {parent.get('export')}\n"
             f"horizon: {self.num_iterations:,} steps, lr x {self.schedule['init_lr_frac']}"
         )

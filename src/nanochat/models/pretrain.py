@@ -172,8 +172,7 @@ class PretrainModule(L.LightningModule):
         tokens = self.num_iterations * self.total_batch_size
         flops = self.model.flops_per_token() * tokens
         return (
-            f"model d{c.n_layer}: width {c.n_embd}, {c.n_head} heads (kv {c.n_kv_head}), vocab {c.vocab_size:,}, "
-            f"seq {c.sequence_len}, {n:,} params, {self.model.flops_per_token():.3e} FLOPs/token\n"
+            f"model {c.summary()}, {n:,} params, {self.model.flops_per_token():.3e} FLOPs/token\n"
             f"horizon: {self.num_iterations:,} steps x {self.total_batch_size:,} tokens = {tokens:,} tokens "
             f"({tokens / n:.1f} tokens/param), {flops:.3e} FLOPs"
         )
@@ -184,8 +183,7 @@ class PretrainModule(L.LightningModule):
         tokens, seconds = self.totals["tokens"], max(self.totals["seconds"], 1e-9)
         s, o = self.schedule, self.optimizer_kwargs
         items = {
-            "model": f"d{c.n_layer}: width {c.n_embd}, {c.n_head} heads (kv {c.n_kv_head}), vocab {c.vocab_size:,}, "
-                     f"sequence {c.sequence_len}",
+            "model": c.summary(),
             "parameters": n,
             "FLOPs per token": f"{per_token:.3e}",
             "optimizer steps": self.global_step,

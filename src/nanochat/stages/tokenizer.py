@@ -7,7 +7,6 @@ from argparse import Namespace
 
 
 def run(cfg) -> None:
-    import json
     import time
     from pathlib import Path
 
@@ -17,13 +16,13 @@ def run(cfg) -> None:
     from nanochat.tokenizer.__main__ import cmd_train
 
     t0 = time.perf_counter()
-    start_run(Path(cfg.paths.runs_dir) / cfg.run)
+    run_root = Path(cfg.paths.runs_dir) / cfg.run
+    start_run(run_root)
     d = cfg.data
     shards = ensure_shards(d.dir, d.source, gutenberg=d.gutenberg, val_fraction=d.val_fraction, shard_chars=d.shard_chars)
     train_files, _ = split_shards(shards)  # the validation shard stays unseen, as for the model
     t = cfg.tokenizer
-    cmd_train(Namespace(input=[str(f) for f in train_files], vocab_size=cfg.model.vocab_size, max_chars=t.max_chars,
-                        doc_cap=t.doc_cap, gutenberg=False, out=cfg.paths.tokenizer_dir, quiet=not t.progress))
-    stats = json.loads((Path(cfg.paths.tokenizer_dir) / "train_stats.json").read_text())
+    stats = cmd_train(Namespace(input=[str(f) for f in train_files], vocab_size=cfg.model.vocab_size, max_chars=t.max_chars,
+                                doc_cap=t.doc_cap, gutenberg=False, out=cfg.paths.tokenizer_dir, quiet=not t.progress))
     items = {"data": f"{d.name} ({len(train_files)} training shards)", "tokenizer dir": cfg.paths.tokenizer_dir, **stats}
-    write_section(Path(cfg.paths.runs_dir) / cfg.run, "tokenizer", {"items": items, "wall_time_s": time.perf_counter() - t0})
+    write_section(run_root, "tokenizer", {"items": items, "wall_time_s": time.perf_counter() - t0})

@@ -50,20 +50,26 @@ def build_task(entry: Mapping) -> Task:
         raise UserError(f"task {name!r} got bad arguments {sorted(kwargs)}: {e}") from e
 
 
+def build_entry(entry: Mapping) -> Task | None:
+    """The entry's task, or None (said in a warning) when it is `optional` and its data is not on this machine."""
+    try:
+        return build_task(entry)
+    except DataUnavailable as e:
+        if not entry.get("optional", False):
+            raise
+        log.warning(f"skipping optional task {entry.get('name')!r}: {e}")
+        return None
+
+
 def build_mixture(entries: list[Mapping], seed: int = 42) -> TaskMixture:
     tasks = []
     for entry in entries:
         epochs = int(entry.get("epochs", 1))
         if epochs < 1:
             raise UserError(f"task {entry.get('name')!r} has epochs={epochs}; it must be at least 1")
-        try:
-            task = build_task(entry)
-        except DataUnavailable as e:
-            if not entry.get("optional", False):
-                raise
-            log.warning(f"skipping optional task {entry.get('name')!r}: {e}")
-            continue
-        tasks.extend([task] * epochs)
+        task = build_entry(entry)
+        if task is not None:
+            tasks.extend([task] * epochs)
     if not tasks:
         raise UserError(f"the mixture {[dict(e).get('name') for e in entries]} has no task with data on this machine")
     return TaskMixture(tasks, seed=seed)

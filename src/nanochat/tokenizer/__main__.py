@@ -37,7 +37,7 @@ def _count(text: str) -> int:
     return value
 
 
-def cmd_train(args) -> None:
+def cmd_train(args) -> dict:
     from tqdm import tqdm
 
     from nanochat.data.documents import iter_documents, list_files
@@ -83,6 +83,7 @@ def cmd_train(args) -> None:
         f"trained a {tok.vocab_size:,}-token BPE on {stats['chars']:,} chars ({stats['docs']:,} documents) "
         f"in {train_time:.1f} s; saved to {out}"
     )
+    return summary
 
 
 def cmd_eval(args) -> None:

@@ -35,6 +35,11 @@ class GPTConfig:
         if self.n_head % self.n_kv_head:
             raise UserError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head} for GQA")
 
+    def summary(self) -> str:
+        """The shape in one line, for logs and the report card."""
+        return (f"d{self.n_layer}: width {self.n_embd}, {self.n_head} heads (kv {self.n_kv_head}), "
+                f"vocab {self.vocab_size:,}, seq {self.sequence_len}")
+
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
