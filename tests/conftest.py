@@ -66,6 +66,21 @@ def tiny_tokenizer():
 
 
 @pytest.fixture(scope="session")
+def random_model(tiny_tokenizer):
+    """A tiny GPT with large random weights: varied, prompt-dependent output (a zero-init model is constant)."""
+    import torch
+
+    from nanochat.models.components import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=64, vocab_size=tiny_tokenizer.vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=64))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
 def tiny_corpus_shards(tmp_path_factory):
     """Shards prepared from corpus_documents(): several train shards and row groups, 10% validation."""
     from nanochat.data.documents import split_text

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanochat.callbacks.chat_eval import categorical_correct, evaluate_chat, generative_passed
+from nanochat.callbacks.chat_eval import categorical_correct, evaluate_chat, sample_passes
 from nanochat.config import compose
 from nanochat.models.components import GPT, GPTConfig
 from nanochat.stages import run_stage
@@ -98,14 +98,14 @@ def test_generative_passes_if_any_sample_has_the_answer(tiny_tokenizer, tmp_path
     conv = task[0]
     args = dict(max_new_tokens=64, temperature=1.0, top_k=50, seed=0)
     engine = FakeEngine(tiny_tokenizer, ["#### 41", "It is 42.\n#### 42", "#### 4"])
-    assert generative_passed(engine, tiny_tokenizer, task, conv, num_samples=3, **args)
-    assert not generative_passed(engine, tiny_tokenizer, task, conv, num_samples=1, **args)
+    assert sample_passes(engine, tiny_tokenizer, task, conv, num_samples=3, **args) == [False, True, False]
+    assert sample_passes(engine, tiny_tokenizer, task, conv, num_samples=1, **args) == [False]
     assert engine.calls[0] == (3, {"max_tokens": 64, "temperature": 1.0, "top_k": 50, "seed": 0})
     short = FakeEngine(tiny_tokenizer, ["#### 42"], max_context=len(tiny_tokenizer.render_for_completion(conv)) + 5)
-    assert generative_passed(short, tiny_tokenizer, task, conv, num_samples=1, **args)
+    assert sample_passes(short, tiny_tokenizer, task, conv, num_samples=1, **args) == [True]
     assert short.calls[0][1]["max_tokens"] == 5  # what fits in the context, not max_new_tokens
     full = FakeEngine(tiny_tokenizer, ["#### 42"], max_context=3)
-    assert not generative_passed(full, tiny_tokenizer, task, conv, num_samples=1, **args) and not full.calls
+    assert sample_passes(full, tiny_tokenizer, task, conv, num_samples=2, **args) == [False, False] and not full.calls
 
 
 @pytest.mark.parametrize("text,answer", [("so #### 1,234 apples", "1234"), ("#### -7.5", "-7.5"), ("no marker 42", None),

@@ -6,18 +6,7 @@ from torch import nn
 
 from nanochat.engine.engine import Engine, generate_naive
 from nanochat.engine.kv_cache import KVCache
-from nanochat.models.components import GPT, GPTConfig
-
-
-@pytest.fixture(scope="module")
-def random_model(tiny_tokenizer):
-    """A tiny GPT with large random weights: varied, prompt-dependent output (a zero-init model is constant)."""
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(sequence_len=64, vocab_size=tiny_tokenizer.vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=64))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-    return model.eval()
+from nanochat.models.components import GPTConfig
 
 
 def test_kv_cache_decoding_equals_naive_recompute_at_temperature_0(random_model, tiny_tokenizer):

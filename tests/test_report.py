@@ -161,19 +161,25 @@ def test_plot_curves_reads_sparse_resumed_csv_and_writes_png(tmp_path):
     csv_path.write_text(SPARSE_CSV)
     # The resumed run re-logged step 20; its values are the ones kept.
     assert report._read_curves(csv_path) == {"train/loss": {10: 7.3, 20: 6.0, 30: 5.8},
-                                             "val/bpb": {0: 3.5, 20: 2.5}, "val/loss": {0: 8.3, 20: 5.9}}
+                                             "val/bpb": {0: 3.5, 20: 2.5}, "val/loss": {0: 8.3, 20: 5.9},
+                                             "perf/mfu": {10: 0.4, 20: 0.4, 30: 0.5},
+                                             "train/lr": {10: 0.02, 20: 0.02, 30: 0.02}}
     out = report.plot_curves(csv_path, tmp_path / "plots" / "curves.png", "base d4")
     assert out == tmp_path / "plots" / "curves.png"
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
     assert struct.unpack(">II", data[16:24]) == (1000, 350)  # IHDR width, height: 10 x 3.5 in at 100 dpi
     assert [p.name for p in out.parent.iterdir()] == ["curves.png"]  # no temp file left behind
+    # any logged metrics, one panel each (the RL stage plots reward, length and pass@1)
+    three = report.plot_curves(csv_path, tmp_path / "three.png", "rl", ("train/lr", "perf/mfu", "rl/reward"))
+    assert struct.unpack(">II", three.read_bytes()[16:24]) == (1500, 350)
+    assert report.plot_curves(csv_path, tmp_path / "none.png", "rl", ("rl/reward",)) is None
 
 
 def test_plot_curves_without_data_writes_nothing(tmp_path):
     csv_path = tmp_path / "metrics.csv"
     csv_path.write_text("perf/mfu,step,train/lr\n0.4,10,0.02\n")
-    assert report.plot_curves(csv_path, tmp_path / "a.png", "x") is None
+    assert report.plot_curves(csv_path, tmp_path / "a.png", "x") is None  # neither train/loss nor val/bpb
     assert report.plot_curves(tmp_path / "missing.csv", tmp_path / "b.png", "x") is None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv"]
 

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 SECTION_ORDER = ("tokenizer", "base", "base-eval", "mid", "mid-eval", "sft", "sft-eval", "rl", "rl-eval")
 SUMMARY_METRICS = (("CORE", "core/score"), ("ARC-Easy", "chat/arc_easy"), ("ARC-Challenge", "chat/arc_challenge"),
-                   ("MMLU", "chat/mmlu"), ("GSM8K", "chat/gsm8k"), ("HumanEval", "chat/humaneval"),
+                   ("MMLU", "chat/mmlu"), ("GSM8K", "chat/gsm8k"), ("GSM8K pass@1 (T=1)", "chat/gsm8k_pass@1"), ("HumanEval", "chat/humaneval"),
                    ("SpellingBee", "chat/spelling_bee"), ("ChatCORE", "chat/chatcore"))
 STAGE_COLUMNS = ("base", "mid", "sft", "rl")
 STAGE_NAMES = {"tokenizer": "Tokenizer", "base": "Base model", "mid": "Midtraining", "sft": "SFT", "rl": "RL"}
@@ -245,45 +245,50 @@ def _render_summary(sections: dict) -> str:
 
 def _read_curves(metrics_csv: Path) -> dict[str, dict[int, float]]:
     """Metric -> {step: value}; a resumed run re-logs some steps, and its later value is the one that counts."""
-    curves: dict[str, dict[int, float]] = {"train/loss": {}, "val/bpb": {}, "val/loss": {}}
+    curves: dict[str, dict[int, float]] = {}
     with open(metrics_csv, newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):
             try:
                 step = int(float(row.get("step") or ""))
             except ValueError:
                 continue
-            for name, points in curves.items():
+            for name, value in row.items():
                 try:
-                    points[step] = float(row.get(name) or "")
-                except ValueError:  # the sparse rows: this metric was not logged on this row
+                    curves.setdefault(name, {})[step] = float(value or "")
+                except (TypeError, ValueError):  # the sparse rows: this metric was not logged on this row
                     pass
+    curves.pop("step", None)
     return {name: dict(sorted(points.items())) for name, points in curves.items() if points}
 
 
 AXIS_LABELS = {"train/loss": "train/loss (nats per token)", "val/bpb": "val/bpb (bits per byte, held out)",
-               "val/loss": "val/loss (nats per token, held out)"}
+               "val/loss": "val/loss (nats per token, held out)", "rl/reward": "rl/reward (mean per sample)",
+               "rl/seq_len": "rl/seq_len (generated tokens per sample)"}
 
 
-def plot_curves(metrics_csv, out_png, title: str) -> Path | None:
-    """Train loss (left) and validation bpb (right; val/loss where no bpb was logged) against step, as a PNG."""
+def plot_curves(metrics_csv, out_png, title: str, names: tuple[str, ...] = ("train/loss", "val/bpb")) -> Path | None:
+    """One panel per metric against step (default: train loss, validation bpb, or val/loss where no bpb was
+    logged), as a PNG; None when none of them was logged."""
     metrics_csv, out_png = Path(metrics_csv), Path(out_png)
     if not metrics_csv.is_file():
         return None
     curves = _read_curves(metrics_csv)
-    val_name = "val/bpb" if "val/bpb" in curves else "val/loss"
-    if "train/loss" not in curves and val_name not in curves:
+    names = tuple("val/loss" if n == "val/bpb" and n not in curves else n for n in names)
+    if not any(n in curves for n in names):
         return None
     # The Figure API with no pyplot keeps no global figure list and never touches a display or the
     # process-wide backend, so this is safe headless and inside a long-running training process.
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(10, 3.5), dpi=100, layout="constrained")
+    fig = Figure(figsize=(5 * len(names), 3.5), dpi=100, layout="constrained")
     fig.suptitle(title)
-    for ax, name, marker in zip(fig.subplots(1, 2), ("train/loss", val_name), (None, "o")):
+    axes = fig.subplots(1, len(names), squeeze=False)[0]
+    for ax, name in zip(axes, names):
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel(AXIS_LABELS[name])
+        ax.set_ylabel(AXIS_LABELS.get(name, name))
         ax.grid(True, alpha=0.3)
         if name in curves:
+            marker = None if len(curves[name]) > 20 else "o"  # sparse evaluations as points
             ax.plot(list(curves[name]), list(curves[name].values()), marker=marker, markersize=4)
         else:
             ax.text(0.5, 0.5, f"no {name} logged", ha="center", va="center", transform=ax.transAxes)

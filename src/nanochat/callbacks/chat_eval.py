@@ -51,14 +51,15 @@ def letter_token(tokenizer, letter: str) -> int:
     return ids[0]
 
 
-def generative_passed(engine, tokenizer, task, conversation: dict, num_samples: int, max_new_tokens: int,
-                      temperature: float, top_k: int | None, seed: int) -> bool:
+def sample_passes(engine, tokenizer, task, conversation: dict, num_samples: int, max_new_tokens: int,
+                  temperature: float, top_k: int | None, seed: int) -> list[bool]:
+    """Whether each of `num_samples` completions passes the task's check (all False when no answer fits)."""
     prompt = tokenizer.render_for_completion(conversation)
     budget = min(max_new_tokens, engine.max_context - len(prompt))
     if budget <= 0:
-        return False  # the question alone fills the context: no room to answer
+        return [False] * num_samples  # the question alone fills the context: no room to answer
     rows, _ = engine.generate_batch(prompt, num_samples, max_tokens=budget, temperature=temperature, top_k=top_k, seed=seed)
-    return any(task.evaluate(conversation, tokenizer.decode(row[len(prompt):])) for row in rows)
+    return [bool(task.evaluate(conversation, tokenizer.decode(row[len(prompt):]))) for row in rows]
 
 
 def evaluate_chat(model, tokenizer, tasks: Mapping[str, object], max_per_task: int = -1, num_samples: int = 1,
@@ -87,8 +88,8 @@ def evaluate_chat(model, tokenizer, tasks: Mapping[str, object], max_per_task: i
                     bar.update(len(mine[i:i + batch_size]))
             else:
                 for j in mine:
-                    correct += generative_passed(engine, tokenizer, task, task[j], num_samples, max_new_tokens,
-                                                 temperature, top_k, seed=j)
+                    correct += any(sample_passes(engine, tokenizer, task, task[j], num_samples, max_new_tokens,
+                                                 temperature, top_k, seed=j))
                     bar.update(1)
             counts = torch.tensor([float(correct)], dtype=torch.float64, device=device)
             if reduce is not None:
@@ -115,15 +116,21 @@ def chat_table(result: dict) -> dict:
     return {"title": "Chat evaluation", "columns": columns, "rows": rows}
 
 
-def build_eval_tasks(entries: list[Mapping]) -> dict:
-    """{metric name: Task} from mixture-style entries (`label` renames one); `optional` ones without data are skipped."""
-    from nanochat.tasks.registry import build_entry
+def build_eval_tasks(entries: list) -> dict:
+    """{metric name: Task} from mixture-style entries (`label` renames one) or Task objects (named by `.name`);
+    `optional` entries without data are skipped."""
+    from nanochat.tasks.base import Task
+    from nanochat.tasks.registry import build_entry, entry_name
 
     tasks = {}
     for entry in entries:
-        task = build_entry({k: v for k, v in entry.items() if k != "label"})
+        label = None
+        if not isinstance(entry, Task):
+            entry = dict(entry)
+            label = entry.pop("label", None)
+        task = build_entry(entry)
         if task is not None:
-            tasks[entry.get("label") or entry.get("name")] = task
+            tasks[label or entry_name(entry)] = task
     return tasks
 
 

@@ -21,7 +21,7 @@ from nanochat.report import plot_curves, start_run, write_section
 
 log = logging.getLogger(__name__)
 
-REPORTED_METRICS = ("train/loss", "val/bpb", "val/loss")  # evaluators add their own
+REPORTED_METRICS = ("train/loss", "val/bpb", "val/loss", "rl/reward", "rl/seq_len")  # evaluators add their own
 
 
 def peak_memory(device: torch.device) -> str:
@@ -42,9 +42,10 @@ def metrics_csv(trainer: L.Trainer) -> Path | None:
 
 
 class ReportCard(L.Callback):
-    def __init__(self, run_root: str, stage: str):
+    def __init__(self, run_root: str, stage: str, curves: list[str] | tuple[str, ...] = ("train/loss", "val/bpb")):
         self.run_root = Path(run_root)
         self.stage = stage
+        self.curves = tuple(curves)  # the metrics plotted, one panel each
         self.t0 = time.perf_counter()
 
     def on_fit_start(self, trainer, pl_module):
@@ -75,7 +76,7 @@ class ReportCard(L.Callback):
             section["notes"] += extra.get("notes", [])
         csv = metrics_csv(trainer)
         png = self.run_root / "report" / f"{self.stage}_curves.png"
-        if csv is not None and plot_curves(csv, png, f"{self.stage}: training curves") is not None:
+        if csv is not None and plot_curves(csv, png, f"{self.stage}: training curves", self.curves) is not None:
             section["plots"] = [str(png.relative_to(self.run_root))]
         path = write_section(self.run_root, self.stage, section)
         log.info(f"report card: {path}")

@@ -40,18 +40,23 @@ class _Conversations(IterableDataset):
         if self.count == 0:
             raise UserError(f"a mixture of {len(mixture)} conversations gives rank {rank} of {world_size} none to train on")
 
-    def rendered(self) -> Iterator[tuple[Position, list[int], list[int]]]:
-        """Positions count conversations as the `round` (a conversation is this reader's unit of data), so under
-        several ranks the others resume at rank 0's conversation, as they resume at its row group for text."""
+    def indices(self) -> Iterator[tuple[Position, int]]:
+        """(position, mixture index) of this rank's conversations. Positions count conversations as the `round`
+        (a conversation is this reader's unit of data), so under several ranks the others resume at rank 0's
+        conversation, as they resume at its row group for text."""
         epoch = self.start.epoch
         first = self.start.round + (1 if self.start.doc > 0 else 0)  # doc 1 of a conversation: the next one
         while True:
             for r in range(first, self.count):
-                ids, mask = self.tokenizer.render_conversation(self.mixture[self.rank + r * self.world_size], self.max_tokens)
-                yield Position(epoch, r, 0, 0), ids, mask
+                yield Position(epoch, r, 0, 0), self.rank + r * self.world_size
             if not self.infinite:
                 return
             epoch, first = epoch + 1, 0
+
+    def rendered(self) -> Iterator[tuple[Position, list[int], list[int]]]:
+        for pos, index in self.indices():
+            ids, mask = self.tokenizer.render_conversation(self.mixture[index], self.max_tokens)
+            yield pos, ids, mask
 
 
 class PackedConversations(_Conversations):
@@ -116,12 +121,12 @@ class ConversationRows(_Conversations):
 class ChatDataModule(StreamDataModule):
     """The task mixtures of a chat stage (lists of registry entries, see nanochat.tasks.registry) and their tokenizer."""
 
-    def __init__(self, *, train: list[Mapping], val: list[Mapping], tokenizer_dir: str | None = None,
+    def __init__(self, *, train: list[Mapping], val: list[Mapping] | None = None, tokenizer_dir: str | None = None,
                  init_from: str | None = None, sequence_len: int, device_batch_size: int, seed: int = 42,
                  num_workers: int = 1, max_conversation_tokens: int = 2048, offline: bool = False):
         # One reader per rank: conversations are indexed, not sharded, so workers beyond one would repeat them.
         super().__init__(sequence_len=sequence_len, device_batch_size=device_batch_size, num_workers=min(num_workers, 1))
-        self.train_entries, self.val_entries = list(train), list(val)
+        self.train_entries, self.val_entries = list(train), list(val or [])
         self.tokenizer_dir, self.init_from = tokenizer_dir, init_from
         self.seed = seed
         self.max_conversation_tokens = max_conversation_tokens
@@ -133,18 +138,19 @@ class ChatDataModule(StreamDataModule):
         if self.train_mixture is not None:
             return
         from nanochat.export import stage_tokenizer
-        from nanochat.tasks.registry import build_mixture
+        from nanochat.tasks.registry import build_mixture, entry_name
         from nanochat.tasks.sources import hub_offline
 
         if self.offline:
             hub_offline()
         self.tokenizer = stage_tokenizer(self.tokenizer_dir, self.init_from)
         self.train_mixture = build_mixture(self.train_entries, seed=self.seed)
-        self.val_mixture = build_mixture(self.val_entries, seed=self.seed)
+        self.val_mixture = build_mixture(self.val_entries, seed=self.seed) if self.val_entries else None
         if len(self.train_mixture) == 0:
-            raise UserError(f"the training mixture {[e.get('name') for e in self.train_entries]} holds no conversations")
+            raise UserError(f"the training mixture {[entry_name(e) for e in self.train_entries]} holds no conversations")
         sizes = ", ".join(f"{type(t).__name__} {len(t):,}" for t in self.train_mixture.tasks)
-        log.info(f"chat mixture: {len(self.train_mixture):,} train conversations ({sizes}); {len(self.val_mixture):,} val")
+        val = f"{len(self.val_mixture):,} val" if self.val_mixture is not None else "no val"
+        log.info(f"chat mixture: {len(self.train_mixture):,} train conversations ({sizes}); {val}")
 
     def setup(self, stage: str | None = None) -> None:
         self._load()

@@ -122,8 +122,10 @@ class Engine:
         elif row.expression is not None:
             row.expression.append(token)
 
-    def generate_batch(self, tokens: list[int], num_samples: int = 1, **kwargs) -> tuple[list[list[int]], list[list[int]]]:
-        """Whole sequences per row: prompt + generated tokens (the stop token excluded), and their masks."""
+    def generate_batch(self, tokens: list[int], num_samples: int = 1, keep_stop: bool = False,
+                       **kwargs) -> tuple[list[list[int]], list[list[int]]]:
+        """Whole sequences per row: prompt + generated tokens, and their masks (prompt and forced tokens 0).
+        The stop token is dropped unless `keep_stop` (RL trains on the decision to stop, like any sampled token)."""
         results = [list(tokens) for _ in range(num_samples)]
         masks = [[0] * len(tokens) for _ in range(num_samples)]
         done = [False] * num_samples
@@ -131,9 +133,8 @@ class Engine:
             for i, (token, mask) in enumerate(zip(column, mask_column)):
                 if done[i]:
                     continue
-                if token in self.stop_ids:
-                    done[i] = True
-                else:
+                done[i] = token in self.stop_ids
+                if keep_stop or not done[i]:
                     results[i].append(token)
                     masks[i].append(mask)
         return results, masks

@@ -111,6 +111,16 @@ class PretrainModule(L.LightningModule):
                 self.manual_backward(loss / accum)
             loss_sum += loss.detach()
             tokens += x.numel()
+        lrm = self.optimizer_step(opt, step)
+        self._meter_loss += loss_sum / accum
+        self._meter_steps += 1
+        self._meter_tokens += tokens
+        done = step + 1
+        if done % self.log_every == 0 or done == self.num_iterations:
+            self._log_progress(done, lrm)
+
+    def optimizer_step(self, opt, step: int) -> float:
+        """Set this step's lr multiplier and Muon momentum, step, clear the gradients; returns the multiplier."""
         s = self.schedule
         lrm = s["init_lr_frac"] * lr_multiplier(step, self.num_iterations, s["warmup_ratio"], s["warmdown_ratio"], s["final_lr_frac"])
         opt.optimizer.apply_schedule(lrm, muon_momentum(step, s["momentum_warmup_steps"], s["momentum_start"], s["momentum_end"]))
@@ -119,12 +129,7 @@ class PretrainModule(L.LightningModule):
         with torch.autocast(self.device.type, enabled=False):
             opt.step()
         opt.zero_grad(set_to_none=True)
-        self._meter_loss += loss_sum / accum
-        self._meter_steps += 1
-        self._meter_tokens += tokens
-        done = step + 1
-        if done % self.log_every == 0 or done == self.num_iterations:
-            self._log_progress(done, lrm)
+        return lrm
 
     # --- metrics ----------------------------------------------------------------------------------
     def _reset_meter(self) -> None:
@@ -181,7 +186,6 @@ class PretrainModule(L.LightningModule):
         """This run's configuration and totals, for its report card section."""
         c, n, per_token = self.config, self.model.num_params(), self.model.flops_per_token()
         tokens, seconds = self.totals["tokens"], max(self.totals["seconds"], 1e-9)
-        s, o = self.schedule, self.optimizer_kwargs
         items = {
             "model": c.summary(),
             "parameters": n,
@@ -195,14 +199,18 @@ class PretrainModule(L.LightningModule):
             "throughput": f"{tokens / seconds:,.0f} tok/s",
             "MFU": f"{100 * per_token * tokens / (seconds * self.peak_flops() * self.trainer.world_size):.2f} %"
                    + (" of a matmul's measured FLOP/s (CPU)" if self.device.type == "cpu" else ""),
-            "learning rates": f"matrix {o.get('matrix_lr', 0.02)}, embedding {o.get('embedding_lr', 0.2)}, "
-                              f"unembedding {o.get('unembedding_lr', 0.004)}, x {s['init_lr_frac']}; "
-                              f"warmup {s['warmup_ratio']}, warmdown {s['warmdown_ratio']}",
+            "learning rates": self.lr_summary(),
         }
         if self.parent:
             p = self.parent
             items["started from"] = f"{p.get('stage', '?')} step {p.get('step', '?')} ({p.get('export')})"
         return items
+
+    def lr_summary(self) -> str:
+        s, o = self.schedule, self.optimizer_kwargs
+        return (f"matrix {o.get('matrix_lr', 0.02)}, embedding {o.get('embedding_lr', 0.2)}, "
+                f"unembedding {o.get('unembedding_lr', 0.004)}, x {s['init_lr_frac']}; "
+                f"warmup {s['warmup_ratio']}, warmdown {s['warmdown_ratio']}")
 
     def export_meta(self) -> dict:
         meta = {"step": self.global_step, "tokens": self.global_step * self.total_batch_size}

@@ -35,6 +35,15 @@ class Task:
     def evaluate(self, conversation: dict, completion: str) -> bool | float:
         raise NotImplementedError(f"{type(self).__name__} has no evaluation")
 
+    def reward(self, conversation: dict, completion: str) -> float:
+        """RL's reward for one sampled completion (the assistant's text, tool calls rendered in): by default
+        1.0 when `evaluate` passes it. Override it for partial credit or a task that has no right answer."""
+        return float(self.evaluate(conversation, completion))
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__.lower()
+
     def _range(self) -> range:
         n = self.num_examples()
         stop = n if self.stop is None else min(self.stop, n)
@@ -90,6 +99,10 @@ class TaskMixture(Task):
     def get_example(self, index: int) -> dict:
         task_index, local_index = self.index_map[index]
         return self.tasks[task_index][local_index]
+
+    def task_at(self, index: int) -> Task:
+        """The task that `self[index]` comes from (RL asks it for the reward)."""
+        return self.tasks[self.index_map[self._range()[index]][0]]
 
 
 def render_mc(question: str, letters: Sequence[str], choices: Sequence[str]) -> str:

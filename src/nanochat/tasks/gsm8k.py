@@ -45,6 +45,3 @@ class GSM8K(Task):
         reference = extract_answer(last_text(conversation))
         predicted = extract_answer(completion)
         return predicted is not None and predicted == reference
-
-    def reward(self, conversation: dict, completion: str) -> float:
-        return float(self.evaluate(conversation, completion))

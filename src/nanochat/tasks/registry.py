@@ -3,6 +3,7 @@
 An entry is `{"name": "gsm8k", "split": "train", "epochs": 1, "start": 0, "stop": None, **loader_kwargs}`;
 `epochs: n` lists the same task n times (n passes over it in one mixture); `optional: true` skips the entry,
 with a warning, when its data is not on this machine (bad data is an error either way).
+An entry may also be a Task object: in a config, `{_target_: my_package.MyTask, ...}`, which Hydra builds.
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ TASKS: dict[str, type[Task]] = {
 }
 
 
-def build_task(entry: Mapping) -> Task:
+def build_task(entry: Mapping | Task) -> Task:
     """One task from an entry (its `epochs` key is ignored here)."""
+    if isinstance(entry, Task):
+        return entry
     kwargs = dict(entry)
     name = kwargs.pop("name", None)
     kwargs.pop("epochs", None)
@@ -50,26 +53,30 @@ def build_task(entry: Mapping) -> Task:
         raise UserError(f"task {name!r} got bad arguments {sorted(kwargs)}: {e}") from e
 
 
-def build_entry(entry: Mapping) -> Task | None:
+def entry_name(entry: Mapping | Task) -> str | None:
+    return entry.name if isinstance(entry, Task) else entry.get("name")
+
+
+def build_entry(entry: Mapping | Task) -> Task | None:
     """The entry's task, or None (said in a warning) when it is `optional` and its data is not on this machine."""
     try:
         return build_task(entry)
     except DataUnavailable as e:
-        if not entry.get("optional", False):
+        if isinstance(entry, Task) or not entry.get("optional", False):
             raise
-        log.warning(f"skipping optional task {entry.get('name')!r}: {e}")
+        log.warning(f"skipping optional task {entry_name(entry)!r}: {e}")
         return None
 
 
-def build_mixture(entries: list[Mapping], seed: int = 42) -> TaskMixture:
+def build_mixture(entries: list[Mapping | Task], seed: int = 42) -> TaskMixture:
     tasks = []
     for entry in entries:
-        epochs = int(entry.get("epochs", 1))
+        epochs = 1 if isinstance(entry, Task) else int(entry.get("epochs", 1))
         if epochs < 1:
-            raise UserError(f"task {entry.get('name')!r} has epochs={epochs}; it must be at least 1")
+            raise UserError(f"task {entry_name(entry)!r} has epochs={epochs}; it must be at least 1")
         task = build_entry(entry)
         if task is not None:
             tasks.extend([task] * epochs)
     if not tasks:
-        raise UserError(f"the mixture {[dict(e).get('name') for e in entries]} has no task with data on this machine")
+        raise UserError(f"the mixture {[entry_name(e) for e in entries]} has no task with data on this machine")
     return TaskMixture(tasks, seed=seed)

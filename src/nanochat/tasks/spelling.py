@@ -127,9 +127,6 @@ class SpellingBee(_WordTask):
         predicted = extract_answer(completion)
         return predicted is not None and predicted == extract_answer(last_text(conversation))
 
-    def reward(self, conversation: dict, completion: str) -> float:
-        return float(self.evaluate(conversation, completion))
-
 
 class SimpleSpelling(_WordTask):
     eval_type = "generative"
