@@ -202,22 +202,28 @@ def test_rl_raises_the_reward_of_a_tiny_model_within_bounded_cpu_steps(digit_sft
 def test_a_resumed_rl_run_ends_with_the_weights_of_an_uninterrupted_one(digit_sft_export):
     def run(name, stop_at=None):
         cfg = compose(rl_overrides(digit_sft_export, f"run={name}", "model.rl.num_iterations=4", "logger=none",
-                                   "callbacks.checkpoint.every_n_train_steps=2", "callbacks.pass_at_k=null"))
+                                   "callbacks.checkpoint.every_n_train_steps=2", "model.rl.eval_max_per_task=4"))
         trainer, module, datamodule, ckpt = build(cfg)
         if stop_at:
             trainer.fit_loop.epoch_loop.max_steps = stop_at  # as if killed after the checkpoint at stop_at
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
-        return module, Path(cfg.paths.run_dir)
+        pass_at_k = next(c for c in trainer.callbacks if type(c).__name__ == "PassAtK")
+        return module, pass_at_k, Path(cfg.paths.run_dir)
 
-    whole, _ = run("whole")
-    first, run_dir = run("parted", stop_at=2)
+    whole, whole_evals, _ = run("whole")
+    first, _, run_dir = run("parted", stop_at=2)
     assert first.global_step == 2 and (run_dir / "checkpoints" / "last.ckpt").is_file()
-    resumed, _ = run("parted")  # resume=auto: last.ckpt, the same questions and seeds from step 3 on
+    resumed, evals, _ = run("parted")  # resume=auto: last.ckpt, the same questions and seeds from step 3 on
     assert resumed.global_step == 4
-    assert [s for s, _ in resumed.reward_history] == [3, 4]
-    assert [r for _, r in resumed.reward_history] == [r for _, r in whole.reward_history[2:]]
+    assert resumed.reward_history == whole.reward_history  # steps 1-2 came back from the checkpoint
+    counts = lambda t: {k: v for k, v in t.items() if k != "seconds"}  # noqa: E731
+    assert counts(resumed.rollout_totals) == counts(whole.rollout_totals)
     for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
+    # the evaluation before RL survives the resume (the report's before/after); step 2's is not repeated
+    assert [step for step, _ in evals.history] == [0, 2, 4] and [step for step, _ in whole_evals.history] == [0, 4]
+    assert evals.history[0][1]["metrics"] == whole_evals.history[0][1]["metrics"]
+    assert evals.history[-1][1]["metrics"] == whole_evals.history[-1][1]["metrics"]
 
 
 def test_bad_rl_settings_are_one_line(digit_sft_export, stage_error, tmp_path):

@@ -68,6 +68,14 @@ class PassAtK(ChatEval):
         super().run(trainer, pl_module)
         self.history.append((trainer.global_step, self.latest))
 
+    def state_dict(self) -> dict:  # in the checkpoint: a resumed run's report still shows the evaluation before RL
+        return {"history": self.history, "last_step": self.last_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = list(state.get("history", []))
+        self.last_step = state.get("last_step", -1)
+        self.latest = self.history[-1][1] if self.history else None
+
     def log_latest(self, prefix: str = "", tasks: bool = True) -> None:
         for r in self.latest["tasks"]:
             rates = "  ".join(f"@{j + 1} {p:.4f}" for j, p in enumerate(r["pass"]))

@@ -126,6 +126,16 @@ class RLModule(ChatModule):
         if done % self.log_every == 0 or done == self.num_iterations:
             self._log_rl(done, lrm)
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:  # the report of a resumed run covers the whole run
+        checkpoint["rl"] = {"reward_history": self.reward_history, "rollout_totals": self.rollout_totals,
+                            "seconds": self.totals["seconds"]}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("rl", {})
+        self.reward_history = [tuple(x) for x in state.get("reward_history", [])]
+        self.rollout_totals.update(state.get("rollout_totals", {}))
+        self.totals["seconds"] = state.get("seconds", 0.0)
+
     # --- metrics ----------------------------------------------------------------------------------
     def _reset_meter(self) -> None:
         super()._reset_meter()
