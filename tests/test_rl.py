@@ -126,6 +126,13 @@ def test_example_task_and_reward_function():
     assert task.evaluate(conv, "7") and not task.evaluate(conv, "77")
     assert PickDigit(size=4, split="test")[0]["messages"][0]["content"] == "Name a digit."
     assert shorter_is_better(conv, "") == 1.0 and shorter_is_better(conv, "x" * 50) == 0.5
+    from hydra.utils import instantiate
+
+    from nanochat.models.rl import reward_name
+
+    partial = instantiate({"_target_": "examples.rl_custom_task.shorter_is_better", "_partial_": True})
+    assert partial(conv, "x" * 50) == 0.5 and reward_name(partial) == "shorter_is_better"
+    assert reward_name(task.reward) == "PickDigit.reward"
 
 
 # --- learning: a tiny model picks up the reward through the real stage ----------------------------------------
@@ -237,6 +244,11 @@ def test_bad_rl_settings_are_one_line(digit_sft_export, stage_error, tmp_path):
     assert "datamodule.reward must be a callable" in err
     err = stage_error(compose(rl_overrides(digit_sft_export, "model.rl.examples_per_step=0")))
     assert "examples_per_step=0" in err
+    broken = "{_target_: builtins.divmod, _partial_: true}"  # (conversation, completion) -> TypeError
+    err = stage_error(compose(rl_overrides(digit_sft_export, f"datamodule.reward={broken}")))
+    assert err.startswith("error: reward divmod failed on question ") and "TypeError" in err
+    nan = "{_target_: math.log, _partial_: true}"  # wrong arity too: any failure is one line naming the reward
+    assert "reward log failed" in stage_error(compose(rl_overrides(digit_sft_export, f"datamodule.reward={nan}")))
 
 
 @pytest.mark.slow

@@ -96,7 +96,7 @@ class RLModule(ChatModule):
             sequences, masks, completions = rollout(engine, prompt_ids, self.num_samples, self.chunk, self.max_new_tokens,
                                                     self.temperature, self.top_k, seed=seed_for(step, prompt.index))
             m["rollout_seconds"] += time.perf_counter() - t0
-            rewards = torch.tensor([float(prompt.reward(prompt.conversation, self.tokenizer.decode(c))) for c in completions])
+            rewards = torch.tensor([score(prompt, self.tokenizer.decode(c)) for c in completions])
             advantages = group_advantages(rewards, self.normalize_std).to(self.device)
             for start in range(0, self.num_samples, self.chunk):
                 done_passes += 1
@@ -192,13 +192,12 @@ class RLModule(ChatModule):
                  if k in ("model", "parameters", "optimizer steps", "learning rates", "started from")}
         t = self.rollout_totals
         datamodule = self.trainer.datamodule
-        reward = getattr(datamodule.reward, "func", datamodule.reward)  # a Hydra `_partial_` function: its name
         items.update({
             "questions per step": datamodule.examples_per_step,
             "samples per question": self.num_samples,
             "sampling": f"temperature {self.temperature}, top-k {self.top_k}, at most {self.max_new_tokens} new "
                         f"tokens, calculator on",
-            "reward": getattr(reward, "__name__", type(reward).__name__) if reward is not None else
+            "reward": reward_name(datamodule.reward) if datamodule.reward is not None else
                       ", ".join(f"{task.name}.reward" for task in dict.fromkeys(datamodule.train_mixture.tasks)),
             "advantage": self.advantage_rule(),
             "samples generated": t["samples"],
@@ -214,6 +213,23 @@ class RLModule(ChatModule):
                 return f"step {hi}" if lo == hi else f"steps {lo}-{hi}"
             items["mean reward"] = f"{h[0][1]:.4f} ({steps(0)}) -> {h[-1][1]:.4f} ({steps(len(h) - 1)})"
         return items
+
+
+def score(prompt, completion: str) -> float:
+    """The prompt's reward for one completion, as a finite float; a reward that fails says so in one line."""
+    name = reward_name(prompt.reward)
+    try:
+        value = float(prompt.reward(prompt.conversation, completion))
+    except Exception as e:  # a user's reward: name it and the question, not a traceback through the trainer
+        raise UserError(f"reward {name} failed on question {prompt.index}: {type(e).__name__}: {e}") from e
+    if not math.isfinite(value):
+        raise UserError(f"reward {name} returned {value} on question {prompt.index}; rewards must be finite numbers")
+    return value
+
+
+def reward_name(reward) -> str:
+    fn = getattr(reward, "func", reward)  # a Hydra `_partial_` function (or functools.partial): what it wraps
+    return getattr(fn, "__qualname__", type(fn).__name__)
 
 
 def seed_for(step: int, index: int) -> int:
