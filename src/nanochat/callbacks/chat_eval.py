@@ -146,7 +146,6 @@ class ChatEval(Evaluator):
         self.settings = dict(max_per_task=max_per_task, num_samples=num_samples, max_new_tokens=max_new_tokens,
                              temperature=temperature, top_k=top_k, batch_size=batch_size)
         self.tasks: dict | None = None
-        self.latest: dict | None = None
 
     def load(self) -> dict:
         if self.tasks is None:
@@ -157,21 +156,20 @@ class ChatEval(Evaluator):
             self.tasks = build_eval_tasks(self.entries)
         return self.tasks
 
-    def evaluate(self, model, tokenizer, rank: int = 0, world_size: int = 1, reduce=None, show_progress=False) -> dict:
-        self.latest = evaluate_chat(model, tokenizer, self.load(), rank=rank, world_size=world_size, reduce=reduce,
-                                    show_progress=show_progress, **self.settings)
-        return self.latest
+    def compute(self, model, tokenizer, data, rank, world_size, reduce, show_progress) -> dict:
+        return evaluate_chat(model, tokenizer, data, rank=rank, world_size=world_size, reduce=reduce,
+                             show_progress=show_progress, **self.settings)
 
     def log_latest(self, prefix: str = "", tasks: bool = True) -> None:
         log_chat(self.latest, prefix, tasks)
 
-    def report(self) -> dict:
-        if self.latest is None:
-            return {}
+    def tables(self) -> list[dict]:
+        return [chat_table(self.latest)]
+
+    def note(self) -> str:
         m = self.settings["max_per_task"]
-        return {"tables": [chat_table(self.latest)], "metrics": dict(self.latest["metrics"]),
-                "notes": [f"chat evaluation: {'all' if m <= 0 else f'at most {m}'} examples per task, "
-                          f"{self.settings['num_samples']} sample(s) at temperature {self.settings['temperature']}"]}
+        return (f"chat evaluation: {'all' if m <= 0 else f'at most {m}'} examples per task, "
+                f"{self.settings['num_samples']} sample(s) at temperature {self.settings['temperature']}")
 
 
 def log_task(r: dict, prefix: str = "") -> None:

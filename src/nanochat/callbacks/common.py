@@ -52,7 +52,8 @@ class Periodic(L.Callback):
 
 class Evaluator(Periodic):
     """A periodic evaluation that also runs outside training (`stage=eval`): `evaluate(model, tokenizer, rank,
-    world_size, reduce)` returns a result whose "metrics" are logged; `report()` is its report-card part."""
+    world_size, reduce)` keeps its result as `latest`, whose "metrics" are logged; `report()` is its report-card
+    part. A subclass says how to load its data, compute a result, log it, and table it."""
 
     latest: dict | None = None
 
@@ -60,14 +61,28 @@ class Evaluator(Periodic):
         """The evaluation data, loaded once; None when there is none and the evaluation is optional."""
         raise NotImplementedError
 
-    def evaluate(self, model, tokenizer, rank: int = 0, world_size: int = 1, reduce=None, show_progress=False) -> dict:
+    def compute(self, model, tokenizer, data, rank: int, world_size: int, reduce, show_progress: bool) -> dict:
+        """{"metrics": {...}, ...} on `data` (what `load` returned), examples strided over ranks and `reduce`d."""
         raise NotImplementedError
 
     def log_latest(self, prefix: str = "", tasks: bool = True) -> None:
         raise NotImplementedError
 
-    def report(self) -> dict:
+    def tables(self) -> list[dict]:
         raise NotImplementedError
+
+    def note(self) -> str:
+        """One line on how the numbers were obtained (examples, samples), for the report."""
+        raise NotImplementedError
+
+    def evaluate(self, model, tokenizer, rank: int = 0, world_size: int = 1, reduce=None, show_progress=False) -> dict:
+        self.latest = self.compute(model, tokenizer, self.load(), rank, world_size, reduce, show_progress)
+        return self.latest
+
+    def report(self) -> dict:
+        if self.latest is None:
+            return {}
+        return {"tables": self.tables(), "metrics": dict(self.latest["metrics"]), "notes": [self.note()]}
 
     def setup(self, trainer, pl_module, stage):
         self.load()  # missing data shows at the start of the run, not after it

@@ -148,7 +148,6 @@ class CoreEval(Evaluator):
         self.max_per_task = max_per_task
         self.required = required
         self.bundle: CoreBundle | None = None
-        self.latest: dict | None = None
 
     def load(self) -> CoreBundle | None:
         if self.bundle is None:
@@ -160,16 +159,14 @@ class CoreEval(Evaluator):
                 log.warning(f"CORE evaluation off: {e}")
         return self.bundle
 
-    def evaluate(self, model, tokenizer, rank: int = 0, world_size: int = 1, reduce=None, show_progress=False) -> dict:
-        self.latest = evaluate_core(model, tokenizer, self.load(), self.max_per_task, rank, world_size, reduce, show_progress)
-        return self.latest
+    def compute(self, model, tokenizer, data, rank, world_size, reduce, show_progress) -> dict:
+        return evaluate_core(model, tokenizer, data, self.max_per_task, rank, world_size, reduce, show_progress)
 
     def log_latest(self, prefix: str = "", tasks: bool = True) -> None:
         log_core(self.latest, prefix, tasks)
 
-    def report(self) -> dict:
-        """What this callback adds to the stage's report section."""
-        if self.latest is None:
-            return {}
-        return {"tables": [core_table(self.latest)], "metrics": dict(self.latest["metrics"]),
-                "notes": [f"CORE over {self.latest['coverage']}, max {self.max_per_task} examples per task"]}
+    def tables(self) -> list[dict]:
+        return [core_table(self.latest)]
+
+    def note(self) -> str:
+        return f"CORE over {self.latest['coverage']}, max {self.max_per_task} examples per task"

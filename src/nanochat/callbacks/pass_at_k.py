@@ -59,10 +59,9 @@ class PassAtK(ChatEval):
                              top_k=top_k)
         self.history: list[tuple[int, dict]] = []  # (optimizer step, result) of each evaluation during training
 
-    def evaluate(self, model, tokenizer, rank: int = 0, world_size: int = 1, reduce=None, show_progress=False) -> dict:
-        self.latest = evaluate_pass_at_k(model, tokenizer, self.load(), rank=rank, world_size=world_size,
-                                         reduce=reduce, show_progress=show_progress, **self.settings)
-        return self.latest
+    def compute(self, model, tokenizer, data, rank, world_size, reduce, show_progress) -> dict:
+        return evaluate_pass_at_k(model, tokenizer, data, rank=rank, world_size=world_size, reduce=reduce,
+                                  show_progress=show_progress, **self.settings)
 
     def run(self, trainer, pl_module) -> None:
         super().run(trainer, pl_module)
@@ -81,17 +80,16 @@ class PassAtK(ChatEval):
             rates = "  ".join(f"@{j + 1} {p:.4f}" for j, p in enumerate(r["pass"]))
             log.info(f"{prefix}{r['task']} pass{rates}  n={r['examples']}  {r['seconds']:.1f} s")
 
-    def report(self) -> dict:
-        if self.latest is None:
-            return {}
+    def tables(self) -> list[dict]:
         k = self.settings["k"]
-        history = self.history or [("-", self.latest)]
+        history = self.history or [("-", self.latest)]  # stage=eval: one evaluation, at no training step
         columns = ["step", "task", "examples", *(f"pass@{j + 1}" for j in range(k)), "seconds"]
         rows = [[step, r["task"], r["examples"], *r["pass"], f"{r['seconds']:.1f}"]
                 for step, result in history for r in result["tasks"]]
-        m = self.settings["max_per_task"]
-        return {"tables": [{"title": f"pass@k on held-out questions (k = {k})", "columns": columns, "rows": rows}],
-                "metrics": dict(self.latest["metrics"]),
-                "notes": [f"pass@k: {'all' if m <= 0 else f'at most {m}'} questions per task, {k} samples each at "
-                          f"temperature {self.settings['temperature']}, top-k {self.settings['top_k']}, "
-                          f"at most {self.settings['max_new_tokens']} new tokens; the same seeds at every evaluation"]}
+        return [{"title": f"pass@k on held-out questions (k = {k})", "columns": columns, "rows": rows}]
+
+    def note(self) -> str:
+        s, m = self.settings, self.settings["max_per_task"]
+        return (f"pass@k: {'all' if m <= 0 else f'at most {m}'} questions per task, {s['k']} samples each at "
+                f"temperature {s['temperature']}, top-k {s['top_k']}, at most {s['max_new_tokens']} new tokens; "
+                f"the same seeds at every evaluation")
