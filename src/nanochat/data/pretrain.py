@@ -13,6 +13,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from nanochat.data.builtin import resolve_source
 from nanochat.data.shards import MANIFEST_NAME, check_shard, list_shards, prepare, split_shards
 from nanochat.data.stream import TokenStream, resume_positions
 from nanochat.errors import UserError
@@ -22,7 +23,10 @@ log = logging.getLogger(__name__)
 
 
 def ensure_shards(directory: str | Path, source=None, **prepare_kwargs) -> list[Path]:
-    """The shards in `directory`; prepared from `source` (files or dirs of text) first when there are none."""
+    """The shards in `directory`; prepared from `source` (files or dirs of text) first when there are none.
+
+    A source `builtin:<dir>` is the built-in starter corpus (nanochat.data.builtin), generated here on first use.
+    """
     directory = Path(directory)
     if source and not (directory / MANIFEST_NAME).is_file():
         if directory.is_dir() and any(directory.glob("*.parquet")):
@@ -31,7 +35,7 @@ def ensure_shards(directory: str | Path, source=None, **prepare_kwargs) -> list[
                 f"{directory} holds shards but no {MANIFEST_NAME} (an interrupted prepare?); delete them to prepare "
                 f"again from data.source, or set data.source=null to train on them as they are"
             )
-        sources = [source] if isinstance(source, (str, Path)) else list(source)
+        sources = [resolve_source(s) for s in ([source] if isinstance(source, (str, Path)) else list(source))]
         log.info(f"preparing shards in {directory} from {', '.join(map(str, sources))}")
         prepare(sources, directory, **prepare_kwargs)
     return list_shards(directory)

@@ -13,10 +13,12 @@ from collections.abc import Mapping
 
 from nanochat.errors import DataUnavailable, UserError
 from nanochat.tasks.arc import ARCChallenge, ARCEasy
+from nanochat.tasks.arithmetic import Arithmetic, ArithmeticChoice
 from nanochat.tasks.base import Task, TaskMixture
 from nanochat.tasks.custom_json import CustomJSON
 from nanochat.tasks.gsm8k import GSM8K
 from nanochat.tasks.humaneval import HumanEval
+from nanochat.tasks.identity import Identity
 from nanochat.tasks.mmlu import MMLU
 from nanochat.tasks.smoltalk import SmolTalk
 from nanochat.tasks.spelling import SimpleSpelling, SpellingBee
@@ -33,6 +35,10 @@ TASKS: dict[str, type[Task]] = {
     "custom_json": CustomJSON,
     "spelling_bee": SpellingBee,
     "simple_spelling": SimpleSpelling,
+    # generated, no download (mixture=builtin)
+    "arithmetic": Arithmetic,
+    "arithmetic_choice": ArithmeticChoice,
+    "identity": Identity,
 }
 
 

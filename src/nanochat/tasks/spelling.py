@@ -1,8 +1,9 @@
 """SpellingBee (count a letter in a word, then check with a python tool call) and SimpleSpelling (spell a word).
 
 Examples are generated from a word list (default ../shared/data/english_words/words_alpha.txt, one word per
-line); example `i` uses `random.Random(i)` for the train split and `random.Random(-(i + 1))` otherwise, so
-train and test never share a seed. nanochat uses 51 prompt templates; this port has the 24 below, in 8 languages.
+line; `builtin:<dir>` names the built-in starter corpus's words); example `i` uses `random.Random(i)` for the
+train split and `random.Random(-(i + 1))` otherwise, so train and test never share a seed. nanochat uses 51
+prompt templates; this port has the 24 below, in 8 languages.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import random
 from functools import lru_cache
 from pathlib import Path
 
+from nanochat.data.builtin import resolve_words
 from nanochat.errors import DataUnavailable, UserError
 from nanochat.paths import shared_data_dir
 from nanochat.tasks.base import Task, extract_answer, last_text
@@ -63,8 +65,9 @@ def load_words(path: str) -> tuple[str, ...]:
 
 
 def word_list(words_path=None) -> tuple[str, ...]:
-    """The words of `words_path`, else of the shared English word list; DataUnavailable when there is none."""
-    path = words_path or default_words_path()
+    """The words of `words_path`, else of the shared English word list; DataUnavailable when there is none.
+    `builtin:<dir>` is the built-in corpus's word list (nanochat.data.builtin), derived on first use."""
+    path = resolve_words(words_path) or default_words_path()
     if path is None:
         raise DataUnavailable(
             "no word list: pass words_path=<a text file with one word per line>, e.g. the one `python -m nanochat.data fetch words` downloads"
