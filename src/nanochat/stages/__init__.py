@@ -20,4 +20,15 @@ def run_stage(cfg) -> None:
         if cause is None:
             raise
         print(f"error: {cause}", file=sys.stderr)
+        if _in_multirun():  # not an exit: Hydra marks this sweep job failed, runs the others, then reports
+            from hydra.errors import CompactHydraException  # the first failure in one line, no traceback
+
+            raise CompactHydraException(str(cause)) from None
         raise SystemExit(2) from None
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
