@@ -4,11 +4,6 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# Real text for the demo and the real-data tests when the shared datasets sit beside the checkout.
-SHARED_TEXT := $(abspath ../shared/data/pretrain_text)
-ifneq ($(wildcard $(SHARED_TEXT)),)
-export NANOCHAT_PRETRAIN_TEXT ?= $(SHARED_TEXT)
-endif
 
 .PHONY: demo test install clean help
 
@@ -24,8 +19,8 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)  ## create .venv and install nanochat with test extras
 
-demo: $(STAMP)  ## text -> tokenizer -> d4 base -> mid -> SFT on CPU -> chat answers (~9.5 min)
-	$(PY) -m nanochat.demo
+demo: $(STAMP)  ## the whole pipeline on CPU: tokenizer -> base -> mid -> SFT -> RL -> report card (~17 min)
+	$(PY) train.py experiment=speedrun_cpu
 
 test: $(STAMP)  ## run the test suite (CPU, a few minutes)
 	$(PY) -m pytest

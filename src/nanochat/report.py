@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parents[2]
 SECTION_ORDER = ("tokenizer", "base", "base-eval", "mid", "mid-eval", "sft", "sft-eval", "rl", "rl-eval")
 SUMMARY_METRICS = (("CORE", "core/score"), ("ARC-Easy", "chat/arc_easy"), ("ARC-Challenge", "chat/arc_challenge"),
                    ("MMLU", "chat/mmlu"), ("GSM8K", "chat/gsm8k"), ("GSM8K pass@1 (T=1)", "chat/gsm8k_pass@1"), ("HumanEval", "chat/humaneval"),
-                   ("SpellingBee", "chat/spelling_bee"), ("ChatCORE", "chat/chatcore"))
+                   ("SpellingBee", "chat/spelling_bee"), ("Arithmetic (built-in)", "chat/arithmetic"),
+                   ("Arithmetic pass@1 (T=1)", "chat/arithmetic_pass@1"), ("ChatCORE", "chat/chatcore"))
 STAGE_COLUMNS = ("base", "mid", "sft", "rl")
 STAGE_NAMES = {"tokenizer": "Tokenizer", "base": "Base model", "mid": "Midtraining", "sft": "SFT", "rl": "RL"}
 TRAINING_TITLES = {"tokenizer": "Tokenizer training", "base": "Base model training"}
