@@ -17,6 +17,7 @@ import torch
 
 from nanochat.callbacks.bpb import ValBPB
 from nanochat.callbacks.common import Evaluator
+from nanochat.loggers import log_report_artifact
 from nanochat.report import plot_curves, start_run, write_section
 
 log = logging.getLogger(__name__)
@@ -80,3 +81,4 @@ class ReportCard(L.Callback):
             section["plots"] = [str(png.relative_to(self.run_root))]
         path = write_section(self.run_root, self.stage, section)
         log.info(f"report card: {path}")
+        log_report_artifact(trainer, path)

@@ -78,5 +78,7 @@ def run(cfg) -> None:
     run_dir = Path(cfg.paths.run_dir)
     if trainer.is_global_zero:
         atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        for logger in trainer.loggers:  # W&B's run config (CSV: logs/hparams.yaml)
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         log.info(f"run dir: {run_dir}" + (f" (resuming from {ckpt_path})" if ckpt_path else ""))
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
