@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -130,13 +131,28 @@ def run(cfg) -> None:
             continue
         print(f"\n[{i}/{len(steps)}] {step.name}\n$ {step.shown(nproc)}", flush=True)
         started = time.perf_counter()
-        code = subprocess.run(step.command(nproc), cwd=TRAIN_PY.parent).returncode
+        code = run_child(step.command(nproc))
         if code != 0:
-            raise UserError(f"step {step.name!r} failed (exit status {code}; its output is above); fix the cause and "
-                            "re-run the same command to continue from it")
+            status = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+            raise UserError(f"step {step.name!r} stopped ({status}; its output is above); re-run the same command to "
+                            "continue from it")
         ledger.record(step, time.perf_counter() - started)
     write_pipeline_section(run_root, steps, ledger, data_overrides, nproc)
     finish(run_root, steps, time.perf_counter() - t0)
+
+
+def run_child(cmd: list[str]) -> int:
+    """One step's process. Ctrl-C reaches it directly (same process group); a SIGTERM sent to the pipeline alone
+    (a scheduler stopping the job) is passed on, so no stage keeps training after its pipeline is gone."""
+    proc = subprocess.Popen(cmd, cwd=TRAIN_PY.parent)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signal.SIGTERM))
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:  # the step got the same Ctrl-C: let it finish stopping, then say how to go on
+        proc.wait()
+        return -signal.SIGINT
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def write_pipeline_section(run_root: Path, steps: list[Step], ledger: Ledger, data_overrides: list[str], nproc: int) -> None:
