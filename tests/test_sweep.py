@@ -37,12 +37,13 @@ def test_depth_sweep_writes_csv_and_png_and_the_cli_rebuilds_them(tmp_path, tiny
     from nanochat.models.components import GPT, GPTConfig
 
     bundle = write_core_bundle(tmp_path / "bundle", missing=False)  # a CORE score per depth: the second plot row
-    out = train(tmp_path, *depth_sweep(tiny_run, f"mixture.core_bundle={bundle}"))
+    # The micro preset (experiment=speedrun_micro) at stage=base, on the test's own shards and tokenizer.
+    out = train(tmp_path, *depth_sweep(tiny_run, "experiment=speedrun_micro", f"mixture.core_bundle={bundle}"))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     (sweep_dir,) = (tmp_path / "home" / "sweeps").glob("*/*")
     assert f"sweep summary: {sweep_dir / CSV_NAME} and {sweep_dir / PNG_NAME} (2 of 2 jobs finished)" in out.stdout
     rows = list(csv.DictReader((sweep_dir / CSV_NAME).read_text().splitlines()))
-    assert [(r["run"], int(r["depth"]), r["status"]) for r in rows] == [("d2", 2, "completed"), ("d3", 3, "completed")]
+    assert [(r["run"], int(r["depth"]), r["status"]) for r in rows] == [("speedrun_d2", 2, "completed"), ("speedrun_d3", 3, "completed")]
     assert int(rows[0]["params"]) < int(rows[1]["params"])
     vocab = tiny_tokenizer.vocab_size
     for row in rows:
@@ -55,7 +56,7 @@ def test_depth_sweep_writes_csv_and_png_and_the_cli_rebuilds_them(tmp_path, tiny
         assert Path(row["run_dir"]) == tmp_path / "home" / "runs" / row["run"] / "base"
     assert matplotlib.image.imread(sweep_dir / PNG_NAME).shape == (760, 1000, 4)  # decodes; bpb and CORE rows
     # The jobs' own Hydra dirs sit in the sweep dir, apart from the run dirs they train in.
-    assert json.loads((sweep_dir / "d3-1" / "sweep_result.json").read_text())["depth"] == 3
+    assert json.loads((sweep_dir / "speedrun_d3-1" / "sweep_result.json").read_text())["depth"] == 3
 
     written = (sweep_dir / CSV_NAME).read_text()
     (sweep_dir / CSV_NAME).unlink()
