@@ -90,8 +90,9 @@ class Ledger:
         if rec["argv"] != step.argv:
             raise UserError(
                 f"step {step.name!r} of this pipeline already finished with a different command "
-                f"({shlex.join(rec['argv'])}); start a new run=<name>, or delete {self.path.parent.parent / step.name} "
-                f"and the '{step.name}' entry of {self.path} to redo it"
+                f"({shlex.join(rec['argv'])}); start a new run=<name>, or delete "
+                + (f"{self.path.parent.parent / step.stage} and " if step.stage else "")
+                + f"the '{step.name}' entry of {self.path} to redo it"
             )
         return True
 
@@ -104,7 +105,7 @@ def device_count(cfg) -> int:
     t = cfg.trainer
     if int(t.get("num_nodes") or 1) > 1:
         raise UserError("a pipeline runs on one node; on a cluster launch each stage with srun/torchrun on every node "
-                        "(README: Multi-node)")
+                        "(README: \"Several nodes\")")
     devices = t.get("devices")
     if t.get("accelerator") == "cpu" or not isinstance(devices, int):
         return 1
@@ -158,9 +159,10 @@ def run_child(cmd: list[str]) -> int:
 def write_pipeline_section(run_root: Path, steps: list[Step], ledger: Ledger, data_overrides: list[str], nproc: int) -> None:
     from nanochat.report import write_section
 
-    rows = [[s.name, s.shown(nproc), ledger.done[s.name]["seconds"]] for s in steps]
+    seconds = [ledger.done[s.name]["seconds"] for s in steps]
+    rows = [[s.name, s.shown(nproc), f"{t:.0f}"] for s, t in zip(steps, seconds)]
     items = {"steps": " -> ".join(s.name for s in steps), "data": " ".join(data_overrides) or "as configured",
-             "steps' wall time (s)": round(sum(r[2] for r in rows), 1)}
+             "steps' wall time": f"{sum(seconds):.0f} s (each step's process, start to exit)"}
     write_section(run_root, "pipeline", {"title": "Pipeline", "items": items,
                                          "tables": [{"title": "Steps", "columns": ["step", "command", "seconds"], "rows": rows}]})
 
