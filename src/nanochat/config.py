@@ -33,6 +33,11 @@ def register_resolvers() -> None:
             OmegaConf.register_new_resolver(name, fn)
 
 
+def override_key(override: str) -> str:
+    """The dotted key a command-line override sets: `+model.depth=6` -> `model.depth`, `~logger` -> `logger`."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def compose(overrides: list[str] | None = None, config_name: str = "train"):
     """The config `train.py` would run with, for the given command-line overrides (no run dir is created)."""
     from hydra import compose as hydra_compose

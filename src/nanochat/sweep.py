@@ -29,6 +29,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
+from nanochat.config import override_key
 from nanochat.io import atomic_write
 
 PLAN, RESULT, CLAIMS = "sweep_plan.json", "sweep_result.json", ".run_dirs"
@@ -267,7 +268,7 @@ def _distinct(jobs: list[dict]) -> list[list[str]]:
 
 def _series(jobs: list[dict]) -> list[str]:
     """A label per job from what sets it apart other than depth: one line per setting in the plot."""
-    return [" ".join(o for o in d if o.split("=", 1)[0].lstrip("+~") not in DEPTH_KEYS) for d in _distinct(jobs)]
+    return [" ".join(o for o in d if override_key(o) not in DEPTH_KEYS) for d in _distinct(jobs)]
 
 
 def plot(jobs: list[dict], out_png: Path) -> Path:

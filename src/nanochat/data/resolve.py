@@ -16,6 +16,8 @@ import os
 import socket
 from pathlib import Path
 
+from nanochat.config import override_key
+from nanochat.data.download import SOURCES
 from nanochat.errors import UserError
 from nanochat.paths import shared_data_dir
 
@@ -35,7 +37,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def _chosen(forwarded: list[str], key: str) -> bool:
-    return any(o.lstrip("+").split("=", 1)[0] in (key, f"{key}.source", f"{key}.name") for o in forwarded)
+    return any(override_key(o) in (key, f"{key}.source", f"{key}.name") for o in forwarded)
 
 
 def resolve_sources(cfg, forwarded: list[str]) -> tuple[list[str], list[list[str]], list[str]]:
@@ -56,6 +58,7 @@ def resolve_sources(cfg, forwarded: list[str]) -> tuple[list[str], list[list[str
 
     overrides, prep, lines = [], [], []
     shared = shared_data_dir()
+    fineweb = Path(cfg.paths.data_dir) / SOURCES["fineweb-edu"].dirname  # where the download step puts the shards
     # Pretraining text.
     if _chosen(forwarded, "data"):
         lines.append("pretraining text: as given on the command line")
@@ -71,9 +74,9 @@ def resolve_sources(cfg, forwarded: list[str]) -> tuple[list[str], list[list[str
         overrides.append("data=fineweb_edu")
         prep.append(["-m", "nanochat.data", "download", "fineweb-edu", "-n", str(cfg.pipeline.shards)])
         lines.append(f"pretraining text: FineWeb-Edu from the hub ({cfg.pipeline.shards} shards, skipping those already here)")
-    elif len(list((Path(cfg.paths.data_dir) / "fineweb_edu").glob("*.parquet"))) >= 2:
+    elif len(list(fineweb.glob("*.parquet"))) >= 2:
         overrides.append("data=fineweb_edu")
-        lines.append(f"pretraining text: FineWeb-Edu shards already in {Path(cfg.paths.data_dir) / 'fineweb_edu'} (hub unreachable)")
+        lines.append(f"pretraining text: FineWeb-Edu shards already in {fineweb} (hub unreachable)")
     elif allow_builtin:
         overrides.append("data=builtin")
     else:

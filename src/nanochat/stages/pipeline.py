@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from nanochat.config import CONF_DIR
+from nanochat.config import CONF_DIR, override_key
 from nanochat.data.resolve import resolve_sources
 from nanochat.errors import UserError
 from nanochat.io import atomic_write
@@ -37,15 +37,17 @@ class Step:
     argv: list[str]  # after the interpreter: `train.py stage=...` or `-m module ...`
     stage: str | None = None
 
+    def launcher(self, nproc: int) -> list[str]:
+        """torchrun's arguments for a stage that trains on several devices, else none."""
+        return ["--standalone", f"--nproc_per_node={nproc}"] if self.stage in RANKED_STAGES and nproc > 1 else []
+
     def command(self, nproc: int) -> list[str]:
-        if self.stage in RANKED_STAGES and nproc > 1:
-            return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *self.argv]
-        return [sys.executable, *self.argv]
+        torchrun = self.launcher(nproc)
+        return [sys.executable, *(["-m", "torch.distributed.run", *torchrun] if torchrun else []), *self.argv]
 
     def shown(self, nproc: int) -> str:
-        cmd = self.command(nproc)
-        head = "torchrun --standalone --nproc_per_node=%d" % nproc if cmd[1:3] == ["-m", "torch.distributed.run"] else "python"
-        return f"{head} {shlex.join(self.argv)}"
+        torchrun = self.launcher(nproc)
+        return shlex.join(["torchrun", *torchrun] if torchrun else ["python"]) + " " + shlex.join(self.argv)
 
 
 def forwarded_overrides() -> list[str]:
@@ -53,7 +55,7 @@ def forwarded_overrides() -> list[str]:
     from hydra.core.hydra_config import HydraConfig
 
     overrides = list(HydraConfig.get().overrides.task)
-    return [o for o in overrides if o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] not in OWN_KEYS]
+    return [o for o in overrides if override_key(o).split(".", 1)[0] not in OWN_KEYS]
 
 
 def plan(cfg, forwarded: list[str], data_overrides: list[str], prep: list[list[str]]) -> list[Step]:

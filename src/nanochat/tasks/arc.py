@@ -7,15 +7,13 @@ in order), so chat evaluation runs ARC offline from ../shared/data/core_eval.
 from __future__ import annotations
 
 from nanochat.errors import UserError
-from nanochat.tasks.base import Task, render_mc
+from nanochat.tasks.base import MultipleChoice, render_mc
 from nanochat.tasks.sources import load_rows
 
 SUBSETS = ("ARC-Easy", "ARC-Challenge")
 
 
-class ARC(Task):
-    eval_type = "categorical"
-
+class ARC(MultipleChoice):
     def __init__(self, subset: str = "ARC-Easy", split: str = "train", path=None, shuffle_seed: int | None = 42, **kw):
         super().__init__(**kw)
         if subset not in SUBSETS:
@@ -44,8 +42,6 @@ class ARC(Task):
             "letters": letters,
         }
 
-    def evaluate(self, conversation: dict, completion: str) -> bool:
-        return completion.strip() == conversation["messages"][-1]["content"]
 
 
 class ARCEasy(ARC):

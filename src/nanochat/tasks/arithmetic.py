@@ -16,7 +16,7 @@ import random
 import zlib
 
 from nanochat.errors import UserError
-from nanochat.tasks.base import Task, extract_answer, last_text, render_mc
+from nanochat.tasks.base import MultipleChoice, Task, extract_answer, last_text, render_mc
 from nanochat.tasks.gsm8k import solution_parts
 
 NAMES = [("Ava", "she"), ("Ben", "he"), ("Chloe", "she"), ("Dev", "he"), ("Elena", "she"), ("Farid", "he"),
@@ -180,10 +180,9 @@ class Arithmetic(_Generated):
         return predicted is not None and predicted == extract_answer(last_text(conversation))
 
 
-class ArithmeticChoice(_Generated):
+class ArithmeticChoice(_Generated, MultipleChoice):
     """`What is 37 * 4?` with four numeric choices: a categorical task scored from the answer letter's logit."""
 
-    eval_type = "categorical"
     letters = ("A", "B", "C", "D")
 
     def get_example(self, index: int) -> dict:
@@ -206,6 +205,3 @@ class ArithmeticChoice(_Generated):
         return {"messages": [{"role": "user", "content": render_mc(question, self.letters, [str(c) for c in choices])},
                              {"role": "assistant", "content": self.letters[gold]}],
                 "letters": self.letters}
-
-    def evaluate(self, conversation: dict, completion: str) -> bool:
-        return completion.strip() == conversation["messages"][-1]["content"]

@@ -105,6 +105,16 @@ class TaskMixture(Task):
         return self.tasks[self.index_map[self._range()[index]][0]]
 
 
+
+class MultipleChoice(Task):
+    """A task answered with one letter (MMLU, ARC, the built-in arithmetic quiz): chat evaluation scores the
+    letters' logits; the last assistant message holds the gold letter."""
+
+    eval_type = "categorical"
+
+    def evaluate(self, conversation: dict, completion: str) -> bool:
+        return completion.strip() == conversation["messages"][-1]["content"]
+
 def render_mc(question: str, letters: Sequence[str], choices: Sequence[str]) -> str:
     """nanochat's multiple-choice prompt; the letter follows the choice with no space so prompt and answer share a token."""
     query = f"Multiple Choice question: {question}\n"

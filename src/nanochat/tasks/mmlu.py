@@ -7,14 +7,13 @@ Reads the hub layout (`question, subject, choices, answer`) or the per-subject C
 from __future__ import annotations
 
 from nanochat.errors import UserError
-from nanochat.tasks.base import Task, render_mc
+from nanochat.tasks.base import MultipleChoice, render_mc
 from nanochat.tasks.sources import load_rows
 
 LETTERS = ("A", "B", "C", "D")
 
 
-class MMLU(Task):
-    eval_type = "categorical"
+class MMLU(MultipleChoice):
     letters = LETTERS
 
     def __init__(self, split: str = "auxiliary_train", config: str = "all", path=None, shuffle_seed: int | None = 42, **kw):
@@ -47,5 +46,3 @@ class MMLU(Task):
             "letters": LETTERS,
         }
 
-    def evaluate(self, conversation: dict, completion: str) -> bool:
-        return completion.strip() == conversation["messages"][-1]["content"]
