@@ -139,8 +139,9 @@ def test_offline_run_logs_metrics_config_report_and_resumes(wandb_pb, no_wandb_l
 def test_fresh_start_gets_a_new_wandb_run(tmp_path):
     (tmp_path / "wandb_id").write_text("old\n")
     assert wandb_run_id(tmp_path, "auto") != ("old", False)  # no checkpoint: training restarts, so does W&B
-    (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
+    from nanochat.checkpoint import AtomicCheckpointIO
+
+    AtomicCheckpointIO().save_checkpoint({"global_step": 3}, tmp_path / "checkpoints" / "last.ckpt")
     assert wandb_run_id(tmp_path, "auto") == ("old", False)
     assert wandb_run_id(tmp_path, "never")[1]
 

@@ -22,6 +22,10 @@ class DataUnavailable(UserError):
     """
 
 
+class NonFiniteError(UserError):
+    """A loss, gradient or weight that is NaN or infinite: training stops rather than keep or save it."""
+
+
 def exit_on_user_error(main: Callable) -> Callable:
     """Decorate a command-line entry point: a UserError becomes `error: <message>` and exit status 2."""
 

@@ -6,7 +6,7 @@
       tokenizer.tiktoken, tokenizer_config.json, tokenizer.json
 
 The directory is written beside the target and swapped in with renames, so a reader sees the old export or
-the new one, never a mix. `init_from=` and serving accept an export dir or a stage run dir holding `export/`.
+the new one, never a mix (after a kill between the two renames, the next reader or writer restores the old one). `init_from=` and serving accept an export dir or a stage run dir holding `export/`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from nanochat.errors import UserError
-from nanochat.io import atomic_write
+from nanochat.errors import NonFiniteError, UserError
+from nanochat.io import atomic_write, fsync_dir
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -28,29 +28,47 @@ CONFIG_FILE = "config.json"
 def save_export(model, tokenizer, out_dir: str | Path, meta: dict | None = None) -> Path:
     from safetensors.torch import save_file
 
+    from nanochat.checkpoint import nonfinite_tensors
+
     out_dir = Path(out_dir)
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    bad = nonfinite_tensors(state)
+    if bad:
+        raise NonFiniteError(f"refusing to export to {out_dir}: the weights {', '.join(bad[:3])} hold NaN or infinite values")
+    recover_export(out_dir)
     staging = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(staging / WEIGHTS_FILE))
     with open(staging / WEIGHTS_FILE, "rb+") as f:
         os.fsync(f.fileno())
     atomic_write(staging / CONFIG_FILE, json.dumps({"model": model.config.to_dict(), "meta": meta or {}}, indent=2))
     tokenizer.save(staging)
+    fsync_dir(staging)
     old = out_dir.with_name(out_dir.name + ".old")
     if out_dir.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(out_dir, old)
+    # A kill right here leaves only `.old` (complete) and `.partial`: recover_export puts `.old` back.
     os.replace(staging, out_dir)
+    fsync_dir(out_dir.parent)
     shutil.rmtree(old, ignore_errors=True)
     return out_dir
+
+
+def recover_export(out_dir: Path) -> None:
+    """Undo a swap that a kill interrupted: `export/` gone, the previous one still complete as `export.old/`."""
+    old = out_dir.with_name(out_dir.name + ".old")
+    if not out_dir.exists() and (old / WEIGHTS_FILE).is_file() and (old / CONFIG_FILE).is_file():
+        os.replace(old, out_dir)
+        fsync_dir(out_dir.parent)
 
 
 def find_export(path: str | Path) -> Path:
     """An export dir itself, or a run dir with `export/` inside; a clear error otherwise."""
     path = Path(path).expanduser()
     for candidate in (path, path / "export"):
+        recover_export(candidate)
         if (candidate / WEIGHTS_FILE).is_file() and (candidate / CONFIG_FILE).is_file():
             return candidate
     raise UserError(f"{path} holds no exported model (expected {WEIGHTS_FILE} and {CONFIG_FILE} in it or in {path / 'export'})")

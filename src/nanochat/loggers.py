@@ -6,6 +6,7 @@ Nothing here imports wandb unless `logger=wandb` instantiates a WandbLogger or o
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import netrc
 import os
@@ -34,9 +35,42 @@ class _AppendingWriter(ExperimentWriter):
             with open(self.metrics_file_path, newline="") as f:
                 self.metrics_keys = next(csv.reader(f), [])
 
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        # Lightning rewrites the file in place, so a kill in the middle would lose every row logged so far.
+        with open(self.metrics_file_path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=fieldnames)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write(self.metrics_file_path, buf.getvalue())
+
 
 class CSVLogger(LightningCSVLogger):
-    """Lightning's CSVLogger, except that a resumed run appends to `metrics.csv` rather than wiping it."""
+    """Lightning's CSVLogger, except that a resumed run appends to `metrics.csv` rather than wiping it, rows are
+    written when logged (Lightning buffers 100 steps, which a kill would lose), and `rewind` drops rows logged
+    after the checkpoint a run resumes from."""
+
+    def __init__(self, *args, flush_logs_every_n_steps: int = 1, **kwargs):
+        super().__init__(*args, flush_logs_every_n_steps=flush_logs_every_n_steps, **kwargs)
+
+    @rank_zero_only
+    def rewind(self, step: int) -> None:
+        """Keep the rows up to `step` (the checkpoint a run resumes from), dropping later ones and a torn last line."""
+        path = Path(self.log_dir) / ExperimentWriter.NAME_METRICS_FILE
+        if not path.is_file():
+            return
+        with open(path, newline="", encoding="utf-8", errors="replace") as f:
+            rows = list(csv.reader(f))
+        if not rows or "step" not in rows[0]:
+            return
+        header, col = rows[0], rows[0].index("step")
+        kept = [r for r in rows[1:] if len(r) == len(header) and r[col].isdigit() and int(r[col]) <= step]
+        if len(kept) < len(rows) - 1:
+            buf = io.StringIO()
+            csv.writer(buf).writerows([header, *kept])
+            atomic_write(path, buf.getvalue())
+            log.info(f"{path}: dropped {len(rows) - 1 - len(kept)} row(s) logged after step {step} by the interrupted run")
 
     @property
     @rank_zero_experiment

@@ -16,6 +16,7 @@ import lightning as L
 import torch
 
 from nanochat.callbacks.common import log_scalars
+from nanochat.errors import NonFiniteError, UserError
 from nanochat.models.components import GPT, GPTConfig
 from nanochat.models.horizon import num_iterations
 from nanochat.optim import build_optimizer, lr_multiplier, muon_momentum
@@ -26,6 +27,7 @@ SCHEDULE_DEFAULTS = dict(
     init_lr_frac=1.0,
     warmup_ratio=0.0, warmdown_ratio=0.2, final_lr_frac=0.0, momentum_warmup_steps=300, momentum_start=0.85, momentum_end=0.95
 )
+MAX_NONFINITE_IN_A_ROW = 10  # with on_nonfinite=skip: more bad batches in a row than this means divergence, not bad data
 HORIZON_DEFAULTS = dict(num_iterations=-1, target_flops=-1.0, param_data_ratio=20.0)
 
 
@@ -46,6 +48,7 @@ class PretrainModule(L.LightningModule):
         compile: bool = False,
         init_from: str | None = None,
         log_every: int = 10,
+        on_nonfinite: str = "stop",
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -67,6 +70,10 @@ class PretrainModule(L.LightningModule):
         self.num_iterations = self._horizon({**HORIZON_DEFAULTS, **(horizon or {})})
         self.log_every = log_every
         self.compile = compile
+        if on_nonfinite not in ("stop", "skip"):
+            raise UserError(f"module.on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
+        self.on_nonfinite = on_nonfinite
+        self.nonfinite = {"skipped": 0, "in_a_row": 0}
         self.totals = {"tokens": 0, "seconds": 0.0}  # trained by this process's fit, all ranks, eval time excluded
         self._reset_meter()
 
@@ -96,6 +103,7 @@ class PretrainModule(L.LightningModule):
         if self.trainer.is_global_zero:
             log.info(self.describe())
         self._reset_meter()
+        self.restore_meter(self.__dict__.pop("_restored_meter", None))
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         opt = self.optimizers()
@@ -111,13 +119,61 @@ class PretrainModule(L.LightningModule):
                 self.manual_backward(loss / accum)
             loss_sum += loss.detach()
             tokens += x.numel()
+        if not self.step_is_finite(opt, step, loss_sum):
+            return
         lrm = self.optimizer_step(opt, step)
         self._meter_loss += loss_sum / accum
+        self._meter_loss_steps += 1
         self._meter_steps += 1
         self._meter_tokens += tokens
         done = step + 1
         if done % self.log_every == 0 or done == self.num_iterations:
             self._log_progress(done, lrm)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["nonfinite_skipped"] = self.nonfinite["skipped"]
+        # The partial logging interval: a run resumed mid-interval logs the same averages as one never stopped.
+        checkpoint["meter"] = self.meter_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.nonfinite["skipped"] = checkpoint.get("nonfinite_skipped", 0)
+        self._restored_meter = checkpoint.get("meter")  # applied in on_fit_start, after the meter's reset
+
+    def meter_state(self) -> dict:
+        return {"loss": float(self._meter_loss), "loss_steps": self._meter_loss_steps}
+
+    def restore_meter(self, state: dict | None) -> None:
+        if state:
+            self._meter_loss, self._meter_loss_steps = state["loss"], state["loss_steps"]
+
+    def step_is_finite(self, opt, step: int, loss: torch.Tensor | None) -> bool:
+        """Whether this step's loss and gradients are all finite; if not, stop or skip as `on_nonfinite` says.
+
+        Checked before the optimizer step, so a bad batch never reaches the weights or a checkpoint. It costs one
+        host-device sync per step; the gradients are the all-reduced ones, the same on every rank.
+        """
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        total = torch.stack(torch._foreach_norm(grads)).sum() if grads else torch.zeros((), device=self.device)
+        if loss is not None:
+            total = total + loss
+        finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(total)), all=True)
+        if finite:
+            self.nonfinite["in_a_row"] = 0
+            return True
+        what = "the loss" if loss is not None and not torch.isfinite(loss) else "a gradient"
+        ckpt = self.trainer.checkpoint_callback
+        kept = f"the last checkpoint ({ckpt.last_model_path})" if ckpt is not None and ckpt.last_model_path else "no checkpoint yet"
+        if self.on_nonfinite == "stop":
+            raise NonFiniteError(f"step {step + 1}: {what} is NaN or infinite; stopped before the optimizer step, keeping {kept} "
+                                 f"(lower the learning rate, or set module.on_nonfinite=skip to skip such batches)")
+        opt.zero_grad(set_to_none=True)
+        self.nonfinite["skipped"] += 1
+        self.nonfinite["in_a_row"] += 1
+        if self.nonfinite["in_a_row"] > MAX_NONFINITE_IN_A_ROW:
+            raise NonFiniteError(f"step {step + 1}: {what} was NaN or infinite in {MAX_NONFINITE_IN_A_ROW + 1} batches in a "
+                                 f"row, so the model has diverged; stopped, keeping {kept}")
+        log.warning(f"step {step + 1}: {what} is NaN or infinite; batch skipped ({self.nonfinite['skipped']} so far)")
+        return False
 
     def optimizer_step(self, opt, step: int) -> float:
         """Set this step's lr multiplier and Muon momentum, step, clear the gradients; returns the multiplier."""
@@ -134,13 +190,14 @@ class PretrainModule(L.LightningModule):
     # --- metrics ----------------------------------------------------------------------------------
     def _reset_meter(self) -> None:
         self._meter_loss = 0.0
+        self._meter_loss_steps = 0  # steps in _meter_loss: restored on resume, unlike the timing below
         self._meter_steps = 0
         self._meter_tokens = 0
         self._meter_t0 = time.perf_counter()
         self.excluded_seconds = 0.0  # evaluation time inside this logging interval, kept out of tok/s
 
     def _log_progress(self, done: int, lrm: float) -> None:
-        loss = float(self._meter_loss / self._meter_steps)  # the one host-device sync per interval
+        loss = float(self._meter_loss / self._meter_loss_steps)  # the one host-device sync per interval
         seconds = max(time.perf_counter() - self._meter_t0 - self.excluded_seconds, 1e-9)
         tok_per_s = self._meter_tokens * self.trainer.world_size / seconds
         mfu = self.model.flops_per_token() * tok_per_s / (self.peak_flops() * self.trainer.world_size)
@@ -152,9 +209,10 @@ class PretrainModule(L.LightningModule):
             "perf/mfu": mfu,
             "perf/step_seconds": seconds / self._meter_steps,
         }
-        skipped = getattr(self.trainer.datamodule, "skipped_row_groups", 0)
-        if skipped:
-            metrics["data/skipped_row_groups"] = float(skipped)
+        for name, count in self.data_faults().items():
+            metrics[f"data/{name}"] = float(count)
+        if self.nonfinite["skipped"]:
+            metrics["train/nonfinite_skipped"] = float(self.nonfinite["skipped"])
         log_scalars(self.trainer, metrics)  # at step = optimizer steps done, like the evaluation callbacks
         self.totals["tokens"] += self._meter_tokens * self.trainer.world_size
         self.totals["seconds"] += seconds
@@ -165,6 +223,11 @@ class PretrainModule(L.LightningModule):
                 f"lrm {lrm:.3f} | {tok_per_s:,.0f} tok/s | mfu {100 * mfu:.2f}% | eta {eta / 60:.1f} min"
             )
         self._reset_meter()
+
+    def data_faults(self) -> dict[str, int]:
+        """Unreadable or unusable data the stream passed over so far in this run (on_bad_data=skip), by kind."""
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        return dict(getattr(datamodule, "data_faults", {}))
 
     def peak_flops(self) -> float:
         from nanochat.hardware import peak_flops
@@ -201,6 +264,11 @@ class PretrainModule(L.LightningModule):
                    + (" of a matmul's measured FLOP/s (CPU)" if self.device.type == "cpu" else ""),
             "learning rates": self.lr_summary(),
         }
+        if self.nonfinite["skipped"]:
+            items["non-finite batches skipped"] = self.nonfinite["skipped"]
+        faults = self.data_faults()
+        if faults:
+            items["data faults skipped"] = ", ".join(f"{n:,} {name.replace('_', ' ')}" for name, n in faults.items())
         if self.parent:
             p = self.parent
             items["started from"] = f"{p.get('stage', '?')} step {p.get('step', '?')} ({p.get('export')})"

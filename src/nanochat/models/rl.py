@@ -120,23 +120,36 @@ class RLModule(ChatModule):
             m["samples"] += self.num_samples
             m["questions"] += 1
             m["generated"] += sum(len(c) for c in completions)
+        if not self.step_is_finite(opt, step, None):
+            return
         lrm = self.optimizer_step(opt, step)
+        self._meter_loss_steps += 1
         self._meter_steps += 1
         done = step + 1
         if done % self.log_every == 0 or done == self.num_iterations:
             self._log_rl(done, lrm)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:  # the report of a resumed run covers the whole run
+        super().on_save_checkpoint(checkpoint)
         checkpoint["rl"] = {"reward_history": self.reward_history, "rollout_totals": self.rollout_totals,
                             "seconds": self.totals["seconds"]}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         state = checkpoint.get("rl", {})
         self.reward_history = [tuple(x) for x in state.get("reward_history", [])]
         self.rollout_totals.update(state.get("rollout_totals", {}))
         self.totals["seconds"] = state.get("seconds", 0.0)
 
     # --- metrics ----------------------------------------------------------------------------------
+    def meter_state(self) -> dict:
+        return {**super().meter_state(), "rl": dict(self._rl_meter)}
+
+    def restore_meter(self, state: dict | None) -> None:
+        super().restore_meter(state)
+        if state:
+            self._rl_meter.update(state.get("rl", {}))
+
     def _reset_meter(self) -> None:
         super()._reset_meter()
         self._rl_meter = dict.fromkeys(("loss", "reward", "solved", "samples", "questions", "generated", "passes", "skipped",
@@ -155,7 +168,7 @@ class RLModule(ChatModule):
             "rl/reward": reward,
             "rl/solved": summed["solved"] / summed["questions"],
             "rl/seq_len": summed["generated"] / summed["samples"],
-            "train/loss": summed["loss"] / (self._meter_steps * world),
+            "train/loss": summed["loss"] / (self._meter_loss_steps * world),
             "train/lrm": lrm,
             "train/lr": lrm * self.optimizers().optimizer.param_groups[0]["initial_lr"],
             "perf/rollout_tok_per_s": tok_per_s,

@@ -3,11 +3,15 @@
     datamodule, module, callbacks, loggers  <- cfg.datamodule, cfg.module, cfg.callbacks, cfg.logger
     Trainer                                 <- cfg.trainer, max_steps = the module's horizon for this data
     ckpt_path                               <- resume=auto: checkpoints/last.ckpt of this run dir, if any
+
+SIGTERM or SIGUSR1 ends the run after the current step with a checkpoint (callbacks.Preemption) and exit status
+128 + the signal's number, so a pipeline or a scheduler sees an interrupted run, not a finished one.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import warnings
 from pathlib import Path
 
@@ -21,8 +25,10 @@ def resume_checkpoint(resume: str | None, checkpoint_dir: Path) -> str | None:
     if resume in (None, "never", False):
         return None
     if resume == "auto":
-        last = checkpoint_dir / "last.ckpt"
-        return str(last) if last.exists() else None
+        from nanochat.checkpoint import latest_checkpoint
+
+        found = latest_checkpoint(checkpoint_dir)
+        return str(found) if found else None
     path = Path(resume).expanduser()
     if not path.is_file():
         raise UserError(f"resume={resume} is not a checkpoint file (use resume=auto, resume=never or a .ckpt path)")
@@ -70,6 +76,7 @@ def build(cfg):
 
 
 def run(cfg) -> None:
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
     from omegaconf import OmegaConf
 
     from nanochat.io import atomic_write
@@ -81,4 +88,25 @@ def run(cfg) -> None:
         for logger in trainer.loggers:  # W&B's run config (CSV: logs/hparams.yaml)
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         log.info(f"run dir: {run_dir}" + (f" (resuming from {ckpt_path})" if ckpt_path else ""))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    if ckpt_path:
+        rewind_loggers(trainer, ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        from nanochat.callbacks.preemption import Preemption
+
+        signum = next((c.received for c in trainer.callbacks if isinstance(c, Preemption) and c.received), signal.SIGTERM)
+        if trainer.is_global_zero:
+            log.warning(f"stopped by {signal.Signals(signum).name} after step {trainer.global_step}; "
+                        f"run the same command again to resume from {run_dir / 'checkpoints'}")
+        raise SystemExit(128 + signum) from None
+
+
+def rewind_loggers(trainer, ckpt_path: str) -> None:
+    """Drop what the loggers recorded after the checkpoint: a killed run's last steps are about to be trained again."""
+    import torch
+
+    step = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)["global_step"]
+    for logger in trainer.loggers:
+        if hasattr(logger, "rewind") and trainer.is_global_zero:
+            logger.rewind(step)
