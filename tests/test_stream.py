@@ -155,12 +155,12 @@ def test_corrupt_row_group_is_skipped_and_counted_or_fails(tmp_path, monkeypatch
         list(strict)
 
 
-def test_unreadable_shard_fails_at_setup_naming_it(tmp_path, tiny_tokenizer_dir):
+def test_unreadable_shard_fails_at_setup_naming_it_in_fail_mode(tmp_path, tiny_tokenizer_dir):
     for i in range(3):
         write_shard(tmp_path / f"shard_{i:05d}.parquet", [f"document {j}" for j in range(10)])
     (tmp_path / "shard_00001.parquet").write_bytes(b"PAR1 this is not parquet")
     dm = PretrainDataModule(dir=str(tmp_path), tokenizer_dir=str(tiny_tokenizer_dir), sequence_len=8,
-                            device_batch_size=1, total_batch_size=8)
+                            device_batch_size=1, total_batch_size=8, on_bad_data="fail")  # skip: tests/test_data_faults.py
     with pytest.raises(UserError, match="shard_00001.parquet"):
         dm.setup("fit")
 

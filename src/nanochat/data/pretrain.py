@@ -6,6 +6,7 @@ It owns the data position (see StreamDataModule, shared with the chat stages' da
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from nanochat.data.builtin import resolve_source
 from nanochat.data.shards import MANIFEST_NAME, check_shard, list_shards, prepare, split_shards
-from nanochat.data.stream import TokenStream, resume_positions
+from nanochat.data.stream import FAULT_KINDS, TokenStream, resume_positions
 from nanochat.errors import UserError
 from nanochat.models.horizon import grad_accum_steps
 
@@ -54,7 +55,8 @@ class StreamDataModule(L.LightningDataModule):
         self.seq_len, self.device_batch_size = sequence_len, device_batch_size
         self.num_workers = num_workers
         self._slots: dict[int, dict] = {}  # reader slot -> position after the last batch trained on
-        self._skipped: dict[int, int] = {}
+        self._faults: dict[int, dict[str, int]] = {}  # reader slot -> data it skipped up to that position
+        self._skipped_shards = 0  # shards the training stream left out of its plan
         self._next_slot = 0
         self._loaded: dict = {}
 
@@ -68,8 +70,12 @@ class StreamDataModule(L.LightningDataModule):
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     @property
-    def skipped_row_groups(self) -> int:
-        return sum(self._skipped.values())
+    def data_faults(self) -> dict[str, int]:
+        """What the stream skipped so far in this run, resumes included (on_bad_data=skip), by kind; only kinds that
+        occurred. Counted by rank 0's readers."""
+        total = sum((Counter(c) for c in self._faults.values()), Counter(skipped_shards=self._skipped_shards))
+        kinds = list(FAULT_KINDS) + sorted(set(total) - set(FAULT_KINDS))
+        return {k: total[k] for k in kinds if total[k]}
 
     def start_positions(self) -> dict:
         rank, world = self.rank_and_world
@@ -88,7 +94,9 @@ class StreamDataModule(L.LightningDataModule):
             return batch
         state = dict(batch["state"])
         slot = state.pop("slot")
-        self._skipped[slot] = state.pop("skipped")
+        skipped = state.pop("skipped", 0)
+        # The chat streams carry only `skipped`: conversations with nothing to train on.
+        self._faults[slot] = state.pop("faults", None) or ({"skipped_conversations": skipped} if skipped else {})
         self._slots[slot] = state
         self._next_slot = (slot + 1) % self.num_slots
         return self.training_batch(batch)
@@ -97,12 +105,14 @@ class StreamDataModule(L.LightningDataModule):
         if not self._slots:
             return dict(self._loaded)
         stride = self.rank_and_world[1] * self.num_slots  # readers across all ranks, as TokenStream.stride
-        return {"slots": dict(self._slots), "next_slot": self._next_slot, "num_slots": self.num_slots, "stride": stride}
+        return {"slots": dict(self._slots), "next_slot": self._next_slot, "num_slots": self.num_slots, "stride": stride,
+                "faults": dict(self._faults)}
 
     def load_state_dict(self, state: dict) -> None:
         self._loaded = dict(state)
         self._slots = {int(k): dict(v) for k, v in state.get("slots", {}).items()}
         self._next_slot = state.get("next_slot", 0)
+        self._faults = {int(k): dict(v) for k, v in state.get("faults", {}).items()}  # absent in older checkpoints
 
     # --- validation tokens ---------------------------------------------------------------------
     def val_stream(self, rows: int):
@@ -148,18 +158,20 @@ class PretrainDataModule(StreamDataModule):
         self.source = source
         self.prepare_kwargs = dict(gutenberg=gutenberg, val_fraction=val_fraction, shard_chars=shard_chars)
         self.total_batch_size = total_batch_size
+        self.on_bad_data = on_bad_data
         self.stream_kwargs = dict(tokenizer_batch=tokenizer_batch, tokenizer_threads=tokenizer_threads, on_bad_data=on_bad_data)
 
     def prepare_data(self) -> None:
-        ensure_shards(self.dir, self.source, **self.prepare_kwargs)
+        ensure_shards(self.dir, self.source, on_bad_data=self.on_bad_data, **self.prepare_kwargs)
 
     def setup(self, stage: str | None = None) -> None:
         from nanochat.tokenizer import Tokenizer
 
-        files = list_shards(self.dir)
-        for f in files:
+        self.train_files, self.val_files = split_shards(list_shards(self.dir))
+        # The validation shard cannot be skipped (it is the only one); bad training shards fail here in fail mode,
+        # and in skip mode are left out (one warning each, counted) by the training stream.
+        for f in self.val_files + (self.train_files if self.on_bad_data == "fail" else []):
             check_shard(f)
-        self.train_files, self.val_files = split_shards(files)
         self.tokenizer = Tokenizer.load(self.tokenizer_dir)
         rank, world = self.rank_and_world
         self.grad_accum = grad_accum_steps(self.total_batch_size, self.device_batch_size, self.seq_len, world)
@@ -184,6 +196,7 @@ class PretrainDataModule(StreamDataModule):
             start=self.start_positions(),
             **self.stream_kwargs,
         )
+        self._skipped_shards = len(stream.skipped_shards)
         return self.loader(stream)
 
     def val_stream(self, rows: int) -> TokenStream:

@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from nanochat.data.documents import iter_documents, list_files
+from nanochat.data.documents import BadRows, iter_documents, list_files
 from nanochat.errors import UserError
-from nanochat.io import atomic_write
+from nanochat.io import atomic_open, atomic_write
 
 ROW_GROUP_DOCS = 1024
 ZSTD_LEVEL = 3
@@ -45,29 +43,18 @@ def write_shard(path: str | Path, texts: list[str]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.table({"text": pa.array(texts, type=pa.string())})
     # The temp name ends in .tmp, so list_shards never mistakes it for a shard.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pq.write_table(
-                table,
-                f,
-                row_group_size=ROW_GROUP_DOCS,
-                compression="zstd",
-                compression_level=ZSTD_LEVEL,
-                use_dictionary=False,
-                write_statistics=False,
-            )
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; shards are ordinary readable data
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as f:
+        pq.write_table(
+            table,
+            f,
+            row_group_size=ROW_GROUP_DOCS,
+            compression="zstd",
+            compression_level=ZSTD_LEVEL,
+            use_dictionary=False,
+            write_statistics=False,
+        )
 
 
 def _shard_files(directory: Path) -> list[Path]:
@@ -111,11 +98,13 @@ def check_shard(path: str | Path) -> int:
         schema = meta.schema.to_arrow_schema()
     except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for truncated or foreign files
         raise UserError(
-            f"{path} is not a readable parquet file ({e}); it is probably corrupt or truncated: "
+            f"{path} is not a readable parquet file ({' '.join(str(e).split())}); it is probably corrupt or truncated: "
             "delete it and re-run the download or prepare command"
         ) from None
     field = schema.field("text") if "text" in schema.names else None
-    if field is None or not (pa.types.is_string(field.type) or pa.types.is_large_string(field.type)):
+    # Binary is accepted: its values are checked (UTF-8) one document at a time by the stream.
+    kinds = (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary)
+    if field is None or not any(is_kind(field.type) for is_kind in kinds):
         raise UserError(f"{path} has no string column 'text' (columns: {schema.names}); it is not a text shard")
     if meta.num_rows == 0:
         raise UserError(f"{path} is an empty shard (0 rows); delete it and re-run the download or prepare command")
@@ -183,6 +172,7 @@ def prepare(
     txt_doc_chars: int = 8000,
     overwrite: bool = False,
     show_progress: bool = True,
+    on_bad_data: str = "skip",
 ) -> dict:
     """Turn local text / jsonl / parquet files into a shard directory and return its manifest.
 
@@ -190,6 +180,8 @@ def prepare(
     larger ones should be downloaded or pre-sharded instead. The validation split depends only on each
     document's text and val_fraction (see SPLIT_RULE), so adding inputs or reordering them keeps the
     validation documents of the others where they were. Train shards come first, the validation shard last.
+    Bad input rows are skipped and counted (manifest "skipped_rows", one warning), or with on_bad_data="fail"
+    raise a UserError naming the file and line.
     """
     from tqdm import tqdm
 
@@ -203,8 +195,9 @@ def prepare(
     files = list_files(inputs)
 
     # Read everything before deleting old shards: a bad input must not cost the user their previous shards.
-    docs = tqdm(iter_documents(files, gutenberg=gutenberg, txt_doc_chars=txt_doc_chars), desc="reading documents",
-                unit="doc", disable=not show_progress)
+    bad = BadRows(on_bad_data, hint="; fix or delete that row, or set data.on_bad_data=skip to skip (and count) such rows")
+    docs = tqdm(iter_documents(files, gutenberg=gutenberg, txt_doc_chars=txt_doc_chars, bad=bad),
+                desc="reading documents", unit="doc", disable=not show_progress)
     with docs:
         train, val = split_documents(docs, val_fraction)
     random.Random(seed).shuffle(train)
@@ -232,6 +225,8 @@ def prepare(
         "train": {"docs": len(train), "chars": sum(map(len, train)), "shards": train_names},
         "val": {"docs": len(val), "chars": sum(map(len, val)), "shards": [val_name]},
     }
+    if bad.count:
+        manifest["skipped_rows"] = bad.count
     # Written last: a manifest means the directory is complete.
     atomic_write(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
     return manifest

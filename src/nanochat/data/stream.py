@@ -10,12 +10,19 @@ Resume is exact for one process: each batch carries the position of the next tok
 (epoch, round, document, token), and `TokenStream(start=...)` restarts there. Under several ranks only
 rank 0's positions are checkpointed; other ranks restart at the same round of their own units, so resume is
 exact up to the current row group (nanochat does the same).
+
+Bad data (`on_bad_data`): with "skip" (the default) a shard that cannot be opened is left out of the plan with
+one warning, an unreadable row group is passed over with one warning, and documents that are empty or not text
+are dropped; each is counted by kind (FAULT_KINDS). With "fail" each raises a UserError naming the file and the
+row group / row. Per-reader counts travel in every batch's state next to the position they belong to, so a
+resume continues them instead of counting again.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +33,29 @@ from torch.utils.data import IterableDataset, get_worker_info
 from nanochat.errors import UserError
 
 log = logging.getLogger(__name__)
+
+# What on_bad_data=skip passes over, in report order. Shards are counted once per stream (at plan time), the
+# others each time a reader meets them (so once per epoch).
+FAULT_KINDS = ("skipped_shards", "skipped_row_groups", "empty_documents", "invalid_documents")
+
+
+def one_line(error: Exception) -> str:
+    """An exception's text on one line (pyarrow's messages span several): errors are printed as one line."""
+    return " ".join(str(error).split())
+
+
+def document_fault(value) -> tuple[str | None, str | None, str]:
+    """(text, None, "") for a usable document, else (None, fault kind, what is wrong with it)."""
+    if isinstance(value, bytes):  # a binary `text` column: accept it when it holds UTF-8
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return None, "invalid_documents", f"is not valid UTF-8 (bad byte at offset {e.start})"
+    if not isinstance(value, str):
+        return None, "invalid_documents", "is null" if value is None else f"is a {type(value).__name__}, not text"
+    if not value.strip():
+        return None, "empty_documents", "is empty"
+    return value, None, ""
 
 
 @dataclass(frozen=True)
@@ -67,8 +97,8 @@ class TokenStream(IterableDataset):
         self.infinite = infinite
         self.tokenizer_batch, self.tokenizer_threads = tokenizer_batch, tokenizer_threads
         self.on_bad_data = on_bad_data
+        self.skipped_shards: list[Path] = []  # shards left out of the plan (on_bad_data=skip)
         self.units = self._plan_units()
-        self.skipped = 0  # unreadable row groups passed over (on_bad_data=skip)
 
     @property
     def stride(self) -> int:
@@ -78,14 +108,24 @@ class TokenStream(IterableDataset):
         """(file index, row group, part, parts): row groups split into `parts` interleaved slices when scarce."""
         import pyarrow.parquet as pq
 
+        from nanochat.data.shards import check_shard
+
         groups = []
         for i, path in enumerate(self.files):
             try:
+                check_shard(path)  # footer, `text` column, at least one row: its UserError names the file
                 groups += [(i, rg) for rg in range(pq.ParquetFile(path).num_row_groups)]
             except Exception as e:  # pyarrow raises several types for unreadable files
-                raise UserError(f"{path} is not a readable parquet shard ({e}); delete it and prepare/download it again") from None
+                if not isinstance(e, UserError):
+                    e = UserError(f"{path} is not a readable parquet shard ({one_line(e)}); delete it and prepare/download it again")
+                if self.on_bad_data == "fail":
+                    raise e from None
+                log.warning("skipping shard: %s", e)
+                self.skipped_shards.append(path)
         if not groups:
-            raise UserError(f"the shards {[str(f) for f in self.files]} hold no row groups")
+            names = ", ".join(str(f) for f in self.files[:3]) + (f" and {len(self.files) - 3} more" if len(self.files) > 3 else "")
+            raise UserError(f"none of the {len(self.files)} shard(s) {names} holds readable text (see the warnings "
+                            "above); delete them and re-run the download or prepare command")
         parts = math.ceil(self.stride / len(groups))
         return [(f, rg, part, parts) for f, rg in groups for part in range(parts)]
 
@@ -94,7 +134,8 @@ class TokenStream(IterableDataset):
         return list(range(self.rank * self.num_slots + slot, len(self.units), self.stride))
 
     # --- reading -------------------------------------------------------------------------------
-    def _read_unit(self, unit: int, cache: dict) -> list[str]:
+    def _read_unit(self, unit: int, cache: dict) -> list | None:
+        """The unit's `text` values, raw (checked by `_documents`); None for an unreadable row group (skip mode)."""
         import pyarrow.parquet as pq
 
         f, rg, part, parts = self.units[unit]
@@ -106,49 +147,78 @@ class TokenStream(IterableDataset):
             texts = cache[f].read_row_group(rg, columns=["text"]).column("text").to_pylist()
         except Exception as e:
             if self.on_bad_data == "fail":
-                raise UserError(f"{path} row group {rg} cannot be read ({e}); set data.on_bad_data=skip to skip it") from None
-            log.warning("skipping unreadable row group %d of %s (%s)", rg, path, e)
+                raise UserError(f"{path} row group {rg} cannot be read ({one_line(e)}); set data.on_bad_data=skip to skip it") from None
+            log.warning("skipping unreadable row group %d of %s (%s)", rg, path, one_line(e))
             return None
         return texts[part::parts]
 
-    def _documents(self, slot: int, pos: Position) -> Iterator[tuple[Position, list[int]]]:
-        """(position of the document's first token, its tokens) from `pos` on, tokenized in batches."""
+    def _documents(self, slot: int, pos: Position, faults: list) -> Iterator[tuple[Position, list[int]]]:
+        """(position of the document's first token, its tokens) from `pos` on, tokenized in batches.
+
+        Skipped data is appended to `faults` as ((epoch, round, doc), kind) when met: before the documents after it.
+        """
         units = self.slot_units(slot)
         epoch, round_, doc, token = pos.epoch, pos.round, pos.doc, pos.token
+        whole_epoch = pos == Position(epoch)  # a resumed, partial epoch may rightly hold no documents
         cache: dict = {}
         bos = self.tokenizer.bos_token_id
         while True:
+            found = 0
             for r in range(round_, len(units)):
                 texts = self._read_unit(units[r], cache)
                 if texts is None:
-                    self.skipped += 1
+                    faults.append(((epoch, r, 0), "skipped_row_groups"))
                     texts = []
                 for lo in range(doc, len(texts), self.tokenizer_batch):
-                    batch = texts[lo : lo + self.tokenizer_batch]
-                    keep = [i for i, t in enumerate(batch) if t and t.strip()]  # empty documents carry no signal
-                    encoded = self.tokenizer.encode_batch([batch[i] for i in keep], prepend=bos, num_threads=self.tokenizer_threads)
+                    keep, docs = [], []
+                    for i, value in enumerate(texts[lo : lo + self.tokenizer_batch], start=lo):
+                        text, kind, why = document_fault(value)
+                        if kind is None:
+                            keep.append(i)
+                            docs.append(text)
+                        elif self.on_bad_data == "fail":
+                            f, rg, part, parts = self.units[units[r]]
+                            raise UserError(f"{self.files[f]} row group {rg} row {part + i * parts}: the 'text' value "
+                                            f"{why}; set data.on_bad_data=skip to skip (and count) such documents")
+                        else:
+                            faults.append(((epoch, r, i), kind))
+                    encoded = self.tokenizer.encode_batch(docs, prepend=bos, num_threads=self.tokenizer_threads)
+                    found += len(keep)
                     for i, ids in zip(keep, encoded):
-                        start = token if lo + i == doc else 0
-                        yield Position(epoch, r, lo + i, start), ids[start:]
+                        start = token if i == doc else 0
+                        yield Position(epoch, r, i, start), ids[start:]
                 doc, token = 0, 0
             if not self.infinite:
                 return
-            epoch, round_ = epoch + 1, 0
+            if whole_epoch and not found:  # another pass would find nothing either: fail instead of spinning
+                met = dict(Counter(kind for (e, _, _), kind in faults if e == epoch))
+                why = f"skipped: {met}" if met else "no rows: the data is too small for this many readers (ranks x data.num_workers)"
+                raise UserError(f"reader {slot} of rank {self.rank} read all its {len(units)} row group(s) of "
+                                f"{len(self.files)} shard(s) and found no usable document ({why})")
+            epoch, round_, whole_epoch = epoch + 1, 0, True
 
     def batches(self, slot: int) -> Iterator[dict]:
         """Reader `slot`'s batches; `__iter__` picks the slot from the DataLoader worker id."""
         pos = self.start.get(slot, Position())
         if pos.round >= len(self.slot_units(slot)):
             pos = Position(pos.epoch + 1)
-        for tokens, nxt in pack_rows(self._documents(slot, pos), self.rows, self.seq_len):
-            yield {"tokens": tokens, "state": {"slot": slot, "skipped": self.skipped, **asdict(nxt)}}
+        counts = Counter(self.start.get("faults", {}).get(slot, {}))  # counted before a resume
+        pending: list = []  # faults met by the document reader, which runs ahead of the packed rows
+        for tokens, nxt in pack_rows(self._documents(slot, pos, pending), self.rows, self.seq_len):
+            # Faults before `nxt` are behind this batch; a resume at `nxt` meets the others again, so they wait.
+            here = (nxt.epoch, nxt.round, nxt.doc)
+            counts.update(kind for where, kind in pending if where < here)
+            pending[:] = [(where, kind) for where, kind in pending if where >= here]
+            faults = {k: counts[k] for k in FAULT_KINDS if counts[k]}
+            # `skipped` (their total) is the key the chat streams carry too.
+            state = {"slot": slot, "faults": faults, "skipped": sum(faults.values())}
+            yield {"tokens": tokens, "state": {**state, **asdict(nxt)}}
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
         if info is not None and info.num_workers != self.num_slots:
             raise RuntimeError(f"TokenStream planned {self.num_slots} slots but runs in {info.num_workers} workers")
-        self.skipped = 0
         # After a resume the loader's first batch must come from the reader whose turn it is.
         slot = (worker + self.start.get("next_slot", 0)) % self.num_slots
         return self.batches(slot)
@@ -195,8 +265,10 @@ def resume_positions(state: dict, rank: int, num_slots: int, stride: int) -> dic
     if state.get("num_slots") != num_slots or state.get("stride") != stride:
         log.warning("data stream resumed with a different rank/worker layout; restarting readers at the saved epoch")
         epoch = min(p["epoch"] for p in state["slots"].values()) if state.get("slots") else 0
-        return {slot: Position(epoch) for slot in range(num_slots)}
-    start: dict = {"next_slot": state["next_slot"]}
+        total = sum((Counter(c) for c in state.get("faults", {}).values()), Counter())
+        return {slot: Position(epoch) for slot in range(num_slots)} | {"faults": {0: dict(total)}}
+    # Fault counts so far (rank 0's, like the positions); checkpoints from before they were kept have none.
+    start: dict = {"next_slot": state["next_slot"], "faults": {int(s): dict(c) for s, c in state.get("faults", {}).items()}}
     for slot, p in state["slots"].items():
         p = Position(**p)
         # Other ranks only know rank 0's round, so they restart at the beginning of it.

@@ -19,11 +19,12 @@ def run_stage(cfg) -> None:
             cause = cause.__cause__
         if cause is None:
             raise
-        print(f"error: {cause}", file=sys.stderr)
+        message = _one_line(str(cause))
+        print(f"error: {message}", file=sys.stderr)
         if _in_multirun():  # not an exit: Hydra marks this sweep job failed, runs the others, then reports
             from hydra.errors import CompactHydraException  # the first failure in one line, no traceback
 
-            raise CompactHydraException(str(cause)) from None
+            raise CompactHydraException(message) from None
         raise SystemExit(2) from None
 
 
@@ -32,3 +33,11 @@ def _in_multirun() -> bool:
     from hydra.types import RunMode
 
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _one_line(message: str) -> str:
+    """The user's sentence of an error; one re-raised from a DataLoader worker carries the worker's traceback too."""
+    if "Original Traceback" in message:  # torch: "Caught UserError in DataLoader worker ...\n<traceback>\nUserError: <msg>"
+        last = message.rstrip().splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return message

@@ -83,6 +83,24 @@ def _open_text(path: Path):
     return gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else open(path, encoding="utf-8")
 
 
+def _read_jsonl(path: Path) -> list:
+    """The records of a jsonl file; a bad line is a UserError naming file:line (curated task data is not skipped)."""
+    records = []
+    with gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                records.append(json.loads(raw.decode("utf-8")))
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}:{lineno} is not valid UTF-8 (bad byte at offset {e.start}); fix or delete that line") from None
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno} is not valid JSON ({e.msg}); fix or delete that line") from None
+            if not isinstance(records[-1], dict):
+                raise UserError(f"{path}:{lineno} is not a record (an object with named fields); fix or delete that line")
+    return records
+
+
 def read_table(path: Path):
     """One local file as a pyarrow Table."""
     import pyarrow as pa
@@ -92,13 +110,13 @@ def read_table(path: Path):
     try:
         if name.endswith(".parquet"):
             return pq.read_table(path)
-        with _open_text(path) as f:
-            if name.endswith(".csv"):
-                records = list(csv.DictReader(io.StringIO(f.read())))
-            elif name.endswith((".jsonl", ".jsonl.gz")):
-                records = [json.loads(line) for line in f if line.strip()]
-            else:
-                records = json.load(f)
+        if name.endswith((".jsonl", ".jsonl.gz")):
+            records = _read_jsonl(path)
+        else:
+            with _open_text(path) as f:
+                records = list(csv.DictReader(io.StringIO(f.read()))) if name.endswith(".csv") else json.load(f)
+    except UserError:
+        raise
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read dataset file {path}: {e}") from e
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
