@@ -33,6 +33,26 @@ def stage_error(capsys):
     return run
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny matmuls on a shared 2-core machine: extra OpenMP threads only spin (8 ms vs 8 us per op measured);
+    a live server under test also gets a core of its own."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def serving_tokenizer():
+    """A 600-token BPE for serving tests: small enough to train in a second, real enough to chat with."""
+    from nanochat.tokenizer import Tokenizer
+
+    return Tokenizer.train([d[:4000] for d in corpus_documents()], vocab_size=600, show_progress=False)
+
+
 @pytest.fixture(scope="session")
 def shared_data():
     from nanochat.paths import shared_data_dir

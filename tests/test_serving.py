@@ -34,26 +34,15 @@ from nanochat.serving.limits import RequestError, validate_chat  # noqa: E402
 pytestmark = [  # gradio's queue calls pandas APIs that pandas 3 deprecates; not ours to fix
     pytest.mark.filterwarnings("ignore:.*no_silent_downcasting.*"),
     pytest.mark.filterwarnings("ignore:The copy keyword is deprecated"),
+    pytest.mark.usefixtures("one_torch_thread"),
 ]
 REPO = Path(__file__).resolve().parents[1]
 HI = [{"role": "user", "content": "Hello there"}]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls on a shared 2-core machine: extra OpenMP threads only spin (8 ms vs 8 us per op measured).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def tok():
-    from conftest import corpus_documents
-    from nanochat.tokenizer import Tokenizer
-
-    return Tokenizer.train([d[:4000] for d in corpus_documents()], vocab_size=600, show_progress=False)
+def tok(serving_tokenizer):
+    return serving_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -309,7 +298,11 @@ def test_malformed_requests_get_json_4xx_and_the_server_stays_up(client):
 
 
 def test_health_and_models(client):
-    assert client.get("/health").json() == {"status": "ok", "ready": True, "model": "tiny-test", "pending": 0, "max_waiting": 16}
+    deadline = time.time() + 10
+    while not client.get("/health").json()["ready"] and time.time() < deadline:  # the engine's warm-up generation
+        time.sleep(0.01)
+    assert client.get("/health").json() == {"status": "ok", "ready": True, "model": "tiny-test", "generating": 0, "pending": 0,
+                                            "free": 17, "max_waiting": 16}
     models = client.get("/v1/models").json()
     assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["tiny-test"]
     assert client.get("/v1/models/tiny-test").json()["id"] == "tiny-test"

@@ -13,20 +13,25 @@
 
 `GenerationQueue` owns the engine for a server: a single worker thread runs one request at a time, others
 wait in FIFO order in a bounded queue (`QueueFull` when it is full), and a cancelled request (a client that
-went away) stops at its next decoding step and closes the engine's generator.
+went away) stops at its next decoding step and closes the engine's generator, which frees its KV cache.
+It also knows whether the engine works, for /health: `problem()` names what keeps it from being ready
+(warming up, a failed warm-up generation, a generation that stopped making progress, shut down).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import threading
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from nanochat.serving.limits import ChatRequest
 
+log = logging.getLogger(__name__)
 REPLACEMENT_CHAR = "\ufffd"
 
 
@@ -174,14 +179,19 @@ class _Choice:
 
 
 def generate_events(engine, tokenizer, request: ChatRequest, cancel: threading.Event | None = None,
-                    tools_as_text: bool = True) -> Iterator[TextDelta | ToolUse | Finish]:
-    """Run one request on the engine; stops early when every choice finished or `cancel` is set."""
+                    tools_as_text: bool = True, on_step: Callable[[], None] | None = None,
+                    ) -> Iterator[TextDelta | ToolUse | Finish]:
+    """Run one request on the engine; stops early when every choice finished or `cancel` is set.
+
+    `on_step` is called after every decoding step (a heartbeat: a step need not produce an event)."""
     seed = request.seed if request.seed is not None else secrets.randbits(63)
     choices = [_Choice(i, tokenizer, request.stop, tools_as_text) for i in range(request.n)]
     steps = engine.generate(request.prompt_ids, num_samples=request.n, max_tokens=request.max_tokens,
                             temperature=request.temperature, top_k=request.top_k, seed=seed)
     try:
         for column, _masks in steps:
+            if on_step is not None:
+                on_step()
             if cancel is not None and cancel.is_set():
                 return
             for choice, token in zip(choices, column):
@@ -238,10 +248,52 @@ class GenerationQueue:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nanochat-engine")
         self._lock = threading.Lock()
         self._pending = 0  # running + waiting
+        self.generating = 0  # generations holding the engine (and a KV cache) right now: 0 or 1
+        self._last_step: float | None = None  # monotonic time of the running generation's last step
+        self.warm, self.stopped = False, False  # for /health (see problem)
+        self.failure: str | None = None
 
     @property
     def pending(self) -> int:
         return self._pending
+
+    def warm_up(self) -> None:
+        """Queue a one-token generation ahead of any request, so readiness means "the engine has run"."""
+        self._executor.submit(self._warm_up)
+
+    def _warm_up(self) -> None:
+        request = ChatRequest([], temperature=0.0, top_k=1, max_tokens=1, prompt_ids=[self.tokenizer.bos_token_id])
+        try:
+            for _ in self._generate(request):
+                pass
+            self.warm = True
+        except Exception as e:  # e.g. out of device memory: /health says so instead of every request failing
+            log.exception("the engine failed its warm-up generation")
+            self.failure = f"the engine failed its warm-up generation ({type(e).__name__}); see the server log"
+
+    def problem(self, stall_after: float) -> str | None:
+        """Why the server cannot answer now (one sentence), or None when it is ready."""
+        if self.stopped:
+            return "the generation worker is shut down"
+        if self.failure:
+            return self.failure
+        if not self.warm:
+            return "the engine is warming up: its first generation has not finished"
+        last = self._last_step  # read once: the worker may reset it meanwhile
+        idle = 0.0 if last is None else time.monotonic() - last
+        return f"the generation worker has made no progress for {idle:.0f} s" if idle > stall_after else None
+
+    def _generate(self, request: ChatRequest, cancel: threading.Event | None = None, tools_as_text: bool = True):
+        """generate_events, tracked for /health: `generating` while it runs, a heartbeat at every step."""
+        def beat() -> None:
+            self._last_step = time.monotonic()
+
+        self.generating = 1
+        beat()
+        try:
+            yield from generate_events(self.engine, self.tokenizer, request, cancel, tools_as_text, on_step=beat)
+        finally:
+            self.generating, self._last_step = 0, None
 
     def submit(self, request: ChatRequest, tools_as_text: bool = True) -> Job:
         """Queue a request (call from inside the event loop); raises QueueFull instead of waiting forever."""
@@ -256,7 +308,7 @@ class GenerationQueue:
     def _run(self, job: Job) -> None:
         try:
             if not job.cancelled.is_set():  # a client that left while waiting costs nothing
-                for event in generate_events(self.engine, self.tokenizer, job.request, job.cancelled, job.tools_as_text):
+                for event in self._generate(job.request, job.cancelled, job.tools_as_text):
                     job.put(event)
         except Exception as e:  # reported to the waiting request, which turns it into an error response
             job.put(e)
@@ -266,4 +318,5 @@ class GenerationQueue:
             job.put(_END)
 
     def shutdown(self) -> None:
+        self.stopped = True
         self._executor.shutdown(wait=False, cancel_futures=True)

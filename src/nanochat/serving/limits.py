@@ -20,6 +20,8 @@ MAX_TEMPERATURE = 2.0
 MAX_SAMPLES = 8
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 100
+MIN_TEMPERATURE = 1e-6  # below this, sampling is greedy in all but name (see validate_chat)
+SHOWN_CHARS = 60  # how much of a bad value an error message quotes
 ROLES = ("system", "user", "assistant")
 
 
@@ -47,19 +49,26 @@ class ChatRequest:
     prompt_ids: list[int] = field(default_factory=list)
 
 
+def shown(value) -> str:
+    """A bad value as an error message quotes it: its repr, cut short (a client may send megabytes)."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + "..."
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)  # True is an int in Python, not in JSON
 
 
 def _is_number(value) -> bool:
-    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+    # Ints are finite: math.isfinite(10**400) would raise OverflowError converting it to float.
+    return _is_int(value) or (isinstance(value, float) and math.isfinite(value))
 
 
 def _int_in(name: str, value, low: int, high: int) -> int:
     if not _is_int(value):
         raise RequestError(name, f"{name} must be an integer, got {type(value).__name__}")
     if not low <= value <= high:
-        raise RequestError(name, f"{name}={value} is outside the allowed range {low}..{high}")
+        raise RequestError(name, f"{name}={shown(value)} is outside the allowed range {low}..{high}")
     return value
 
 
@@ -108,7 +117,7 @@ def validate_messages(messages) -> list[dict]:
             raise RequestError(where, f"{where} must be an object with 'role' and 'content'")
         role = message.get("role")
         if role not in ROLES:
-            raise RequestError(f"{where}.role", f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}")
+            raise RequestError(f"{where}.role", f"{where}.role must be one of {', '.join(ROLES)}, got {shown(role)}")
         content = message_content(message.get("content"), f"{where}.content", role)
         chars = content_chars(content)
         # An assistant turn may be empty (the model can end its turn at once); a question may not.
@@ -168,7 +177,9 @@ def validate_chat(
     clean = validate_messages(messages)
     temperature = 0.6 if temperature is None else temperature
     if not _is_number(temperature) or not 0 <= temperature <= MAX_TEMPERATURE:
-        raise RequestError("temperature", f"temperature must be a number in 0..{MAX_TEMPERATURE:g}, got {temperature!r}")
+        raise RequestError("temperature", f"temperature must be a number in 0..{MAX_TEMPERATURE:g}, got {shown(temperature)}")
+    if temperature < MIN_TEMPERATURE:  # logits / 1e-40 overflow float32 into inf and NaN probabilities: greedy it is
+        temperature = 0.0
     top_k = _int_in("top_k", 50 if top_k is None else top_k, 1, tokenizer.vocab_size)
     n = _int_in("n", 1 if n is None else n, 1, MAX_SAMPLES)
     if seed is not None:
