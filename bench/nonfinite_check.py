@@ -10,22 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
+from muon_ns_dtype import best_of  # bench/ is on sys.path when a script here runs
 
 from nanochat.models.components import GPT, GPTConfig
-
-
-def best_of(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def main() -> None:
@@ -52,8 +41,7 @@ def main() -> None:
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum() + state["loss"].detach()))
 
-        step()  # warm-up
-        step_s = best_of(step, 3)
+        step_s = best_of(step, 3)  # after one warm-up call
         check_s = best_of(check, 20)
         rows.append({"depth": depth, "params": model.num_params(), "tokens": args.rows * args.seq,
                      "fwd_bwd_ms": 1e3 * step_s, "check_ms": 1e3 * check_s, "check_share": check_s / step_s})

@@ -16,7 +16,6 @@ import signal
 import threading
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger(__name__)
@@ -42,8 +41,8 @@ class Preemption(L.Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException):
             return
-        ckpt = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.dirpath), None)
-        if ckpt is None:
+        ckpt = trainer.checkpoint_callback
+        if ckpt is None or not ckpt.dirpath:
             log.warning("stopped by a signal, but no checkpoint callback is configured: nothing saved")
             return
         if ckpt._last_global_step_saved == trainer.global_step and ckpt.last_model_path:
