@@ -140,6 +140,18 @@ def test_killed_and_preempted_run_resumes_to_the_bitwise_same_weights_and_data(t
     assert losses == _losses(runs / "straight" / "base")
 
 
+def test_a_run_that_starts_over_drops_what_a_killed_attempt_logged(tiny_run):
+    from nanochat.stages import run_stage
+
+    cfg = compose(tiny_run("model.num_iterations=4", "model.eval_every=0", "logger=csv"))
+    logs = Path(cfg.paths.run_dir) / "logs"
+    logs.mkdir(parents=True)  # what an attempt killed before its first checkpoint leaves behind
+    (logs / "metrics.csv").write_text("epoch,step,train/loss\r\n0,2,9.5\r\n0,4,9.")
+    run_stage(cfg)
+    steps = [s for s, _ in _losses(logs.parent)]
+    assert steps == [2, 4] and "9.5" not in (logs / "metrics.csv").read_text()
+
+
 # --- a kill storm while checkpoints are being written ---------------------------------------------------------
 def _checkpoint_writer(directory: Path, checkpoint: dict, io) -> None:
     """What ModelCheckpoint does every `save_every` steps, forever: the step file, last.ckpt, drop the older step."""

@@ -88,8 +88,7 @@ def run(cfg) -> None:
         for logger in trainer.loggers:  # W&B's run config (CSV: logs/hparams.yaml)
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         log.info(f"run dir: {run_dir}" + (f" (resuming from {ckpt_path})" if ckpt_path else ""))
-    if ckpt_path:
-        rewind_loggers(trainer, ckpt_path)
+    rewind_loggers(trainer, ckpt_path)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except SIGTERMException:
@@ -102,11 +101,14 @@ def run(cfg) -> None:
         raise SystemExit(128 + signum) from None
 
 
-def rewind_loggers(trainer, ckpt_path: str) -> None:
-    """Drop what the loggers recorded after the checkpoint: a killed run's last steps are about to be trained again."""
+def rewind_loggers(trainer, ckpt_path: str | None) -> None:
+    """Drop what the loggers recorded after the checkpoint: a killed run's last steps are about to be trained again.
+
+    Without a checkpoint the run starts over, so everything an earlier attempt logged goes (step -1).
+    """
     import torch
 
-    step = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)["global_step"]
+    step = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)["global_step"] if ckpt_path else -1
     for logger in trainer.loggers:
         if hasattr(logger, "rewind") and trainer.is_global_zero:
             logger.rewind(step)
