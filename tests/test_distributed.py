@@ -20,7 +20,9 @@ def test_torchrun_two_ranks_train_and_resume(tiny_corpus_shards, tiny_tokenizer_
     bundle = write_core_bundle(tmp_path / "bundle")
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-        "stage=base", "trainer=cpu", "trainer.devices=2", "trainer.strategy=ddp", "data=local", "logger=csv",
+        # the real multi-GPU preset (its DDPStrategy settings), on CPU: gloo, fp32, no compile
+        "stage=base", "trainer=8xh100", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
+        "compile=false", "data=local", "logger=csv",
         f"data.dir={tiny_corpus_shards}", f"paths.tokenizer_dir={tiny_tokenizer_dir}", "model.depth=2",
         "module.head_dim=64", "model.sequence_len=16", "model.device_batch_size=1", "model.total_batch_size=64",
         "model.eval_every=3", "model.eval_tokens=256", "model.sample_every=0", "model.save_every=3", "model.log_every=1",
