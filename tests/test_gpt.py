@@ -138,3 +138,19 @@ def test_overfitting_a_fixed_batch_with_muon_adamw():
         losses.append(loss.item())
     assert losses[0] == pytest.approx(math.log(256), abs=1e-4)
     assert losses[-1] < 0.25 * losses[0], losses[::10]
+
+
+def test_last_only_logits_equal_the_last_row_of_full_logits():
+    from nanochat.engine.kv_cache import KVCache
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=256, sequence_len=32, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)).eval()
+    torch.nn.init.normal_(model.lm_head.weight, std=0.5)
+    idx = torch.randint(0, 256, (2, 20))
+    with torch.no_grad():
+        full = model(idx)
+        last = model(idx, last_only=True)
+        cached = model(idx, kv_cache=KVCache.for_model(model, 2, 20), last_only=True)
+    assert last.shape == cached.shape == (2, 1, 256)
+    torch.testing.assert_close(last, full[:, -1:], rtol=1e-5, atol=1e-5)  # a one-row matmul rounds differently
+    torch.testing.assert_close(cached, last, rtol=1e-5, atol=1e-5)

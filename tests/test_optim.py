@@ -162,3 +162,26 @@ def test_apply_schedule_and_state_dict_resume_exactly():
         o.step()
     for a, b in zip(model.parameters(), clone.parameters()):
         assert torch.equal(a, b)
+
+
+def test_same_shape_matrices_batched_equal_torch_muon_per_matrix(monkeypatch):
+    # MuonAdamW stacks same-shape matrices into one Newton-Schulz; each must still get its own update.
+    monkeypatch.setattr(torch.Tensor, "bfloat16", lambda self: self.float())
+    torch.manual_seed(0)
+    shapes = [(64, 32), (32, 64), (64, 32), (64, 32), (32, 64)]
+    ours = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    refs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt = MuonAdamW([dict(params=ours, kind="muon", lr=0.02, momentum=0.95, ns_dtype="float32")])
+    ref_opts = [torch.optim.Muon([r], lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0,
+                                 ns_coefficients=(3.4445, -4.7750, 2.0315), ns_steps=5, adjust_lr_fn="original")
+                for r in refs]
+    for _ in range(4):
+        for p, r in zip(ours, refs):
+            p.grad = torch.randn(p.shape)
+            r.grad = p.grad.clone()
+        opt.step()
+        for ref_opt in ref_opts:
+            ref_opt.step()
+    for p, r, ref_opt in zip(ours, refs, ref_opts):
+        torch.testing.assert_close(p.detach(), r.detach(), atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"], ref_opt.state[r]["momentum_buffer"])

@@ -88,9 +88,13 @@ class Engine:
         rng = torch.Generator(device=device).manual_seed(seed)
         rows = [_Row() for _ in range(num_samples)]
         with self._autocast():
-            prefill = KVCache.for_model(self.model, 1, len(tokens))
-            logits = self.model(torch.tensor([tokens], device=device), kv_cache=prefill)[:, -1]
-            cache = prefill.replicate(num_samples, len(tokens) + max_tokens)
+            # One row decodes in the cache it prefilled: no replica to allocate and copy the prompt into, and no
+            # one-row prefill cache held alongside the decode cache for the whole generation.
+            total = len(tokens) + max_tokens
+            cache = KVCache.for_model(self.model, 1, total if num_samples == 1 else len(tokens))
+            logits = self.model(torch.tensor([tokens], device=device), kv_cache=cache, last_only=True)[:, -1]
+            if num_samples > 1:
+                cache = cache.replicate(num_samples, total)  # the one-row prefill cache is released here
             logits = logits.expand(num_samples, -1)  # each row samples its own first token
             column: list[int] = []  # the tokens of the previous step, fed back in
             for step in range(max_tokens):

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from nanochat.errors import UserError
 from nanochat.models.components.config import GPTConfig
+from nanochat.models.components.head_loss import softcap_cross_entropy
 
 
 class KVCacheLike(Protocol):
@@ -165,8 +166,13 @@ class GPT(nn.Module):
         kv_cache: KVCacheLike | None = None,
         start_pos: int | None = None,
         loss_reduction: str = "mean",
+        last_only: bool = False,
     ) -> torch.Tensor:
-        """Logits (B, T, vocab) in fp32, or the cross-entropy loss when `targets` is given (-1 = ignore)."""
+        """Logits (B, T, vocab) in fp32, or the cross-entropy loss when `targets` is given (-1 = ignore).
+
+        `last_only`: logits of the last position only, (B, 1, vocab) - all a prefill samples from, and the
+        head's matmul over a long prompt is a third of its cost.
+        """
         B, T = idx.shape
         if start_pos is None:
             start_pos = kv_cache.pos if kv_cache is not None else 0
@@ -181,8 +187,13 @@ class GPT(nn.Module):
             x = block(x, cos_sin, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(T)
-        logits = self.lm_head(norm(x)).float()
+        x = norm(x)
         cap = self.config.softcap
+        if targets is not None and not torch.compiler.is_compiling():  # compiled graphs fuse the plain ops below
+            return softcap_cross_entropy(x.view(-1, x.size(-1)), self.lm_head.weight, targets.view(-1), cap, loss_reduction)
+        if last_only:
+            x = x[:, -1:]
+        logits = self.lm_head(x).float()
         logits = cap * torch.tanh(logits / cap)
         if targets is None:
             return logits
