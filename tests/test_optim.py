@@ -164,8 +164,8 @@ def test_apply_schedule_and_state_dict_resume_exactly():
         assert torch.equal(a, b)
 
 
-def test_same_shape_matrices_batched_equal_torch_muon_per_matrix(monkeypatch):
-    # MuonAdamW stacks same-shape matrices into one Newton-Schulz; each must still get its own update.
+def test_several_matrices_of_mixed_shapes_equal_torch_muon_per_matrix(monkeypatch):
+    # A group of many matrices (as a GPT's blocks give): each gets exactly its own update and momentum.
     monkeypatch.setattr(torch.Tensor, "bfloat16", lambda self: self.float())
     torch.manual_seed(0)
     shapes = [(64, 32), (32, 64), (64, 32), (64, 32), (32, 64)]

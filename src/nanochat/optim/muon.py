@@ -44,13 +44,12 @@ def newton_schulz(
 
 
 def muon_direction(
-    grads: list[torch.Tensor], buffers: list[torch.Tensor], momentum: float, nesterov: bool, ns_steps: int,
-    dtype: torch.dtype,
+    grad: torch.Tensor, buf: torch.Tensor, momentum: float, nesterov: bool, ns_steps: int, dtype: torch.dtype
 ) -> torch.Tensor:
-    """Update same-shape matrices' momentum buffers in place; return their orthogonalised directions, stacked."""
-    torch._foreach_lerp_(buffers, grads, 1 - momentum)
-    directions = torch._foreach_lerp(grads, buffers, momentum) if nesterov else buffers
-    return newton_schulz(torch.stack(directions), steps=ns_steps, dtype=dtype)
+    """Update the momentum buffer in place and return the orthogonalised step direction."""
+    buf.lerp_(grad, 1 - momentum)
+    direction = grad.lerp(buf, momentum) if nesterov else buf
+    return newton_schulz(direction, steps=ns_steps, dtype=dtype)
 
 
 def muon_lr_scale(shape: torch.Size) -> float:

@@ -54,26 +54,19 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def _muon_step(self, group: dict) -> None:
         lr, wd = group["lr"], group["weight_decay"]
-        by_shape: dict[torch.Size, list[torch.nn.Parameter]] = {}
         for p in group["params"]:
-            if p.grad is not None:
-                by_shape.setdefault(p.shape, []).append(p)
-        for shape, params in by_shape.items():
-            # One batched Newton-Schulz per shape: a block's q/k/v/o projections (and all blocks' MLPs) share
-            # shapes, so a step runs a handful of batched matmul chains instead of one chain per matrix.
-            momenta = []
-            for p in params:
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p.grad)
-                momenta.append(state["momentum_buffer"])
-            directions = muon_direction(
-                [p.grad for p in params], momenta, group["momentum"], group["nesterov"],
-                group["ns_steps"], ns_dtype(group["ns_dtype"], params[0].device),
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p.grad)
+            direction = muon_direction(
+                p.grad, state["momentum_buffer"], group["momentum"], group["nesterov"], group["ns_steps"],
+                ns_dtype(group["ns_dtype"], p.device),
             )
             if wd:
-                torch._foreach_mul_(params, 1 - lr * wd)
-            torch._foreach_add_(params, list(directions.to(params[0].dtype).unbind(0)), alpha=-lr * muon_lr_scale(shape))
+                p.mul_(1 - lr * wd)
+            p.add_(direction.to(p.dtype), alpha=-lr * muon_lr_scale(p.shape))
 
     def _adamw_step(self, group: dict) -> None:
         params = [p for p in group["params"] if p.grad is not None]
