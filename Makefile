@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean help
+.PHONY: demo test bench install clean help
 
 help:  ## list targets
 	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -24,6 +24,9 @@ demo: $(STAMP)  ## the whole pipeline on CPU: tokenizer -> base -> mid -> SFT ->
 
 test: $(STAMP)  ## run the test suite (CPU, a few minutes)
 	$(PY) -m pytest
+
+bench: $(STAMP)  ## every hot path's benchmark (~10 min on 2 CPU cores); refreshes docs/benchmarks.md tables
+	$(PY) bench/run_all.py
 
 clean:  ## remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info src/*.egg-info

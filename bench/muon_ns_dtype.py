@@ -7,24 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
-
 import torch
 
+from common import best_of
 from nanochat.hardware import fast_bf16
 from nanochat.optim.muon import newton_schulz
-
-
-def best_of(fn, repeats: int = 5) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ import argparse
 import json
 
 import torch
-from muon_ns_dtype import best_of  # bench/ is on sys.path when a script here runs
+from common import best_of  # bench/ is on sys.path when a script here runs
 
 from nanochat.models.components import GPT, GPTConfig
 

@@ -1,6 +1,7 @@
 """Training tokens/s of PretrainModule under a real lightning.Trainer vs a plain PyTorch loop, side by side.
 
-    python bench/train_step.py [--depths 4 6] [--seq-len 512] [--batch 4] [--steps 10] [--bf16-steps 2] [--repeats 2] [--skip-bf16] [--json PATH]
+    python bench/train_step.py [--depths 4 6] [--seq-len 512] [--batch 4] [--steps 10] [--bf16-steps 2] [--repeats 2]
+        [--skip-bf16] [--skip-fp32] [--vocab 4096] [--head-dim 128] [--compile] [--device cpu|cuda] [--json PATH]
 
 Both sides train the same GPT (same seed, same config) with the same Muon+AdamW optimizer, the same lr and
 momentum schedules and the same pre-tokenized batches (Python stdlib source, a 4,096-token BPE trained at
@@ -24,12 +25,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
-import json
 import logging
 import os
-import platform
-import shlex
 import statistics
 import sys
 import sysconfig
@@ -42,14 +39,14 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from common import markdown_table, save, sync
 from nanochat.hardware import peak_flops
 from nanochat.models.components import GPT, GPTConfig
 from nanochat.models.pretrain import PretrainModule
 from nanochat.optim import build_optimizer, lr_multiplier, muon_momentum
 from nanochat.tokenizer import Tokenizer
 
-VOCAB_SIZE = 4096
-TOKENIZER_CHARS = 3_000_000  # a few MB of stdlib source: enough for 4,096 merges, a few seconds to train
+TOKENIZER_CHARS_PER_TOKEN = 750  # 3 MB of stdlib source for 4,096 merges (24 MB for 32,768): seconds to train
 PRECISIONS = {"fp32": "32-true", "bf16": "bf16-mixed"}
 
 
@@ -92,8 +89,8 @@ class FixedBatches(L.LightningDataModule):
 
 
 # --- the two implementations ----------------------------------------------------------------------
-def gpt_config(depth: int, seq_len: int) -> GPTConfig:
-    return GPTConfig.from_depth(depth, VOCAB_SIZE, seq_len)  # the same defaults PretrainModule passes
+def gpt_config(args, depth: int) -> GPTConfig:
+    return GPTConfig.from_depth(depth, args.vocab, args.seq_len, head_dim=args.head_dim)  # as PretrainModule builds it
 
 
 class StepTimer(L.Callback):
@@ -103,9 +100,11 @@ class StepTimer(L.Callback):
         self.seconds: list[float] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        sync()
         self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        sync()
         self.seconds.append(time.perf_counter() - self._t0)
 
 
@@ -117,11 +116,13 @@ def run_lightning(args, depth: int, precision: str, batches: list[torch.Tensor],
         sequence_len=args.seq_len,
         total_batch_size=args.batch * args.seq_len,  # accum = 1
         horizon={"num_iterations": len(batches)},  # the plain loop's schedule horizon too
+        head_dim=args.head_dim,
+        compile=args.compile,
     )
-    assert module.config == gpt_config(depth, args.seq_len), "the two sides must build the same GPT"
+    assert module.config == gpt_config(args, depth), "the two sides must build the same GPT"
     timer = StepTimer()
     trainer = L.Trainer(
-        accelerator="cpu",
+        accelerator=args.device,
         devices=1,
         precision=PRECISIONS[precision],
         max_epochs=-1,
@@ -141,29 +142,35 @@ def run_lightning(args, depth: int, precision: str, batches: list[torch.Tensor],
     return module.model, timer.seconds, None
 
 
-def bf16_autocast() -> torch.autocast:
-    return torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False)  # the arguments Lightning's bf16-mixed uses
+def bf16_autocast(device: str) -> torch.autocast:
+    return torch.autocast(device, dtype=torch.bfloat16, cache_enabled=False)  # the arguments Lightning's bf16-mixed uses
 
 
 def run_plain(args, depth: int, precision: str, batches: list[torch.Tensor]):
     L.seed_everything(args.seed, verbose=False)
-    model = GPT(gpt_config(depth, args.seq_len))
+    model = GPT(gpt_config(args, depth)).to(args.device)
     opt = build_optimizer(model)
+    forward = torch.compile(model) if args.compile else model
     bf16 = precision == "bf16"
-    around_step = bf16_autocast if bf16 and args.plain_autocast == "step" else contextlib.nullcontext
-    around_forward = bf16_autocast if bf16 and args.plain_autocast == "forward" else contextlib.nullcontext
+    autocast = lambda: bf16_autocast(args.device)  # noqa: E731
+    around_step = autocast if bf16 and args.plain_autocast == "step" else contextlib.nullcontext
+    around_forward = autocast if bf16 and args.plain_autocast == "forward" else contextlib.nullcontext
     step_seconds, opt_seconds = [], []
     for step, batch in enumerate(batches):
+        sync()
         t0 = time.perf_counter()
         with around_step():
+            batch = batch.to(args.device)
             x, y = batch[0, :, :-1], batch[0, :, 1:].contiguous()
             with around_forward():
-                loss = model(x, y)
+                loss = forward(x, y)
             loss.backward()
+            sync()
             t1 = time.perf_counter()
             opt.apply_schedule(lr_multiplier(step, len(batches)), muon_momentum(step))
             opt.step()
             opt.zero_grad(set_to_none=True)
+        sync()
         t2 = time.perf_counter()
         step_seconds.append(t2 - t0)
         opt_seconds.append(t2 - t1)
@@ -173,6 +180,7 @@ def run_plain(args, depth: int, precision: str, batches: list[torch.Tensor]):
 @torch.no_grad()
 def held_out_loss(model: GPT, batch: torch.Tensor) -> float:
     model.eval()
+    batch = batch.to(next(model.parameters()).device)
     return float(model(batch[0, :, :-1], batch[0, :, 1:].contiguous()))
 
 
@@ -228,18 +236,14 @@ def summarize(depth: int, precision: str, warmup: int, steps: int, runs: list[di
     }
 
 
-def markdown_table(rows: list[dict]) -> str:
-    lines = [
-        "| model | precision | plain tok/s | Lightning tok/s | ratio | optimizer share | loss plain | loss Lightning |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['model']} | {r['precision']} | {r['plain_tok_per_s']:,.0f} | {r['lightning_tok_per_s']:,.0f} | "
-            f"{r['ratio_lightning_over_plain']:.3f} | {100 * r['plain_optimizer_share']:.1f} % | "
-            f"{r['loss_plain']:.6f} | {r['loss_lightning']:.6f} |"
-        )
-    return "\n".join(lines)
+def table(rows: list[dict]) -> str:
+    return markdown_table(
+        ["model", "precision", "compile", "plain tok/s", "Lightning tok/s", "Lightning / plain", "MFU (Lightning)",
+         "optimizer share", "loss plain", "loss Lightning"],
+        [[r["model"], r["precision"], "yes" if r["compile"] else "no", f"{r['plain_tok_per_s']:,.0f}",
+          f"{r['lightning_tok_per_s']:,.0f}", f"{r['ratio_lightning_over_plain']:.3f}", f"{100 * r['mfu_lightning']:.1f} %",
+          f"{100 * r['plain_optimizer_share']:.1f} %", f"{r['loss_plain']:.6f}", f"{r['loss_lightning']:.6f}"] for r in rows],
+    )
 
 
 # --- set-up -----------------------------------------------------------------------------------------
@@ -248,20 +252,6 @@ def quiet_lightning() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # a deprecation inside Lightning itself
-
-
-def machine() -> dict:
-    return {
-        "processor": platform.processor(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "lightning": L.__version__,
-        "load_average_1min": os.getloadavg()[0],
-    }
 
 
 def parse_args() -> argparse.Namespace:
@@ -276,11 +266,18 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--bf16-warmup", type=int, default=1, help="untimed bf16 steps before the timed ones")
     p.add_argument("--repeats", type=int, default=2, help="runs of each implementation, interleaved")
     p.add_argument("--skip-bf16", action="store_true")
+    p.add_argument("--skip-fp32", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--plain-autocast", choices=("forward", "step"), default="forward",
                    help="bf16: autocast the plain loop's forward only, or its whole step as Lightning does")
+    p.add_argument("--vocab", type=int, default=4096, help="tokenizer and model vocabulary")
+    p.add_argument("--head-dim", type=int, default=128, help="128 as nanochat's presets; issue 10's CPU reference used 64")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model on both sides")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="bench/results/train_step.json")
     args = p.parse_args()
+    if args.skip_fp32 and args.skip_bf16:
+        p.error("--skip-fp32 and --skip-bf16 leave nothing to measure")
     if min(args.steps, args.bf16_steps, args.repeats) < 1 or min(args.warmup, args.bf16_warmup) < 0:
         p.error("steps and repeats must be >= 1, warm-up steps >= 0")
     return args
@@ -290,47 +287,41 @@ def main() -> None:
     args = parse_args()
     started = time.perf_counter()
     quiet_lightning()
-    host = machine()
-    if host["load_average_1min"] > 0.5:
+    load = os.getloadavg()[0]
+    if load > 0.5:
         # Other processes competing for the cores make torch's threads wait on each other: steps were seen
         # to take 10x longer, and unevenly, under load.
-        print(f"WARNING: load average {host['load_average_1min']:.1f} before start; timings will be noisy", file=sys.stderr)
+        print(f"WARNING: load average {load:.1f} before start; timings will be noisy", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="nanochat-bench-") as tmp:
         os.environ["NANOCHAT_BASE_DIR"] = tmp  # nothing of this run lands in ~/.cache/nanochat
         torch.manual_seed(args.seed)
-        texts = stdlib_texts(TOKENIZER_CHARS)
-        tokenizer = Tokenizer.train(texts, VOCAB_SIZE, show_progress=False)
-        assert tokenizer.vocab_size == VOCAB_SIZE, f"tokenizer came out with {tokenizer.vocab_size} tokens"
+        texts = stdlib_texts(TOKENIZER_CHARS_PER_TOKEN * args.vocab)
+        tokenizer = Tokenizer.train(texts, args.vocab, show_progress=False)
+        if tokenizer.vocab_size != args.vocab:
+            raise SystemExit(f"the stdlib text gave a {tokenizer.vocab_size}-token tokenizer, not {args.vocab}")
         tokenizer_dir = str(tokenizer.save(Path(tmp) / "tokenizer"))
-        precisions = ["fp32"] + ([] if args.skip_bf16 else ["bf16"])
-        most_steps = max(args.warmup + args.steps, 0 if args.skip_bf16 else args.bf16_warmup + args.bf16_steps)
+        precisions = ([] if args.skip_fp32 else ["fp32"]) + ([] if args.skip_bf16 else ["bf16"])
+        most_steps = max(0 if args.skip_fp32 else args.warmup + args.steps, 0 if args.skip_bf16 else args.bf16_warmup + args.bf16_steps)
         *batches, eval_batch = make_batches(tokenizer, texts, most_steps + 1, args.batch, args.seq_len)
-        for precision in precisions:
-            # PretrainModule's progress log measures the CPU's peak matmul rate once per dtype (for MFU);
-            # do it here so that one-off lands in no timed step.
-            peak_flops("cpu", torch.bfloat16 if precision == "bf16" else torch.float32)
-        rows = [
-            measure(args, depth, precision, batches, eval_batch, tokenizer_dir)
-            for depth in args.depths
-            for precision in precisions
-        ]
-    print(markdown_table(rows))
+        # PretrainModule's progress log measures the CPU's peak matmul rate once per dtype (for MFU);
+        # do it here so that one-off lands in no timed step.
+        peaks = {p: peak_flops(args.device, torch.bfloat16 if p == "bf16" else torch.float32) for p in precisions}
+        rows = []
+        for depth in args.depths:
+            with torch.device("meta"):  # shapes only: a d20 need not be allocated to be counted
+                flops_per_token = GPT(gpt_config(args, depth)).flops_per_token()
+            for precision in precisions:
+                row = measure(args, depth, precision, batches, eval_batch, tokenizer_dir)
+                row["compile"] = args.compile
+                row["peak_flops"] = peaks[precision]
+                row["mfu_lightning"] = row["lightning_tok_per_s"] * flops_per_token / peaks[precision]
+                rows.append(row)
     for r in rows:
         if r["precision"] == "fp32" and abs(r["loss_plain"] - r["loss_lightning"]) > 1e-4 * abs(r["loss_plain"]):
             print(f"WARNING: {r['model']} fp32 losses disagree; the bench or the module has a bug", file=sys.stderr)
-    result = {
-        "command": shlex.join(["python", *sys.argv]),
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": host,
-        "load_average_1min_end": os.getloadavg()[0],
-        "settings": {k: v for k, v in vars(args).items() if k != "json"},
-        "vocab_size": VOCAB_SIZE,
-        "wall_seconds": time.perf_counter() - started,
-        "rows": rows,
-    }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nraw numbers: {args.json} ({result['wall_seconds']:.0f} s in all)")
+    settings = {k: v for k, v in vars(args).items() if k != "json"}
+    settings["wall_seconds"] = round(time.perf_counter() - started, 1)
+    save(args.json, table(rows), rows, settings)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,86 @@
+"""What every bench script shares: timing, the machine it ran on, and the result file `make bench` reads.
+
+Each script writes one JSON file (`save`) holding its settings, raw figures and a ready markdown table;
+bench/run_all.py pastes that table into docs/benchmarks.md between `<!-- bench:NAME -->` markers.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def best_of(fn, repeats: int = 5, warmup: int = 1) -> float:
+    """Fastest of `repeats` timed calls in seconds: on a shared machine the minimum is the least-disturbed run."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    info = {
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "load_average_1min": round(os.getloadavg()[0], 2),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def save(path: str | Path, table: str, results, settings: dict | None = None) -> dict:
+    """Print the table and write {command, date, machine, settings, table, results} to `path`."""
+    print(table)
+    record = {
+        "command": "python " + shlex.join(sys.argv),
+        "date": datetime.date.today().isoformat(),
+        "machine": machine(),
+        "settings": settings or {},
+        "table": table,
+        "results": results,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"\nraw numbers: {path}")
+    return record
