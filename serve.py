@@ -29,7 +29,8 @@ def serve(cfg: DictConfig) -> None:
 
     model_name = cfg.model_name or default_model_name(cfg.ckpt)
     defaults = OmegaConf.to_container(cfg.sampling, resolve=True)
-    app = create_app(engine, tokenizer, model_name, api_key=cfg.api_key or None, max_waiting=cfg.max_waiting, defaults=defaults,
+    app = create_app(engine, tokenizer, model_name, api_key=cfg.api_key or None, max_waiting=cfg.max_waiting,
+                     max_batch=cfg.max_batch, defaults=defaults,
                      max_body_bytes=cfg.max_body_bytes, body_timeout=cfg.body_timeout, send_timeout=cfg.send_timeout,
                      stall_timeout=cfg.stall_timeout)
     if cfg.ui:

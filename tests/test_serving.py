@@ -73,7 +73,7 @@ class ScriptedModel(nn.Module):
         self.anchor = nn.Parameter(torch.zeros(1))  # gives the engine a device
         self.script, self.delay, self.calls, self.prompts = [0], delay, 0, []
 
-    def forward(self, idx, kv_cache=None, last_only=False):
+    def forward(self, idx, kv_cache=None, last_only=False, **_batching):  # positions, key_mask: see GPT.forward
         if idx.size(1) > 1:  # a prefill: a new reply starts
             self.calls, self.prompts = 0, [*self.prompts, idx[0].tolist()]
         token = self.script[min(self.calls, len(self.script) - 1)]

@@ -494,13 +494,13 @@ def test_a_client_that_stops_reading_holds_no_one_up_and_is_dropped(server):
 
         thread = threading.Thread(target=good_request)
         thread.start()
-        queued_until = None  # the last moment the good request was seen waiting behind the stalled one
+        queued_until = start  # the last moment the good request was seen waiting (with batching it need not wait)
         while thread.is_alive():
             if server.health()["pending"] == 2:
                 queued_until = time.monotonic()
             time.sleep(0.01)
         thread.join()
-        assert answer["r"].status_code == 200 and queued_until is not None
+        assert answer["r"].status_code == 200
         waited, after_turn = answer["at"] - start, answer["at"] - queued_until
         assert after_turn < 1.0, (waited, after_turn)  # answered as soon as the stalled generation was over
         wmem = Path("/proc/sys/net/ipv4/tcp_wmem")

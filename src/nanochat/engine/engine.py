@@ -80,10 +80,7 @@ class Engine:
         seed: int = 42,
     ) -> Iterator[tuple[list[int], list[int]]]:
         """Yield (token per row, mask per row) each step; mask 0 marks a forced tool-output token."""
-        if not tokens:
-            raise UserError("generation needs a non-empty prompt")
-        if len(tokens) + max_tokens > self.max_context:
-            raise UserError(f"prompt of {len(tokens)} tokens + max_tokens={max_tokens} exceeds the context of {self.max_context}")
+        self.check(tokens, max_tokens)
         device = self.device
         rng = torch.Generator(device=device).manual_seed(seed)
         rows = [_Row() for _ in range(num_samples)]
@@ -100,16 +97,36 @@ class Engine:
             for step in range(max_tokens):
                 if step:
                     logits = self.model(torch.tensor(column, device=device).view(-1, 1), kv_cache=cache)[:, -1]
-                sampled = sample_next(logits, rng, temperature, top_k).tolist()
-                column, masks = [], []
-                for row, token in zip(rows, sampled):
-                    token, mask = (row.forced.popleft(), 0) if row.forced else (token, 1)
-                    column.append(token)
-                    masks.append(mask)
-                    self._advance_row(row, token)
+                column, masks = self.next_column(rows, logits, rng, temperature, top_k)
                 yield column, masks
                 if all(row.done for row in rows):
                     return
+
+    def check(self, tokens: list[int], max_tokens: int) -> None:
+        """UserError unless the prompt is non-empty and prompt + max_tokens fits the context."""
+        if not tokens:
+            raise UserError("generation needs a non-empty prompt")
+        if len(tokens) + max_tokens > self.max_context:
+            raise UserError(f"prompt of {len(tokens)} tokens + max_tokens={max_tokens} exceeds the context of {self.max_context}")
+
+    def next_column(self, rows: list[_Row], logits: torch.Tensor, rng: torch.Generator, temperature: float,
+                    top_k: int | None) -> tuple[list[int], list[int]]:
+        """One step of one generation's rows: sample from (rows, vocab) logits, or take a row's forced tool output
+        (mask 0), and advance each row's tool-use state. Shared by `generate` and the server's BatchDecoder."""
+        sampled = sample_next(logits, rng, temperature, top_k).tolist()
+        column, masks = [], []
+        for row, token in zip(rows, sampled):
+            token, mask = (row.forced.popleft(), 0) if row.forced else (token, 1)
+            column.append(token)
+            masks.append(mask)
+            self._advance_row(row, token)
+        return column, masks
+
+    def batch_decoder(self):
+        """A BatchDecoder on this engine: generations that join and leave while sharing decode steps (serving)."""
+        from nanochat.engine.batching import BatchDecoder
+
+        return BatchDecoder(self)
 
     def _advance_row(self, row: _Row, token: int) -> None:
         if token in self.stop_ids:

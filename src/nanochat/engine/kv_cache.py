@@ -55,3 +55,84 @@ class KVCache:
 
     def reset(self) -> None:
         self.pos = 0
+
+
+class RowKVCache:
+    """Rows of different lengths decoding together, joining and leaving between steps (the server's batching).
+
+    Row r holds `lengths[r]` tokens; a decode step writes each row's one new key/value at its own length, and
+    `step_inputs()` gives the model each row's position and the slots it may attend to. Slots past a row's length
+    hold zeros or keys an earlier row left there, never uninitialised memory: a masked slot's weight is exactly 0,
+    and 0 times a finite value adds nothing, so a row's result does not depend on its neighbours. Rows stay packed
+    in 0..rows-1: `remove` moves the last row into the freed place. Both dimensions grow on demand (doubling) and
+    all memory goes when the last row leaves.
+    """
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, device: torch.device | str = "cpu"):
+        self.num_layers, self.num_kv_heads, self.head_dim, self.device = num_layers, num_kv_heads, head_dim, device
+        self.k: torch.Tensor | None = None  # (layers, row capacity, kv heads, length capacity, head dim)
+        self.v: torch.Tensor | None = None
+        self.lengths: list[int] = []
+        self.positions: torch.Tensor | None = None  # lengths as a tensor on the cache's device (`step_inputs`)
+
+    @classmethod
+    def for_model(cls, model) -> RowKVCache:
+        c = model.config
+        return cls(c.n_layer, c.n_kv_head, c.head_dim, next(model.parameters()).device)
+
+    @property
+    def rows(self) -> int:
+        return len(self.lengths)
+
+    def _reserve(self, rows: int, length: int, like: torch.Tensor) -> None:
+        cap_rows, cap_len = (0, 0) if self.k is None else (self.k.size(1), self.k.size(3))
+        if rows <= cap_rows and length <= cap_len:
+            return
+        shape = (self.num_layers, max(rows, 2 * cap_rows), self.num_kv_heads, max(length, 2 * cap_len), self.head_dim)
+        k, v = like.new_zeros(shape), like.new_zeros(shape)
+        if self.k is not None:
+            k[:, :cap_rows, :, :cap_len] = self.k
+            v[:, :cap_rows, :, :cap_len] = self.v
+        self.k, self.v = k, v
+
+    def add(self, prefix: KVCache, copies: int = 1) -> list[int]:
+        """Append `copies` rows holding a one-row cache's prefix (a prefilled prompt); returns their row indices."""
+        first, n = self.rows, prefix.pos
+        if prefix.k is not None:  # None: a stand-in model that caches nothing
+            self._reserve(first + copies, n + 1, prefix.k)
+            self.k[:, first : first + copies, :, :n] = prefix.k[:, :, :, :n]  # broadcasts the one row
+            self.v[:, first : first + copies, :, :n] = prefix.v[:, :, :, :n]
+        self.lengths += [n] * copies
+        return list(range(first, first + copies))
+
+    def remove(self, row: int) -> None:
+        """Free a row: the last row moves into its place (callers mirror that move)."""
+        last = self.rows - 1
+        if row != last:
+            n = self.lengths[last]
+            if self.k is not None:
+                self.k[:, row, :, :n] = self.k[:, last, :, :n]
+                self.v[:, row, :, :n] = self.v[:, last, :, :n]
+            self.lengths[row] = n
+        self.lengths.pop()
+        if not self.lengths:
+            self.k = self.v = None
+
+    def step_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """For the next decode step: each row's position (rows,) and the slots each row attends to, its new
+        token's included (rows, 1, 1, longest + 1): GPT.forward's `positions` and `key_mask`."""
+        self.positions = torch.tensor(self.lengths, device=self.device)
+        mask = torch.arange(max(self.lengths) + 1, device=self.device) <= self.positions[:, None]
+        return self.positions, mask.view(self.rows, 1, 1, -1)
+
+    def insert_kv(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store each row's one new key/value at its own length (k, v: rows, heads, 1, dim); after `step_inputs`."""
+        rows, end = self.rows, max(self.lengths) + 1
+        self._reserve(rows, end, k)
+        index = torch.arange(rows, device=k.device)
+        self.k[layer_idx, index, :, self.positions] = k[:, :, 0]
+        self.v[layer_idx, index, :, self.positions] = v[:, :, 0]
+        return self.k[layer_idx, :rows, :, :end], self.v[layer_idx, :rows, :, :end]
+
+    def advance(self, num_tokens: int) -> None:
+        self.lengths = [n + num_tokens for n in self.lengths]

@@ -315,10 +315,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 def create_app(engine, tokenizer, model_name: str = "nanochat", *, api_key: str | None = None, max_waiting: int = 16,
-               max_body_bytes: int = MAX_BODY_BYTES, defaults: dict | None = None, body_timeout: float = BODY_TIMEOUT,
-               send_timeout: float = SEND_TIMEOUT, stall_timeout: float = STALL_TIMEOUT) -> FastAPI:
+               max_batch: int = 16, max_body_bytes: int = MAX_BODY_BYTES, defaults: dict | None = None,
+               body_timeout: float = BODY_TIMEOUT, send_timeout: float = SEND_TIMEOUT, stall_timeout: float = STALL_TIMEOUT) -> FastAPI:
     """The API app. The engine is shared through one GenerationQueue (`app.state.queue`), which the web UI reuses."""
-    queue = GenerationQueue(engine, tokenizer, max_waiting=max_waiting)
+    queue = GenerationQueue(engine, tokenizer, max_waiting=max_waiting, max_batch=max_batch)
     queue.warm_up()  # runs while uvicorn starts; /health is 503 until it is done
 
     @asynccontextmanager

@@ -11,9 +11,11 @@
 * `Finish`: the choice ended: "stop" (the model ended its turn or a stop string appeared; the text is cut
   before the stop string) or "length" (max_tokens ran out), with the number of tokens it generated.
 
-`GenerationQueue` owns the engine for a server: a single worker thread runs one request at a time, others
+`GenerationQueue` owns the engine for a server: a single worker thread decodes the requests in its batch
+together (continuous batching, nanochat.engine.batching: one forward per step for all their rows; a request
+joins between steps after its own prefill, so its first token does not wait for the others to finish), others
 wait in FIFO order in a bounded queue (`QueueFull` when it is full), and a cancelled request (a client that
-went away) stops at its next decoding step and closes the engine's generator, which frees its KV cache.
+went away) stops at its next decoding step and leaves the batch, which frees its rows of the KV cache.
 It also knows whether the engine works, for /health: `problem()` names what keeps it from being ready
 (warming up, a failed warm-up generation, a generation that stopped making progress, shut down).
 """
@@ -25,6 +27,7 @@ import logging
 import secrets
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -178,29 +181,47 @@ class _Choice:
         return events
 
 
+class _Reply:
+    """A request's choices: the engine's token columns in, events out."""
+
+    def __init__(self, tokenizer, request: ChatRequest, tools_as_text: bool):
+        self.choices = [_Choice(i, tokenizer, request.stop, tools_as_text) for i in range(request.n)]
+
+    def feed(self, column: list[int]) -> list:
+        return [event for choice, token in zip(self.choices, column) if not choice.done for event in choice.feed(token)]
+
+    @property
+    def done(self) -> bool:
+        return all(c.done for c in self.choices)
+
+    def finish(self) -> list:
+        """The generation ended with choices still open: max_tokens ran out."""
+        return [event for choice in self.choices for event in choice.finish("length")]
+
+
+def request_seed(request: ChatRequest) -> int:
+    return request.seed if request.seed is not None else secrets.randbits(63)
+
+
 def generate_events(engine, tokenizer, request: ChatRequest, cancel: threading.Event | None = None,
                     tools_as_text: bool = True, on_step: Callable[[], None] | None = None,
                     ) -> Iterator[TextDelta | ToolUse | Finish]:
     """Run one request on the engine; stops early when every choice finished or `cancel` is set.
 
     `on_step` is called after every decoding step (a heartbeat: a step need not produce an event)."""
-    seed = request.seed if request.seed is not None else secrets.randbits(63)
-    choices = [_Choice(i, tokenizer, request.stop, tools_as_text) for i in range(request.n)]
+    reply = _Reply(tokenizer, request, tools_as_text)
     steps = engine.generate(request.prompt_ids, num_samples=request.n, max_tokens=request.max_tokens,
-                            temperature=request.temperature, top_k=request.top_k, seed=seed)
+                            temperature=request.temperature, top_k=request.top_k, seed=request_seed(request))
     try:
         for column, _masks in steps:
             if on_step is not None:
                 on_step()
             if cancel is not None and cancel.is_set():
                 return
-            for choice, token in zip(choices, column):
-                if not choice.done:
-                    yield from choice.feed(token)
-            if all(c.done for c in choices):
+            yield from reply.feed(column)
+            if reply.done:
                 return
-        for choice in choices:
-            yield from choice.finish("length")
+        yield from reply.finish()
     finally:
         steps.close()  # frees the KV cache now, not whenever the generator is collected
 
@@ -240,16 +261,64 @@ class Job:
             self.cancel()
 
 
-class GenerationQueue:
-    """Serializes access to the one engine: a single worker thread and at most `max_waiting` queued requests."""
+class _OneAtATime:
+    """The decoder interface (see nanochat.engine.batching.BatchDecoder) over a plain `engine.generate`, for an
+    engine without `batch_decoder` (a wrapper, a stand-in): one generation at a time. A generation learns that
+    it ended when its iterator runs out: `step` then gives it the column None."""
 
-    def __init__(self, engine, tokenizer, max_waiting: int = 16):
-        self.engine, self.tokenizer, self.max_waiting = engine, tokenizer, max_waiting
+    class Handle:
+        def __init__(self, steps: Iterator):
+            self.steps, self.finished = steps, False
+
+    def __init__(self, engine):
+        self.engine, self.running, self.rows = engine, None, 0
+
+    def add(self, tokens, num_samples, max_tokens, temperature, top_k, seed):
+        handle = self.Handle(self.engine.generate(tokens, num_samples=num_samples, max_tokens=max_tokens,
+                                                  temperature=temperature, top_k=top_k, seed=seed))
+        self.running, self.rows = handle, num_samples
+        try:
+            return (handle, *self._next(handle))
+        except BaseException:
+            self.remove(handle)
+            raise
+
+    def step(self) -> list:
+        handle = self.running
+        return [] if handle is None else [(handle, *self._next(handle))]
+
+    def _next(self, handle) -> tuple:
+        try:
+            return next(handle.steps)
+        except StopIteration:
+            handle.finished = True
+            self.remove(handle)
+            return None, None
+
+    def remove(self, handle) -> None:
+        if self.running is handle:
+            handle.steps.close()  # frees its KV cache now
+            self.running, self.rows = None, 0
+
+
+class GenerationQueue:
+    """Owns the one engine for a server: a single worker thread decodes up to `max_batch` rows (the choices of
+    the requests in the batch) together, one forward per step for all of them. Requests join the batch between
+    steps as soon as it has room for their rows (a request larger than `max_batch` runs when the batch is
+    empty) and leave it when they finish or are cancelled; the rest wait in FIFO order. At most `max_waiting`
+    + 1 requests are accepted at once, running or waiting (`QueueFull` beyond)."""
+
+    def __init__(self, engine, tokenizer, max_waiting: int = 16, max_batch: int = 16):
+        self.engine, self.tokenizer, self.max_waiting, self.max_batch = engine, tokenizer, max_waiting, max_batch
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nanochat-engine")
         self._lock = threading.Lock()
         self._pending = 0  # running + waiting
-        self.generating = 0  # generations holding the engine (and a KV cache) right now: 0 or 1
-        self._last_step: float | None = None  # monotonic time of the running generation's last step
+        self._waiting: deque[Job] = deque()
+        self._working = False  # a worker loop (`_work`) is queued or running
+        self._decoder = None  # the worker's, while it runs; only the worker thread touches it and `_active`
+        self._active: dict = {}  # generation handle -> (Job, _Reply), for every request in the batch
+        self.generating = 0  # requests holding the engine (rows in the batch, a KV cache) right now
+        self._last_step: float | None = None  # monotonic time of the worker's last step while it generates
         self.warm, self.stopped = False, False  # for /health (see problem)
         self.failure: str | None = None
 
@@ -283,15 +352,15 @@ class GenerationQueue:
         idle = 0.0 if last is None else time.monotonic() - last
         return f"the generation worker has made no progress for {idle:.0f} s" if idle > stall_after else None
 
-    def _generate(self, request: ChatRequest, cancel: threading.Event | None = None, tools_as_text: bool = True):
-        """generate_events, tracked for /health: `generating` while it runs, a heartbeat at every step."""
-        def beat() -> None:
-            self._last_step = time.monotonic()
+    def _beat(self) -> None:
+        self._last_step = time.monotonic()
 
+    def _generate(self, request: ChatRequest, cancel: threading.Event | None = None, tools_as_text: bool = True):
+        """generate_events alone on the engine (the warm-up), tracked for /health like the batch."""
         self.generating = 1
-        beat()
+        self._beat()
         try:
-            yield from generate_events(self.engine, self.tokenizer, request, cancel, tools_as_text, on_step=beat)
+            yield from generate_events(self.engine, self.tokenizer, request, cancel, tools_as_text, on_step=self._beat)
         finally:
             self.generating, self._last_step = 0, None
 
@@ -299,24 +368,117 @@ class GenerationQueue:
         """Queue a request (call from inside the event loop); raises QueueFull instead of waiting forever."""
         job = Job(request, tools_as_text, asyncio.get_running_loop())
         with self._lock:
+            if self.stopped:
+                raise QueueFull("the server is shutting down")
             if self._pending > self.max_waiting:
                 raise QueueFull(f"the server is busy: {self._pending} requests are running or waiting; retry later")
             self._pending += 1
-        self._executor.submit(self._run, job)
+            self._waiting.append(job)
+            start, self._working = not self._working, True
+        if start:
+            self._executor.submit(self._work)
         return job
 
-    def _run(self, job: Job) -> None:
+    # --- the worker thread ------------------------------------------------------------------------
+    def _work(self) -> None:
+        """Admit waiting requests while the batch has room, run a step for the batch, repeat; return when idle."""
+        batched = hasattr(self.engine, "batch_decoder")
+        self._decoder = self.engine.batch_decoder() if batched else _OneAtATime(self.engine)
+        limit = self.max_batch if batched else 1
         try:
-            if not job.cancelled.is_set():  # a client that left while waiting costs nothing
-                for event in self._generate(job.request, job.cancelled, job.tools_as_text):
-                    job.put(event)
+            while True:
+                if (job := self._take(limit)) is not None:
+                    self._admit(job)
+                elif self._active:
+                    self._step()
+                else:
+                    with self._lock:  # under the lock: a request submitted now either is seen here or starts a new loop
+                        if not self._waiting or self.stopped:
+                            self._working = False
+                            return
+        except BaseException as e:  # a bug: fail what it holds rather than leave every client waiting forever
+            log.exception("the generation worker failed")
+            with self._lock:
+                jobs, self._working = [job for job, _ in self._active.values()] + list(self._waiting), False
+                self._waiting.clear()
+            self._active.clear()
+            self.generating, self._last_step = 0, None
+            for job in jobs:
+                job.put(e)
+                self._end(job)
+        finally:
+            self._decoder = None
+
+    def _take(self, limit: int) -> Job | None:
+        """The first waiting request if it left already or the batch has room for its rows (always when empty)."""
+        rows = self._decoder.rows
+        with self._lock:
+            if self._waiting and not self.stopped:
+                job = self._waiting[0]
+                if job.cancelled.is_set() or rows == 0 or rows + job.request.n <= limit:
+                    return self._waiting.popleft()
+        return None
+
+    def _admit(self, job: Job) -> None:
+        if job.cancelled.is_set():  # a client that left while waiting costs nothing
+            return self._end(job)
+        request = job.request
+        self.generating = len(self._active) + 1
+        self._beat()
+        try:  # the prefill: its first tokens go out at once, its rows decode with the batch from the next step
+            gen, column, _ = self._decoder.add(request.prompt_ids, request.n, request.max_tokens, request.temperature,
+                                               request.top_k, request_seed(request))
         except Exception as e:  # reported to the waiting request, which turns it into an error response
             job.put(e)
-        finally:
-            with self._lock:
-                self._pending -= 1
-            job.put(_END)
+            self._end(job)
+        else:
+            self._active[gen] = (job, _Reply(self.tokenizer, request, job.tools_as_text))
+            self._deliver(gen, column)
+        self._beat()
+
+    def _step(self) -> None:
+        try:
+            outputs = self._decoder.step()
+        except Exception as e:  # the shared forward failed (e.g. out of memory): so did every request in the batch
+            for gen, (job, _) in list(self._active.items()):
+                job.put(e)
+                self._drop(gen, job)
+            return
+        self._beat()
+        for gen, column, _masks in outputs:
+            self._deliver(gen, column)
+
+    def _deliver(self, gen, column: list[int] | None) -> None:
+        """Route a request's new tokens to its stream as events; end it when it finished or was cancelled."""
+        job, reply = self._active[gen]
+        if job.cancelled.is_set():  # cancelled: stops here, at this step, and frees its rows
+            return self._drop(gen, job)
+        try:
+            events = reply.feed(column) if column is not None else []
+            over = reply.done or gen.finished
+            if over and not reply.done:
+                events += reply.finish()
+        except Exception as e:
+            events, over = [e], True
+        for event in events:
+            job.put(event)
+        if over:
+            self._drop(gen, job)
+
+    def _drop(self, gen, job: Job) -> None:
+        del self._active[gen]
+        self._decoder.remove(gen)
+        self.generating = len(self._active)
+        if not self._active:
+            self._last_step = None
+        self._end(job)
+
+    def _end(self, job: Job) -> None:
+        with self._lock:
+            self._pending -= 1
+        job.put(_END)
 
     def shutdown(self) -> None:
+        """Stop admitting requests: the batch runs to its end, waiting requests never start."""
         self.stopped = True
         self._executor.shutdown(wait=False, cancel_futures=True)

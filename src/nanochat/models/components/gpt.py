@@ -7,6 +7,8 @@ n_kv_head for GQA/MQA, causal scaled-dot-product attention.
 Inference hooks: `forward` accepts a KV cache (see `nanochat.engine.kv_cache.KVCache` for the protocol:
 `pos`, `insert_kv(layer_idx, k, v)`, `advance(num_tokens)`) and a position offset (`start_pos`, by
 default the cache's position), so a prompt can be prefilled once and then decoded one token at a time.
+For batched decoding of rows of different lengths (the server's continuous batching), `positions` gives each
+row's position for its one new token and `key_mask` (B, 1, 1, Tk) the cache slots each row may attend to.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
-    def forward(self, x, cos_sin, kv_cache: KVCacheLike | None):
+    def forward(self, x, cos_sin, kv_cache: KVCacheLike | None, key_mask: torch.Tensor | None = None):
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -66,7 +68,9 @@ class CausalSelfAttention(nn.Module):
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)
         Tq, Tk = q.size(2), k.size(2)
         gqa = self.n_head != self.n_kv_head
-        if Tq == Tk:  # training, or prefill into an empty cache
+        if key_mask is not None:  # rows of different lengths: each attends to its own filled cache slots
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, enable_gqa=gqa)
+        elif Tq == Tk:  # training, or prefill into an empty cache
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         elif Tq == 1:  # one decode step attends to everything cached
             y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
@@ -93,8 +97,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos_sin, kv_cache):
-        x = x + self.attn(norm(x), cos_sin, kv_cache)
+    def forward(self, x, cos_sin, kv_cache, key_mask=None):
+        x = x + self.attn(norm(x), cos_sin, kv_cache, key_mask)
         return x + self.mlp(norm(x))
 
 
@@ -167,24 +171,31 @@ class GPT(nn.Module):
         start_pos: int | None = None,
         loss_reduction: str = "mean",
         last_only: bool = False,
+        positions: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab) in fp32, or the cross-entropy loss when `targets` is given (-1 = ignore).
 
         `last_only`: logits of the last position only, (B, 1, vocab) - all a prefill samples from, and the
         head's matmul over a long prompt is a third of its cost.
+        `positions` (B,) and `key_mask` (B, 1, 1, Tk), together and only for one token per row (T = 1): row b's
+        token sits at position positions[b] and attends to the cache slots where key_mask[b] is True.
         """
         B, T = idx.shape
-        if start_pos is None:
-            start_pos = kv_cache.pos if kv_cache is not None else 0
-        if start_pos + T > self.rotary_len:
-            raise UserError(
-                f"sequence of {start_pos + T} positions exceeds the model's rotary table of {self.rotary_len} "
-                f"(10 x sequence_len={self.config.sequence_len})"
-            )
-        cos_sin = self.cos[:, start_pos : start_pos + T], self.sin[:, start_pos : start_pos + T]
+        if positions is not None:  # rows at different positions: each row's own rotary angles
+            cos_sin = self.cos[0, positions].unsqueeze(1), self.sin[0, positions].unsqueeze(1)  # (B, 1, 1, D/2)
+        else:
+            if start_pos is None:
+                start_pos = kv_cache.pos if kv_cache is not None else 0
+            if start_pos + T > self.rotary_len:
+                raise UserError(
+                    f"sequence of {start_pos + T} positions exceeds the model's rotary table of {self.rotary_len} "
+                    f"(10 x sequence_len={self.config.sequence_len})"
+                )
+            cos_sin = self.cos[:, start_pos : start_pos + T], self.sin[:, start_pos : start_pos + T]
         x = norm(self.transformer.wte(idx))
         for block in self.transformer.h:
-            x = block(x, cos_sin, kv_cache)
+            x = block(x, cos_sin, kv_cache, key_mask)
         if kv_cache is not None:
             kv_cache.advance(T)
         x = norm(x)
