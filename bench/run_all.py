@@ -38,6 +38,7 @@ def entries() -> dict[str, tuple[str, list[str]]]:
         "train_step": ("Training step: Lightning vs a plain loop", train),
         "head_loss": ("Output head + loss at vocab 32,768: plain ops vs fused",
                       ["head_loss.py", "--depth", "4", "--vocab", "32768", "--rows", "16", "--seq-len", "512", "--repeats", "2"]),
+        "muon_batching": ("Muon's Newton-Schulz: per matrix vs batched by shape", ["muon_batching.py", "--depths", "4", "6", "--repeats", "3"]),
         "data_stream": ("Pretraining data stream vs one GPU's appetite at d20", ["data_stream.py", "--seconds", "5"]),
         "tokenizer_speed": ("Tokenizer training and encoding", ["tokenizer_speed.py", "--train-mb", "10", "--encode-mb", "1"]),
         "decode": ("Inference: prefill, decode, TTFT, KV memory, cache vs naive", ["decode.py"]),
@@ -78,7 +79,8 @@ def main() -> None:
     started = time.perf_counter()
     for name in names:
         script, *script_args = table[name][1]
-        command = [sys.executable, str(ROOT / "bench" / script), *script_args, "--json", str(RESULTS / f"{name}.json")]
+        # Paths relative to the repository, so the command recorded in the JSON and the docs runs anywhere.
+        command = [sys.executable, f"bench/{script}", *script_args, "--json", f"bench/results/{name}.json"]
         print(f"\n=== {name}: {table[name][0]}", flush=True)
         t0 = time.perf_counter()
         if subprocess.run(command, cwd=ROOT).returncode != 0:
