@@ -245,7 +245,8 @@ def _poison_step(module, trainer, step: int) -> None:
             return output * float("nan")
         return None
 
-    module.model.lm_head.register_forward_hook(hook)
+    # on the last block: the training loss reads lm_head.weight in its fused op, so lm_head's own hooks never fire
+    module.model.transformer.h[-1].register_forward_hook(hook)
 
 
 def _all_finite(state: dict) -> bool:

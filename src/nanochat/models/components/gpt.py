@@ -176,6 +176,8 @@ class GPT(nn.Module):
     ) -> torch.Tensor:
         """Logits (B, T, vocab) in fp32, or the cross-entropy loss when `targets` is given (-1 = ignore).
 
+        With targets, the head, softcap and loss run as one fused op (`head_loss.py`) that reads
+        `lm_head.weight` directly, so forward hooks on `lm_head` fire for logits only.
         `last_only`: logits of the last position only, (B, 1, vocab) - all a prefill samples from, and the
         head's matmul over a long prompt is a third of its cost.
         `positions` (B,) and `key_mask` (B, 1, 1, Tk), together and only for one token per row (T = 1): row b's
