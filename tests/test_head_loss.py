@@ -31,9 +31,10 @@ def loss_and_grads(fn, h, w, targets, reduction, upstream=None):
     return loss.detach(), h.grad, w.grad
 
 
+@pytest.mark.parametrize("block_rows", [8, 1000])  # 8: the last of 5 blocks is partial; 1000: one block (as on a GPU)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_matches_plain_ops(reduction, monkeypatch):
-    monkeypatch.setattr(head_loss, "BLOCK_BYTES", 4 * 300 * 8)  # 8-row blocks: the last block is partial (37 rows)
+def test_matches_plain_ops(reduction, block_rows, monkeypatch):
+    monkeypatch.setattr(head_loss, "CPU_BLOCK_BYTES", 4 * 300 * block_rows)
     h, w, targets = inputs()
     upstream = torch.randn(len(targets)) if reduction == "none" else None
     ours = loss_and_grads(softcap_cross_entropy, h, w, targets, reduction, upstream)

@@ -17,11 +17,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-BLOCK_BYTES = 1 << 21  # rows per elementwise block: ~2 MiB of fp32 logits (measured in docs/benchmarks.md)
+# fp32 logits per elementwise block. On a CPU, rows that stay in cache (1-8 MiB measured alike, docs/benchmarks.md).
+# On a GPU every op is a kernel launch per block and caches buy nothing, so blocks only bound the temporaries.
+CPU_BLOCK_BYTES = 1 << 21
+GPU_BLOCK_BYTES = 1 << 30
 
 
-def _blocks(n_rows: int, vocab: int):
-    step = max(1, BLOCK_BYTES // (4 * vocab))
+def _blocks(n_rows: int, vocab: int, device: torch.device):
+    step = max(1, (CPU_BLOCK_BYTES if device.type == "cpu" else GPU_BLOCK_BYTES) // (4 * vocab))
     for start in range(0, n_rows, step):
         yield slice(start, min(start + step, n_rows))
 
@@ -36,7 +39,7 @@ class SoftcapCrossEntropy(torch.autograd.Function):
         safe_targets = targets.clamp(min=0)
         nll = torch.empty(t.size(0), dtype=torch.float32, device=t.device)
         lse = torch.empty_like(nll)
-        for rows in _blocks(t.size(0), t.size(1)):
+        for rows in _blocks(t.size(0), t.size(1), t.device):
             block = t[rows].div_(cap).tanh_()
             capped = block * cap
             lse[rows] = torch.logsumexp(capped, dim=-1)
@@ -61,7 +64,7 @@ class SoftcapCrossEntropy(torch.autograd.Function):
             scale = valid * grad  # grad is a scalar (sum) or one value per row (none)
         dz = t  # overwritten block by block: t is not needed after its block's gradient
         rows_idx = torch.arange(t.size(0), device=t.device)
-        for rows in _blocks(t.size(0), t.size(1)):
+        for rows in _blocks(t.size(0), t.size(1), t.device):
             block = t[rows]
             p = (block * cap).sub_(lse[rows, None]).exp_()
             p[rows_idx[: p.size(0)], safe_targets[rows]] -= 1.0
