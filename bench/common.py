@@ -6,11 +6,15 @@ bench/run_all.py pastes that table into docs/benchmarks.md between `<!-- bench:N
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import platform
 import shlex
+import signal
+import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -84,3 +88,42 @@ def save(path: str | Path, table: str, results, settings: dict | None = None) ->
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"\nraw numbers: {path}")
     return record
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_process(export_dir: Path, overrides: list[str], env: dict, log: Path, ready_timeout: float = 90):
+    """`python serve.py` for `export_dir` on 127.0.0.1 and a free port (CPU, API only, plus `overrides`), its output
+    in `log`; yields (process, port) once /health answers 200, and stops it with SIGINT (then kill) afterwards."""
+    import httpx
+
+    port = free_port()
+    cmd = [sys.executable, str(REPO / "serve.py"), f"ckpt={export_dir}", f"port={port}", "device=cpu", "ui=false", *overrides]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env={**env, "PYTHONPATH": str(REPO / "src")}, stdout=out, stderr=subprocess.STDOUT,
+                                cwd=REPO)
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"serve.py did not become ready:\n{log.read_text(errors='replace')[-3000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.1)
+        yield proc, port
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

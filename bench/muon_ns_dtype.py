@@ -6,10 +6,10 @@
 from __future__ import annotations
 
 import argparse
-import json
+
 import torch
 
-from common import best_of
+from common import best_of, markdown_table, save
 from nanochat.hardware import fast_bf16
 from nanochat.optim.muon import newton_schulz
 
@@ -29,12 +29,13 @@ def main() -> None:
         row["bf16_over_fp32"] = row["ns_bf16_ms"] / row["ns_fp32_ms"]
         rows.append(row)
     print(f"device={args.device} capability={torch.backends.cpu.get_cpu_capability()} fast_bf16={fast_bf16(args.device)}")
-    print(f"{'shape':>10} {'NS fp32 ms':>11} {'NS bf16 ms':>11} {'bf16/fp32':>10}")
-    for r in rows:
-        print(f"{r['shape']:>10} {r['ns_fp32_ms']:>11.2f} {r['ns_bf16_ms']:>11.2f} {r['bf16_over_fp32']:>10.1f}")
+    table = markdown_table(["matrix", "NS fp32 (ms)", "NS bf16 (ms)", "bf16 / fp32"],
+                           [[r["shape"], f"{r['ns_fp32_ms']:.2f}", f"{r['ns_bf16_ms']:.2f}", f"{r['bf16_over_fp32']:.1f}x"]
+                            for r in rows])
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        save(args.json, table, rows, vars(args))  # prints the table too
+    else:
+        print(table)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,9 @@ The check (PretrainModule.step_is_finite) sums the loss and every gradient's nor
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
-from common import best_of  # bench/ is on sys.path when a script here runs
+from common import best_of, markdown_table, save  # bench/ is on sys.path when a script here runs
 
 from nanochat.models.components import GPT, GPTConfig
 
@@ -46,12 +45,14 @@ def main() -> None:
         rows.append({"depth": depth, "params": model.num_params(), "tokens": args.rows * args.seq,
                      "fwd_bwd_ms": 1e3 * step_s, "check_ms": 1e3 * check_s, "check_share": check_s / step_s})
     print(f"device={args.device} threads={torch.get_num_threads()} rows={args.rows} seq={args.seq} vocab={args.vocab}")
-    print(f"{'depth':>5} {'params':>12} {'fwd+bwd ms':>11} {'check ms':>9} {'share':>7}")
-    for r in rows:
-        print(f"{r['depth']:>5} {r['params']:>12,} {r['fwd_bwd_ms']:>11.1f} {r['check_ms']:>9.2f} {100 * r['check_share']:>6.2f}%")
+    table = markdown_table(
+        ["depth", "params", "forward + backward (ms)", "finiteness check (ms)", "share of the step"],
+        [[r["depth"], f"{r['params']:,}", f"{r['fwd_bwd_ms']:,.1f}", f"{r['check_ms']:.2f}", f"{100 * r['check_share']:.2f} %"]
+         for r in rows])
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        save(args.json, table, rows, vars(args))  # prints the table too
+    else:
+        print(table)
 
 
 if __name__ == "__main__":

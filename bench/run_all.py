@@ -15,13 +15,12 @@ import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
+from common import REPO as ROOT
 from nanochat.hardware import fast_bf16
 
-ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 DOCS = ROOT / "docs" / "benchmarks.md"
 

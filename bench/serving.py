@@ -33,17 +33,12 @@ import importlib
 import inspect
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import markdown_table, save
+from common import markdown_table, save, serve_process
 
-REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["Why is the sky blue?", "Write a short poem about the sea.", "What is 12 times 7?",
            "Tell me about the history of Rome.", "How do I sort a list in Python?", "Who are you?"]
 CORPUS_MODULES = ["argparse", "collections", "difflib", "email.message", "http.client", "json.decoder", "logging",
@@ -73,43 +68,14 @@ def make_export(out_dir: Path, depth: int = 4, vocab: int = 4096, sequence_len: 
     return save_export(model, tokenizer, Path(out_dir) / "export"), facts
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def running_server(export_dir: Path, threads: int = 1, max_waiting: int = 16, log_dir: Path | None = None):
     """`python serve.py` on 127.0.0.1 and a free port, until /health says ready; yields its base URL."""
-    import httpx
-
-    port = free_port()
     log = Path(log_dir or tempfile.mkdtemp(prefix="bench-serving-")) / "serve.log"
     env = {k: v for k, v in os.environ.items() if k != "NANOCHAT_API_KEY"}
-    env.update(OMP_NUM_THREADS=str(threads), PYTHONPATH=str(REPO / "src"))
-    cmd = [sys.executable, str(REPO / "serve.py"), f"ckpt={export_dir}", f"port={port}", "device=cpu", "ui=false",
-           "model_name=bench", f"max_waiting={max_waiting}"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"serve.py did not become ready:\n{log.read_text(errors='replace')[-3000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            time.sleep(0.1)
-        yield url
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    env["OMP_NUM_THREADS"] = str(threads)
+    with serve_process(export_dir, ["model_name=bench", f"max_waiting={max_waiting}"], env, log) as (_, port):
+        yield f"http://127.0.0.1:{port}"
 
 
 # --- the clients ----------------------------------------------------------------------------------------

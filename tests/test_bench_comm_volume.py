@@ -1,8 +1,5 @@
 """bench/comm_volume.py against hand-computed values for a tiny GPT, and against a real optimizer's state."""
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +7,6 @@ import torch
 from nanochat.models.components import GPT, GPTConfig
 from nanochat.optim import build_optimizer
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 # d2 at vocab 512: width 128, one head; per layer 4 attention matrices 128x128 and the MLP's 512x128 and 128x512
 WIDTH, VOCAB, LAYERS = 128, 512, 2
@@ -21,14 +17,9 @@ TOTAL = MUON + EMBEDDING + UNEMBEDDING  # 524,288
 
 @pytest.fixture(scope="module")
 def cv():
-    sys.path.insert(0, str(BENCH))  # the bench scripts import `common` from their own folder
-    try:
-        spec = importlib.util.spec_from_file_location("bench_comm_volume", BENCH / "comm_volume.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.path.remove(str(BENCH))
+    import comm_volume  # bench/ is on pytest's pythonpath (pyproject.toml)
+
+    return comm_volume
 
 
 @pytest.fixture(scope="module")

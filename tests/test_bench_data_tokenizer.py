@@ -7,18 +7,13 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
 
 @pytest.fixture(scope="module")
 def bench():
     """The two scripts as modules (they import `common` from bench/, as `python bench/NAME.py` does)."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        import data_stream
-        import tokenizer_speed
-    finally:
-        sys.path.remove(str(BENCH))
+    import data_stream  # bench/ is on pytest's pythonpath (pyproject.toml)
+    import tokenizer_speed
+
     return data_stream, tokenizer_speed
 
 

@@ -1,32 +1,18 @@
 """bench/decode.py's measuring functions at tiny settings: real figures, consistent with each other and the JSON."""
 
-import importlib.util
 import json
-import sys
 from argparse import Namespace
-from pathlib import Path
 
 import pytest
-import torch
 
 from nanochat.models.components import GPTConfig
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
 
 @pytest.fixture(scope="module")
-def decode():
-    sys.path.insert(0, str(BENCH))  # the bench scripts import `common` from their own folder
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: on a busy 2-core machine a second intra-op thread makes them ~30x slower
-    try:
-        spec = importlib.util.spec_from_file_location("bench_decode", BENCH / "decode.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.path.remove(str(BENCH))
-        torch.set_num_threads(threads)
+def decode(one_torch_thread):  # tiny ops: on a busy 2-core machine a second intra-op thread makes them ~30x slower
+    import decode  # bench/ is on pytest's pythonpath (pyproject.toml)
+
+    return decode
 
 
 def tiny_config(n_kv_head=None) -> GPTConfig:

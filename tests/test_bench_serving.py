@@ -1,17 +1,13 @@
 """bench/serving.py measures what it claims: a real server, every request counted, sane percentiles, a saved table."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))  # the bench scripts import `common` as a top-level module
-import serving as bench
+import serving as bench  # noqa: E402  (bench/ is on pytest's pythonpath)
 
 MAX_TOKENS = 5
 

@@ -8,9 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
-
-import run_all  # noqa: E402
+import run_all  # noqa: E402  (bench/ is on pytest's pythonpath)
 
 
 def run_script(*argv: str) -> None:

@@ -178,19 +178,30 @@ def events_of(jobs_or_lists) -> list:
             for events in jobs_or_lists]
 
 
-def test_concurrent_requests_share_steps_and_each_gets_its_own_reply(gpt, serving_tokenizer):
-    tok = serving_tokenizer
+def queued_together(gpt, tok):
+    """(model, reqs, replies alone, start): `start()` makes a queue and submits every request while the first
+    prefill is held, so they all join the first decode step; it returns (queue, jobs)."""
     model = Recording(gpt)
     engine = Engine(model, tok)
     reqs = chat_requests(tok, engine.max_context)
     alone = [list(generate_events(engine, tok, r)) for r in reqs]
     model.shapes.clear()
 
-    async def scenario():
+    def start():
         queue = GenerationQueue(engine, tok, max_waiting=8, max_batch=8)
-        model.gate.clear()  # the first prefill waits until every request is in: they all join the first step
+        model.gate.clear()
         jobs = [queue.submit(r) for r in reqs]
         model.gate.set()
+        return queue, jobs
+
+    return model, reqs, alone, start
+
+
+def test_concurrent_requests_share_steps_and_each_gets_its_own_reply(gpt, serving_tokenizer):
+    model, reqs, alone, start = queued_together(gpt, serving_tokenizer)
+
+    async def scenario():
+        queue, jobs = start()
         replies = await collect(jobs)
         assert queue.pending == 0 and queue.generating == 0
         queue.shutdown()
@@ -205,18 +216,10 @@ def test_concurrent_requests_share_steps_and_each_gets_its_own_reply(gpt, servin
 
 
 def test_a_cancelled_request_leaves_the_batch_and_the_others_finish_exactly(gpt, serving_tokenizer):
-    tok = serving_tokenizer
-    model = Recording(gpt)
-    engine = Engine(model, tok)
-    reqs = chat_requests(tok, engine.max_context)
-    alone = [list(generate_events(engine, tok, r)) for r in reqs]
-    model.shapes.clear()
+    model, reqs, alone, start = queued_together(gpt, serving_tokenizer)
 
     async def scenario():
-        queue = GenerationQueue(engine, tok, max_waiting=8, max_batch=8)
-        model.gate.clear()
-        jobs = [queue.submit(r) for r in reqs]
-        model.gate.set()
+        queue, jobs = start()
         async for _ in jobs[3].events():  # the longest request's client leaves after its first event
             break
         replies = await collect(jobs[:3])

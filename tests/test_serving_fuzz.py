@@ -21,10 +21,8 @@ import json
 import math
 import os
 import re
-import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -38,6 +36,8 @@ pytest.importorskip("hypothesis")
 import httpx  # noqa: E402
 from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+
+from common import serve_process  # noqa: E402  (bench/common.py, on pytest's pythonpath)
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "fuzz-s3cret-key"
@@ -80,12 +80,6 @@ def engine(export_dir):
     return load_engine(export_dir, "cpu")[0]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -124,29 +118,12 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(export_dir, tmp_path_factory):
-    port, log = free_port(), tmp_path_factory.mktemp("fuzz-log") / "serve.log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src"), "NANOCHAT_API_KEY": KEY}
-    cmd = [sys.executable, str(REPO / "serve.py"), f"ckpt={export_dir}", f"port={port}", "device=cpu", "ui=false",
-           "model_name=fuzz", "max_waiting=8", "sampling.max_tokens=4", f"send_timeout={SEND_TIMEOUT}",
-           f"body_timeout={BODY_TIMEOUT}"]  # no host=: the default must be localhost
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-    srv = Server(proc, port, log)
-    deadline = time.monotonic() + 90
-    while True:
-        assert srv.alive(), f"serve.py exited:\n{srv.log()[-3000:]}"
-        assert time.monotonic() < deadline, f"serve.py did not become ready:\n{srv.log()[-3000:]}"
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(srv.url + "/health", timeout=2).status_code == 200:
-                break
-        time.sleep(0.1)
-    yield srv
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    log = tmp_path_factory.mktemp("fuzz-log") / "serve.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NANOCHAT_API_KEY": KEY}
+    overrides = ["model_name=fuzz", "max_waiting=8", "sampling.max_tokens=4", f"send_timeout={SEND_TIMEOUT}",
+                 f"body_timeout={BODY_TIMEOUT}"]  # no host=: the default must be localhost
+    with serve_process(export_dir, overrides, env, log) as (proc, port):
+        yield Server(proc, port, log)
 
 
 @pytest.fixture(scope="module")
