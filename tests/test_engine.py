@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from nanochat.engine.engine import Engine, generate_naive
-from nanochat.engine.kv_cache import KVCache
+from nanochat.engine.kv_cache import KVCache, RowKVCache
 from nanochat.models.components import GPTConfig
 
 
@@ -48,6 +48,28 @@ def test_replicated_cache_rows_hold_the_prefix():
     assert rows.pos == 5 and rows.k.shape == (2, 3, 3, 9, 4)
     for r in range(3):
         assert torch.equal(rows.k[0, r, :, :5], k[0])
+
+
+def test_row_cache_grows_only_the_short_dimension_and_never_past_the_context():
+    """The server's batch cache over a long generation: 8 rows decoding 700 tokens keep 8 row slots and fewer than
+    twice their length in slots, capped at the context; a row that joins later adds row slots, not length."""
+    keys = torch.randn(1, 2, 10, 4)
+    prefix = KVCache(1, 1, 2, 4, max_len=10)
+    prefix.insert_kv(0, keys, keys)
+    prefix.advance(10)
+    cache = RowKVCache(1, 2, 4, max_length=720)
+    cache.add(prefix, copies=8)
+    for step in range(700):
+        cache.step_inputs()
+        new = torch.full((8, 2, 1, 4), float(step))
+        cache.insert_kv(0, new, new)
+        cache.advance(1)
+        end = 10 + step + 1
+        assert cache.k.size(1) == 8 and end <= cache.k.size(3) <= min(2 * end, 720), (step, cache.k.shape)
+    assert torch.equal(cache.k[0, :, :, :10], keys.expand(8, -1, -1, -1))
+    assert torch.equal(cache.v[0, :, :, 10:710, 0], torch.arange(700.0).expand(8, 2, -1))
+    cache.add(prefix)
+    assert cache.k.size(1) == 16 and cache.k.size(3) == 720 and cache.lengths == [710] * 8 + [10]
 
 
 class ScriptedModel(nn.Module):

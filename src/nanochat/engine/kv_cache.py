@@ -64,12 +64,15 @@ class RowKVCache:
     `step_inputs()` gives the model each row's position and the slots it may attend to. Slots past a row's length
     hold zeros or keys an earlier row left there, never uninitialised memory: a masked slot's weight is exactly 0,
     and 0 times a finite value adds nothing, so a row's result does not depend on its neighbours. Rows stay packed
-    in 0..rows-1: `remove` moves the last row into the freed place. Both dimensions grow on demand (doubling) and
-    all memory goes when the last row leaves.
+    in 0..rows-1: `remove` moves the last row into the freed place. Each dimension grows on demand, by doubling
+    and only when it is short (the length never past `max_length`, the model's context), and all memory goes when
+    the last row leaves.
     """
 
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, device: torch.device | str = "cpu"):
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, device: torch.device | str = "cpu",
+                 max_length: int | None = None):
         self.num_layers, self.num_kv_heads, self.head_dim, self.device = num_layers, num_kv_heads, head_dim, device
+        self.max_length = max_length
         self.k: torch.Tensor | None = None  # (layers, row capacity, kv heads, length capacity, head dim)
         self.v: torch.Tensor | None = None
         self.lengths: list[int] = []
@@ -78,7 +81,7 @@ class RowKVCache:
     @classmethod
     def for_model(cls, model) -> RowKVCache:
         c = model.config
-        return cls(c.n_layer, c.n_kv_head, c.head_dim, next(model.parameters()).device)
+        return cls(c.n_layer, c.n_kv_head, c.head_dim, next(model.parameters()).device, max_length=model.rotary_len)
 
     @property
     def rows(self) -> int:
@@ -88,11 +91,18 @@ class RowKVCache:
         cap_rows, cap_len = (0, 0) if self.k is None else (self.k.size(1), self.k.size(3))
         if rows <= cap_rows and length <= cap_len:
             return
-        shape = (self.num_layers, max(rows, 2 * cap_rows), self.num_kv_heads, max(length, 2 * cap_len), self.head_dim)
+        # Only the short dimension grows: doubling the rows at every length doubling too once turned 8 rows of
+        # 2,800 tokens into 4,096 rows x 5,632 slots (6 GB for a 1-layer toy) and stalled the server's worker.
+        if rows > cap_rows:
+            cap_rows = max(rows, 2 * cap_rows)
+        if length > cap_len:
+            cap_len = max(length, min(2 * cap_len, self.max_length or 2 * cap_len))
+        shape = (self.num_layers, cap_rows, self.num_kv_heads, cap_len, self.head_dim)
         k, v = like.new_zeros(shape), like.new_zeros(shape)
         if self.k is not None:
-            k[:, :cap_rows, :, :cap_len] = self.k
-            v[:, :cap_rows, :, :cap_len] = self.v
+            old_rows, old_len = self.k.size(1), self.k.size(3)
+            k[:, :old_rows, :, :old_len] = self.k
+            v[:, :old_rows, :, :old_len] = self.v
         self.k, self.v = k, v
 
     def add(self, prefix: KVCache, copies: int = 1) -> list[int]:
