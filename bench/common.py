@@ -72,8 +72,8 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def save(path: str | Path, table: str, results, settings: dict | None = None) -> dict:
-    """Print the table and write {command, date, machine, settings, table, results} to `path`."""
+def save(path: str | Path | None, table: str, results, settings: dict | None = None) -> dict:
+    """Print the table and write {command, date, machine, settings, table, results} to `path` (if one is given)."""
     print(table)
     record = {
         "command": "python " + shlex.join(sys.argv),
@@ -83,6 +83,8 @@ def save(path: str | Path, table: str, results, settings: dict | None = None) ->
         "table": table,
         "results": results,
     }
+    if path is None:
+        return record
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")

@@ -32,10 +32,7 @@ def main() -> None:
     table = markdown_table(["matrix", "NS fp32 (ms)", "NS bf16 (ms)", "bf16 / fp32"],
                            [[r["shape"], f"{r['ns_fp32_ms']:.2f}", f"{r['ns_bf16_ms']:.2f}", f"{r['bf16_over_fp32']:.1f}x"]
                             for r in rows])
-    if args.json:
-        save(args.json, table, rows, vars(args))  # prints the table too
-    else:
-        print(table)
+    save(args.json, table, rows, vars(args))
 
 
 if __name__ == "__main__":

@@ -49,10 +49,7 @@ def main() -> None:
         ["depth", "params", "forward + backward (ms)", "finiteness check (ms)", "share of the step"],
         [[r["depth"], f"{r['params']:,}", f"{r['fwd_bwd_ms']:,.1f}", f"{r['check_ms']:.2f}", f"{100 * r['check_share']:.2f} %"]
          for r in rows])
-    if args.json:
-        save(args.json, table, rows, vars(args))  # prints the table too
-    else:
-        print(table)
+    save(args.json, table, rows, vars(args))
 
 
 if __name__ == "__main__":

@@ -60,3 +60,14 @@ def test_run_all_refreshes_only_its_blocks(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="bench:x"):
         run_all.refresh_docs(["x"], {"x": 1.0})
     assert docs.read_text() == "no markers\n"  # nothing half-written
+
+
+def test_save_writes_the_record_only_when_given_a_path(tmp_path, capsys, monkeypatch):
+    import common
+
+    monkeypatch.chdir(tmp_path)
+    record = common.save(None, "| a |\n|---|\n| 1 |", [{"a": 1}], {"n": 2})
+    assert capsys.readouterr().out == "| a |\n|---|\n| 1 |\n" and list(tmp_path.iterdir()) == []
+    saved = common.save(tmp_path / "out.json", record["table"], [{"a": 1}], {"n": 2})
+    assert json.loads((tmp_path / "out.json").read_text()) == saved
+    assert {k: saved[k] for k in ("table", "results", "settings")} == {k: record[k] for k in ("table", "results", "settings")}
