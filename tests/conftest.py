@@ -85,19 +85,24 @@ def tiny_tokenizer():
     return Tokenizer.train(corpus_documents(), vocab_size=1024, show_progress=False)
 
 
-@pytest.fixture(scope="session")
-def random_model(tiny_tokenizer):
-    """A tiny GPT with large random weights: varied, prompt-dependent output (a zero-init model is constant)."""
+def random_gpt(vocab_size: int, std: float, **config):
+    """A tiny GPT (seed 0) with large N(0, std) weights: varied, prompt-dependent output (a zero-init model is
+    constant). `config`: GPTConfig's other fields."""
     import torch
 
     from nanochat.models.components import GPT, GPTConfig
 
     torch.manual_seed(0)
-    model = GPT(GPTConfig(sequence_len=64, vocab_size=tiny_tokenizer.vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=64))
+    model = GPT(GPTConfig(vocab_size=vocab_size, **config))
     with torch.no_grad():
         for p in model.parameters():
-            p.normal_(0, 0.3)
+            p.normal_(0, std)
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def random_model(tiny_tokenizer):
+    return random_gpt(tiny_tokenizer.vocab_size, 0.3, sequence_len=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
 
 
 @pytest.fixture(scope="session")

@@ -25,8 +25,9 @@ pytest.importorskip("gradio")
 import httpx  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
+from conftest import random_gpt  # noqa: E402
 from nanochat.engine.engine import Engine  # noqa: E402
-from nanochat.models.components import GPT, GPTConfig  # noqa: E402
+from nanochat.models.components import GPTConfig  # noqa: E402
 from nanochat.serving.api import create_app  # noqa: E402
 from nanochat.serving.generation import Finish, GenerationQueue, QueueFull, TextDelta, ToolUse, generate_events  # noqa: E402
 from nanochat.serving.limits import RequestError, validate_chat  # noqa: E402
@@ -49,10 +50,7 @@ def tok(serving_tokenizer):
 def export_dir(tok, tmp_path_factory):
     from nanochat.export import save_export
 
-    model = GPT(GPTConfig(sequence_len=64, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
-    torch.manual_seed(0)
-    for p in model.parameters():
-        p.data.normal_(0, 0.5)
+    model = random_gpt(tok.vocab_size, 0.5, sequence_len=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
     return save_export(model, tok, tmp_path_factory.mktemp("serve") / "export")
 
 

@@ -11,6 +11,8 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import random_gpt
+
 from nanochat.engine.engine import Engine
 from nanochat.models.components import GPT, GPTConfig
 from nanochat.serving.generation import (
@@ -46,13 +48,7 @@ class Recording(nn.Module):
 
 @pytest.fixture(scope="module")
 def gpt(serving_tokenizer):
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(sequence_len=64, vocab_size=serving_tokenizer.vocab_size, n_layer=2, n_head=4, n_kv_head=2,
-                          n_embd=64))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.5)
-    return model.eval()
+    return random_gpt(serving_tokenizer.vocab_size, 0.5, sequence_len=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
 
 
 def requests(tok, sampled: bool = False) -> list[dict]:

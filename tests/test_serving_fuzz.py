@@ -38,6 +38,7 @@ from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from common import serve_process  # noqa: E402  (bench/common.py, on pytest's pythonpath)
+from conftest import random_gpt  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "fuzz-s3cret-key"
@@ -61,14 +62,10 @@ def tok(serving_tokenizer):
 @pytest.fixture(scope="module")
 def export_dir(tok, tmp_path_factory):
     from nanochat.export import save_export
-    from nanochat.models.components import GPT, GPTConfig
 
     # sequence_len 512: a context of 5,120 tokens, room for replies that run for seconds
-    model = GPT(GPTConfig(sequence_len=512, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
-    torch.manual_seed(0)
+    model = random_gpt(tok.vocab_size, 0.5, sequence_len=512, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
     with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.5)
         model.lm_head.weight[list(tok.special_tokens.values())] = 0  # logit 0 never makes the top 50 of 600
     return save_export(model, tok, tmp_path_factory.mktemp("fuzz") / "export")
 
