@@ -12,17 +12,17 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from nanochat.config import register_resolvers
-from nanochat.errors import exit_on_user_error
+from nanochat.errors import exit_on_error
 
 register_resolvers()
 log = logging.getLogger("nanochat.serve")
 
 
-@exit_on_user_error
+@exit_on_error
 def serve(cfg: DictConfig) -> None:
     from nanochat.serving import default_model_name, load_engine
 
-    engine, tokenizer, meta = load_engine(cfg.ckpt, cfg.device, cfg.use_tools)  # UserError -> "error: ...", exit 2
+    engine, tokenizer, meta, precision = load_engine(cfg.ckpt, cfg.device, cfg.use_tools, cfg.precision)
     import uvicorn
 
     from nanochat.serving.api import create_app
@@ -39,8 +39,8 @@ def serve(cfg: DictConfig) -> None:
         app = mount_ui(app, api_key=cfg.api_key or None)
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_key:
         log.warning("serving on %s without an api_key: anyone who can reach this port can use the model", cfg.host)
-    log.info("%s on %s (context %d tokens): UI http://%s:%d/  API http://%s:%d/v1", model_name, engine.device,
-             engine.max_context, cfg.host, cfg.port, cfg.host, cfg.port)
+    log.info("%s on %s, %s (context %d tokens): UI http://%s:%d/  API http://%s:%d/v1", model_name, engine.device,
+             precision, engine.max_context, cfg.host, cfg.port, cfg.host, cfg.port)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
 
 

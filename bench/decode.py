@@ -2,10 +2,12 @@
 the KV cache against naive recompute, and 8 samples in one batch against 8 one after the other.
 
     python bench/decode.py [--depths 4 6] [--prompt 16] [--new 128 256] [--long-new 512] [--long-prompt 512]
-                           [--naive-stride 16] [--repeats 3] [--threads N] [--json bench/results/decode.json]
+                           [--naive-stride 16] [--repeats 3] [--threads N] [--precision fp32 bf16]
+                           [--json bench/results/decode.json]
 
 Models are freshly initialised presets (d4: vocab 4,096, seq 256; d6: vocab 8,192, seq 512, as conf/model/d4.yaml
-and d6.yaml): decoding cost does not depend on what the weights learned. At init the lm_head is zero, so greedy
+and d6.yaml): decoding cost does not depend on what the weights learned. Each `--precision` (default: what
+precision=auto gives here) loads the weights in its dtype, as serving does. At init the lm_head is zero, so greedy
 decoding emits token 0 forever and never hits a stop token: every run decodes exactly the requested number of
 tokens (checked). Everything goes through `Engine.generate`, the code path of the CLI, web UI, API and RL.
 
@@ -38,6 +40,7 @@ from common import best_of, markdown_table, save, sync
 from nanochat.engine.engine import Engine, generate_naive, sample_next
 from nanochat.engine.kv_cache import KVCache
 from nanochat.models.components import GPT, GPTConfig
+from nanochat.precision import cast_weights, computing, resolve
 
 PRESETS = {4: (4096, 256), 6: (8192, 512)}  # depth -> (vocab, sequence_len), as conf/model/d4.yaml and d6.yaml
 
@@ -55,9 +58,9 @@ class StubTokenizer:
         return self.ids[name]
 
 
-def build(config: GPTConfig) -> tuple[GPT, Engine]:
+def build(config: GPTConfig, precision: str = "fp32") -> tuple[GPT, Engine]:
     torch.manual_seed(0)
-    model = GPT(config).eval()
+    model = cast_weights(GPT(config).eval(), resolve(precision).dtype)
     return model, Engine(model, StubTokenizer(config.vocab_size), use_tools=False)
 
 
@@ -115,9 +118,8 @@ def kv_bytes_per_token(engine: Engine, prompt: list[int], num_samples: int = 1, 
     finally:
         gen.close()
     c = engine.model.config
-    autocast = engine._autocast()
-    expected = autocast.fast_dtype if isinstance(autocast, torch.autocast) else next(engine.model.parameters()).dtype
-    formula = 2 * c.n_layer * c.n_kv_head * c.head_dim * torch.empty(0, dtype=expected).element_size()
+    expected = engine.compute_dtype()
+    formula = 2 * c.n_layer * c.n_kv_head * c.head_dim * expected.itemsize
     return {"bytes_per_token": nbytes / (rows * positions), "formula": formula, "cache_bytes": nbytes,
             "rows": rows, "positions": positions, "dtype": str(dtype).removeprefix("torch."),
             "formula_dtype": str(expected).removeprefix("torch.")}
@@ -125,12 +127,12 @@ def kv_bytes_per_token(engine: Engine, prompt: list[int], num_samples: int = 1, 
 
 def prefill(engine: Engine, length: int, repeats: int) -> dict:
     """The engine's prefill alone: a fresh one-row cache and one forward of `length` tokens."""
-    model = engine.model
+    model, dtype = engine.model, engine.compute_dtype()
     ids = torch.tensor([prompt_of(length)], device=engine.device)
 
     def once():
-        with torch.inference_mode(), engine._autocast():
-            model(ids, kv_cache=KVCache.for_model(model, 1, length))
+        with torch.inference_mode(), computing(model, dtype):
+            model(ids, kv_cache=KVCache.for_model(model, 1, length, dtype))
 
     seconds = best_of(once, repeats=repeats)
     return {"tokens": length, "seconds": seconds, "tok_per_s": length / seconds}
@@ -164,13 +166,14 @@ def naive_seconds(model, prompt: list[int], max_tokens: int, stride: int = 1, re
     return {"seconds": seconds, "measured": f"{len(steps)} of {max_tokens} steps (every {stride}th, best of {repeats}) x {stride}"}
 
 
-def bench_depth(depth: int, args) -> dict:
+def bench_depth(depth: int, args, precision: str = "fp32") -> dict:
     config = preset(depth)
-    model, engine = build(config)
+    model, engine = build(config, precision)
     prompt = prompt_of(args.prompt)
     run_generate(engine, prompt, 8, 8)  # warm-up: thread pools, allocator
     long_len = min(args.long_prompt, config.sequence_len)
-    out = {"depth": depth, "params": model.num_params(), "vocab": config.vocab_size, "sequence_len": config.sequence_len,
+    out = {"depth": depth, "precision": precision, "params": model.num_params(), "vocab": config.vocab_size,
+           "sequence_len": config.sequence_len,
            "prompt": args.prompt, "n_layer": config.n_layer, "n_kv_head": config.n_kv_head, "head_dim": config.head_dim}
     out["prefill"] = prefill(engine, long_len, args.repeats)
     out["ttft"] = best_generate(engine, prompt_of(long_len), 1, 1, args.repeats)
@@ -207,19 +210,19 @@ def tables(results: list[dict]) -> str:
     rows = []
     for r in results:
         kv, b1, b8 = r["kv"], r["batch1"], r["batch8"]
-        rows.append([f"d{r['depth']} ({r['params'] / 1e6:.1f}M)", f"{r['prefill']['tokens']}", f"{r['prefill']['tok_per_s']:,.0f}",
+        rows.append([f"d{r['depth']} ({r['params'] / 1e6:.1f}M)", r["precision"], f"{r['prefill']['tokens']}", f"{r['prefill']['tok_per_s']:,.0f}",
                      f"{1e3 * r['ttft']['ttft_s']:.1f}", f"{b1['decode_tok_per_s']:,.0f} ({b1['step_ms']:.2f} ms/step)",
                      f"{b8['decode_tok_per_s']:,.0f} ({b8['step_ms']:.2f} ms/step)",
                      f"{kv['bytes_per_token']:,.0f} / {kv['formula']:,} ({kv['dtype']})", f"{kv['full_context_mb']:.1f}"])
-    out += [markdown_table(["model", "prefill prompt", "prefill tok/s", "TTFT ms", "decode tok/s, batch 1",
+    out += [markdown_table(["model", "precision", "prefill prompt", "prefill tok/s", "TTFT ms", "decode tok/s, batch 1",
                            "decode tok/s, batch 8", "KV bytes/token: cache / formula", "KV MB at sequence_len"], rows), ""]
-    rows = [[f"d{r['depth']}", d["new_tokens"], f"{d['cache_tok_per_s']:,.0f}", f"{d['naive_tok_per_s']:,.1f}",
+    rows = [[f"d{r['depth']}", r["precision"], d["new_tokens"], f"{d['cache_tok_per_s']:,.0f}", f"{d['naive_tok_per_s']:,.1f}",
              f"{d['speedup']:.1f}x" + ("" if d["naive"]["measured"] == "one full run" else " (naive estimated)")]
             for r in results for d in r["decode"]]
-    out += [markdown_table(["model", "new tokens", "KV cache tok/s", "naive tok/s", "cache speedup"], rows), ""]
-    rows = [[f"d{r['depth']}", s["new_tokens"], f"{s['batched_tok_per_s']:,.0f}", f"{s['sequential_tok_per_s']:,.0f}", f"{s['speedup']:.1f}x"]
+    out += [markdown_table(["model", "precision", "new tokens", "KV cache tok/s", "naive tok/s", "cache speedup"], rows), ""]
+    rows = [[f"d{r['depth']}", r["precision"], s["new_tokens"], f"{s['batched_tok_per_s']:,.0f}", f"{s['sequential_tok_per_s']:,.0f}", f"{s['speedup']:.1f}x"]
             for r in results for s in [r["samples8"]]]
-    out.append(markdown_table(["model", "new tokens", "8 rows in one batch, tok/s", "8 x batch 1, tok/s", "batching speedup"], rows))
+    out.append(markdown_table(["model", "precision", "new tokens", "8 rows in one batch, tok/s", "8 x batch 1, tok/s", "batching speedup"], rows))
     return "\n".join(out)
 
 
@@ -233,12 +236,15 @@ def main() -> None:
     parser.add_argument("--long-prompt", type=int, default=512, help="prefill / TTFT prompt, clamped to sequence_len")
     parser.add_argument("--repeats", type=int, default=3, help="best of this many runs (naive full runs: one)")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=[resolve("auto").name],
+                        help="weights and compute dtype, one run each (default: what precision=auto gives here)")
     parser.add_argument("--json", type=Path, default=Path("bench/results/decode.json"))
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}; {resolve('auto')}")
     t0 = time.perf_counter()
-    results = [bench_depth(d, args) for d in args.depths]
+    results = [bench_depth(d, args, p) for p in args.precision for d in args.depths]
     wall = time.perf_counter() - t0
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} | {"wall_s": round(wall, 1)}
     save(args.json, tables(results), results, settings)

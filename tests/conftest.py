@@ -16,6 +16,22 @@ def _isolated_home(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "nanochat_home"))
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
+@pytest.fixture(params=PRECISIONS)
+def precision(request) -> str:
+    """Both precisions on every machine: bf16 autocast runs on any CPU (emulated, and slower, without native bf16),
+    so the bf16 path every GPU and modern CPU takes is tested wherever the suite runs."""
+    return request.param
+
+
+def dtype_of(precision: str):
+    from nanochat.precision import resolve
+
+    return resolve(precision).dtype
+
+
 @pytest.fixture
 def stage_error(capsys):
     """Run a stage config that must fail; check it exits 2 with exactly one `error: ...` line, and return it."""

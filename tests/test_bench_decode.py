@@ -21,18 +21,19 @@ def tiny_config(n_kv_head=None) -> GPTConfig:
 
 @pytest.mark.parametrize("n_kv_head", [None, 1])
 @pytest.mark.parametrize("num_samples", [1, 3])
-def test_kv_bytes_per_token_is_the_formula(decode, n_kv_head, num_samples):
+def test_kv_bytes_per_token_is_the_formula(decode, n_kv_head, num_samples, precision):
     config = tiny_config(n_kv_head)
-    _, engine = decode.build(config)
+    _, engine = decode.build(config, precision)
     kv = decode.kv_bytes_per_token(engine, decode.prompt_of(5), num_samples=num_samples, max_tokens=7)
-    assert kv["dtype"] == kv["formula_dtype"] == "float32"
-    assert kv["bytes_per_token"] == kv["formula"] == 2 * config.n_layer * config.n_kv_head * config.head_dim * 4
+    name, size = {"fp32": ("float32", 4), "bf16": ("bfloat16", 2)}[precision]
+    assert kv["dtype"] == kv["formula_dtype"] == name
+    assert kv["bytes_per_token"] == kv["formula"] == 2 * config.n_layer * config.n_kv_head * config.head_dim * size
     assert (kv["rows"], kv["positions"]) == (num_samples, 5 + 7)  # the cache decoding runs in: prompt + new tokens
     assert kv["cache_bytes"] == kv["formula"] * num_samples * 12
 
 
-def test_generate_timing_counts_every_token_and_splits_prefill_from_decode(decode):
-    _, engine = decode.build(tiny_config())
+def test_generate_timing_counts_every_token_and_splits_prefill_from_decode(decode, precision):
+    _, engine = decode.build(tiny_config(), precision)
     run = decode.run_generate(engine, decode.prompt_of(6), num_samples=3, max_tokens=9)
     assert (run["steps"], run["tokens"]) == (9, 27)
     assert 0 < run["ttft_s"] < run["total_s"] and run["decode_s"] == pytest.approx(run["total_s"] - run["ttft_s"])
@@ -71,6 +72,6 @@ def test_bench_depth_reports_consistent_figures_and_saves_the_table(decode, tmp_
     record = decode.save(args.json, table, [r], {"depths": [2]})
     saved = json.loads(args.json.read_text())
     assert saved["table"] == table == record["table"] and saved["results"][0]["kv"] == r["kv"]
-    assert f"| d2 | 12 | {r['decode'][-1]['cache_tok_per_s']:,.0f} |" in table
+    assert f"| d2 | fp32 | 12 | {r['decode'][-1]['cache_tok_per_s']:,.0f} |" in table
     assert f"{r['decode'][-1]['speedup']:.1f}x (naive estimated) |" in table
     assert f"{r['kv']['formula']:,} (float32)" in table

@@ -10,6 +10,7 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
+from conftest import dtype_of
 from nanochat.config import compose
 from nanochat.data import builtin
 from nanochat.engine.calculator import calculate
@@ -212,10 +213,12 @@ def test_builtin_mixture_builds_every_list(data_dir, caplog):
     assert any("CORE evaluation off" in r.getMessage() for r in caplog.records)
 
 
-def test_chat_eval_scores_builtin_tasks(random_model, tiny_tokenizer):
+def test_chat_eval_scores_builtin_tasks(random_model, tiny_tokenizer, precision):
     from nanochat.callbacks.chat_eval import chat_table, evaluate_chat
+    from nanochat.precision import computing
 
     tasks = {"arithmetic": Arithmetic(size=2, split="test"), "arithmetic_choice": ArithmeticChoice(size=4, split="test")}
-    result = evaluate_chat(random_model, tiny_tokenizer, tasks, max_new_tokens=4)
+    with computing(random_model, dtype_of(precision)):  # as a trainer or the eval stage in that precision
+        result = evaluate_chat(random_model, tiny_tokenizer, tasks, max_new_tokens=4)
     assert {"chat/arithmetic", "chat/arithmetic_choice", "chat/chatcore"} <= set(result["metrics"])
     assert chat_table(result)["rows"]

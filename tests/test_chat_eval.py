@@ -14,7 +14,7 @@ from nanochat.stages import run_stage
 from nanochat.tasks.base import Task, render_mc
 from nanochat.tasks.gsm8k import GSM8K
 
-from conftest import write_core_bundle
+from conftest import dtype_of, write_core_bundle
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -132,31 +132,34 @@ def run_export(tiny_tokenizer, tmp_path):
     return make
 
 
-def test_eval_stage_core_matches_the_function_and_writes_the_report(run_export, tmp_path):
+def test_eval_stage_core_matches_the_function_and_writes_the_report(run_export, tmp_path, precision, capsys):
     from nanochat.callbacks.core import evaluate_core
     from nanochat.export import load_export
+    from nanochat.precision import computing
     from nanochat.tasks.core import load_bundle
 
     export = run_export("base")
     bundle = write_core_bundle(tmp_path / "bundle")
     run_stage(compose(["stage=eval", f"ckpt={export.parent}", f"mixture.core_bundle={bundle}", "trainer=cpu",
-                       "trainer.precision=32-true"]))
+                       f"precision={precision}"]))
+    assert f"precision: {precision} (precision={precision}" in capsys.readouterr().out
     section = json.loads((tmp_path / "runs" / "evalrun" / "report" / "base-eval.json").read_text())
     model, tok, _ = load_export(export)
-    expected = evaluate_core(model, tok, load_bundle(bundle))
+    with computing(model, dtype_of(precision)):  # what a trainer in that precision computes during training
+        expected = evaluate_core(model, tok, load_bundle(bundle))
     assert section["metrics"] == pytest.approx(expected["metrics"])  # the same names and numbers as the callback's
     assert set(section["metrics"]) == {"core/score", "core/mc", "core/sch", "core/lm"}
     report = (tmp_path / "runs" / "evalrun" / "report.md").read_text()
     assert "## Base model evaluation" in report and "| CORE |" in report and "3 of 22 tasks (missing: gone)" in report
 
 
-def test_eval_stage_auto_picks_chat_tasks_for_a_chat_model(run_export, tmp_path, tiny_tokenizer):
+def test_eval_stage_auto_picks_chat_tasks_for_a_chat_model(run_export, tmp_path, tiny_tokenizer, precision):
     export = run_export("sft")
     rows = [{"question": f"q{i}", "answer": f"#### {i}"} for i in range(3)]
     (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     tasks = f"[{{name: gsm8k, split: test, path: '{tmp_path / 'test.jsonl'}'}}]"
     run_stage(compose(["stage=eval", f"ckpt={export}", f"mixture.eval={tasks}", "eval.chat.max_new_tokens=4",
-                       "trainer=cpu", "mixture.core_bundle=/nonexistent"]))
+                       "trainer=cpu", "mixture.core_bundle=/nonexistent", f"precision={precision}"]))
     section = json.loads((tmp_path / "runs" / "evalrun" / "report" / "sft-eval.json").read_text())
     assert set(section["metrics"]) == {"chat/gsm8k", "chat/chatcore"}  # CORE skipped for a chat model: no bundle needed
     assert section["metrics"]["chat/gsm8k"] == 0.0 and math.isfinite(section["wall_time_s"])

@@ -4,22 +4,24 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import dtype_of
 from nanochat.engine.engine import Engine, generate_naive
 from nanochat.engine.kv_cache import KVCache, RowKVCache
 from nanochat.models.components import GPTConfig
 
 
-def test_kv_cache_decoding_equals_naive_recompute_at_temperature_0(random_model, tiny_tokenizer):
-    engine = Engine(random_model, tiny_tokenizer, use_tools=False)
+def test_kv_cache_decoding_equals_naive_recompute_at_temperature_0(random_model, tiny_tokenizer, precision):
+    dtype = dtype_of(precision)
+    engine = Engine(random_model, tiny_tokenizer, use_tools=False, dtype=dtype)
     prompt = tiny_tokenizer.encode("def fibonacci(n):", prepend="<|bos|>")
     cached = [column[0] for column, _ in engine.generate(prompt, max_tokens=40, temperature=0)]
-    naive = generate_naive(random_model, prompt, max_tokens=len(cached), temperature=0)
+    naive = generate_naive(random_model, prompt, max_tokens=len(cached), temperature=0, dtype=dtype)
     assert cached == naive
     assert len(set(cached)) > 3  # a real sequence, not one repeated token
 
 
-def test_seeded_samples_differ_between_rows_and_repeat_with_the_seed(random_model, tiny_tokenizer):
-    engine = Engine(random_model, tiny_tokenizer, use_tools=False)
+def test_seeded_samples_differ_between_rows_and_repeat_with_the_seed(random_model, tiny_tokenizer, precision):
+    engine = Engine(random_model, tiny_tokenizer, use_tools=False, dtype=dtype_of(precision))
     prompt = tiny_tokenizer.encode("The", prepend="<|bos|>")
     a, _ = engine.generate_batch(prompt, num_samples=4, max_tokens=12, temperature=1.0, seed=1)
     b, _ = engine.generate_batch(prompt, num_samples=4, max_tokens=12, temperature=1.0, seed=1)
@@ -30,34 +32,48 @@ def test_seeded_samples_differ_between_rows_and_repeat_with_the_seed(random_mode
     assert all(row[: len(prompt)] == prompt for row in a)
 
 
-def test_top_k_1_is_greedy(random_model, tiny_tokenizer):
-    engine = Engine(random_model, tiny_tokenizer, use_tools=False)
+def test_top_k_1_is_greedy(random_model, tiny_tokenizer, precision):
+    engine = Engine(random_model, tiny_tokenizer, use_tools=False, dtype=dtype_of(precision))
     prompt = tiny_tokenizer.encode("import", prepend="<|bos|>")
     greedy, _ = engine.generate_batch(prompt, max_tokens=10, temperature=0)
     topk1, _ = engine.generate_batch(prompt, max_tokens=10, temperature=1.5, top_k=1, seed=7)
     assert greedy == topk1
 
 
-def test_replicated_cache_rows_hold_the_prefix():
-    cache = KVCache(1, 2, 3, 4, max_len=5)
-    k = torch.randn(1, 3, 5, 4)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_replicated_cache_rows_hold_the_prefix(dtype):
+    cache = KVCache(1, 2, 3, 4, max_len=5, dtype=dtype)
+    k = torch.randn(1, 3, 5, 4, dtype=dtype)
     cache.insert_kv(0, k, k)
     cache.insert_kv(1, k, k)
     cache.advance(5)
     rows = cache.replicate(batch_size=3, max_len=9)
-    assert rows.pos == 5 and rows.k.shape == (2, 3, 3, 9, 4)
+    assert rows.pos == 5 and rows.k.shape == (2, 3, 3, 9, 4) and rows.k.dtype == rows.v.dtype == dtype
     for r in range(3):
         assert torch.equal(rows.k[0, r, :, :5], k[0])
+
+
+def test_caches_refuse_keys_of_another_dtype():
+    """A cache holds its own dtype, not that of the first keys it sees: bf16 keys after fp32 ones are a bug, named."""
+    cache = KVCache(1, 1, 2, 4, max_len=8, dtype=torch.float32)
+    cache.insert_kv(0, torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4))
+    cache.advance(3)
+    bf16 = torch.randn(1, 2, 1, 4, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="KV cache holds torch.float32 but layer 0 computed torch.bfloat16 keys"):
+        cache.insert_kv(0, bf16, bf16)
+    rows = RowKVCache(1, 2, 4, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="a torch.float32 prefill cannot join a torch.bfloat16 batch cache"):
+        rows.add(cache)
 
 
 def test_row_cache_grows_only_the_short_dimension_and_never_past_the_context():
     """The server's batch cache over a long generation: 8 rows decoding 700 tokens keep 8 row slots and fewer than
     twice their length in slots, capped at the context; a row that joins later adds row slots, not length."""
     keys = torch.randn(1, 2, 10, 4)
-    prefix = KVCache(1, 1, 2, 4, max_len=10)
+    prefix = KVCache(1, 1, 2, 4, max_len=10, dtype=torch.float32)
     prefix.insert_kv(0, keys, keys)
     prefix.advance(10)
-    cache = RowKVCache(1, 2, 4, max_length=720)
+    cache = RowKVCache(1, 2, 4, dtype=torch.float32, max_length=720)
     cache.add(prefix, copies=8)
     for step in range(700):
         cache.step_inputs()

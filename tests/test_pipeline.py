@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import PRECISIONS
 from nanochat.config import compose
 from nanochat.models.components import GPT, GPTConfig
 from nanochat.models.horizon import grad_accum_steps, num_iterations
@@ -26,15 +27,17 @@ def _env(home: Path) -> dict:
     return {**os.environ, "NANOCHAT_BASE_DIR": str(home), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
-@pytest.fixture(scope="module")
-def micro_run(tmp_path_factory):
-    """Run the micro pipeline, SIGKILL it (and its stage) once SFT has a checkpoint, then run the same command
-    again to the end. Returns (home, run root, first output, second output, mtimes of finished exports)."""
+@pytest.fixture(scope="module", params=PRECISIONS)
+def micro_run(tmp_path_factory, request):
+    """Run the micro pipeline in each precision, SIGKILL it (and its stage) once SFT has a checkpoint, then run the
+    same command again to the end. Returns (home, run root, first output, second output, mtimes of finished
+    exports, precision)."""
+    command = [*MICRO, f"precision={request.param}"]
     home = tmp_path_factory.mktemp("pipeline_home")
     root = home / "runs" / "speedrun_d2"
     log = home / "first.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, *MICRO], cwd=REPO, env=_env(home), stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen([sys.executable, *command], cwd=REPO, env=_env(home), stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # its own process group: the kill takes the stage with it
         deadline = time.monotonic() + 600
         while not (root / "sft" / "checkpoints" / "last.ckpt").exists():
@@ -44,14 +47,14 @@ def micro_run(tmp_path_factory):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     finished = {s: (root / s / "export" / "model.safetensors").stat().st_mtime_ns for s in ("base", "mid")}
-    second = subprocess.run([sys.executable, *MICRO], cwd=REPO, env=_env(home), capture_output=True, text=True, timeout=900)
+    second = subprocess.run([sys.executable, *command], cwd=REPO, env=_env(home), capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    return home, root, log.read_text(), second.stdout + second.stderr, finished
+    return home, root, log.read_text(), second.stdout + second.stderr, finished, request.param
 
 
 @pytest.mark.slow
 def test_killed_pipeline_resumes_at_sft(micro_run):
-    home, root, first, second, finished = micro_run
+    home, root, first, second, finished, precision = micro_run
     assert "[2/5] base" in first and "[4/5] sft" in first and "[5/5] rl" not in first
     for name in ("tokenizer", "base", "mid"):
         assert f"{name}: finished earlier, skipped" in second
@@ -68,7 +71,7 @@ def test_killed_pipeline_resumes_at_sft(micro_run):
 
 @pytest.mark.slow
 def test_micro_pipeline_exports_report_and_chat(micro_run):
-    home, root, _, second, _ = micro_run
+    home, root, _, second, _, precision = micro_run
     for stage in STAGES:
         meta = json.loads((root / stage / "export" / "config.json").read_text())["meta"]
         assert meta["stage"] == stage and meta["step"] > 0
@@ -84,23 +87,51 @@ def test_micro_pipeline_exports_report_and_chat(micro_run):
     for stage in STAGES:
         assert sections[stage]["metrics"], stage
     assert "val/bpb" in sections["base"]["metrics"] and "chat/arithmetic" in sections["sft"]["metrics"]
-    # The last lines say where the report is and how to talk to the model; the CLI's one-shot mode answers.
+    for stage in STAGES:  # every stage trained in the pipeline's precision, and the report card says so
+        assert sections[stage]["items"]["precision"] == {"fp32": "32-true", "bf16": "bf16-mixed"}[precision], stage
+    # The last lines say where the report is and how to talk to the model.
     assert f"report card: {root / 'report.md'}" in second
     assert f"python serve.py ckpt={root / 'rl' / 'export'}" in second
-    reply = subprocess.run([sys.executable, "-m", "nanochat.chat", "--ckpt", str(root / "rl" / "export"), "-p", "What is 2 + 3?",
-                            "--seed", "0", "--max-tokens", "12", "--device", "cpu"],
+
+
+@pytest.mark.slow
+def test_the_commands_the_pipeline_prints_answer_in_its_precision(micro_run, tmp_path):
+    """The two commands a finished pipeline prints, in the precision it trained in: the CLI one-shot answers,
+    serve.py answers a streaming and a non-streaming request, and its web UI chats through gradio_client."""
+    import httpx
+    from common import serve_process
+    from gradio_client import Client
+
+    home, root, _, second, _, precision = micro_run
+    export = root / "rl" / "export"
+    assert f"python serve.py ckpt={export}" in second and f"python -m nanochat.chat --ckpt {export} -p" in second
+    reply = subprocess.run([sys.executable, "-m", "nanochat.chat", "--ckpt", str(export), "-p", "What is 2 + 3?",
+                            "--seed", "0", "--max-tokens", "12", "--device", "cpu", "--precision", precision],
                            cwd=REPO, env=_env(home), capture_output=True, text=True, timeout=120)
     assert reply.returncode == 0, reply.stderr
-    assert reply.stdout.strip() and "Traceback" not in reply.stderr
+    assert reply.stdout.strip() and reply.stderr.startswith(f"precision: {precision} (precision={precision}")
+    with serve_process(export, [f"precision={precision}"], _env(home), tmp_path / "serve.log", ui=True) as (_, port):
+        url = f"http://127.0.0.1:{port}"
+        body = {"messages": [{"role": "user", "content": "What is 2 + 3?"}], "max_tokens": 12, "temperature": 0}
+        whole = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+        assert whole.status_code == 200 and whole.json()["choices"][0]["finish_reason"] in ("stop", "length")
+        streamed = httpx.post(f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=60)
+        chunks = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
+        text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+        assert streamed.status_code == 200 and text == whole.json()["choices"][0]["message"]["content"]
+        ui = Client(url + "/", verbose=False).predict("What is 2 + 3?", 0.0, 50, 12, api_name="/chat")
+        assert ui and ui[0]["role"] == "assistant"
+    assert f"precision: {precision} (precision={precision}" in (tmp_path / "serve.log").read_text()
 
 
 @pytest.mark.slow
 def test_finished_pipeline_reruns_nothing_and_refuses_a_changed_step(micro_run):
-    home, root, _, _, _ = micro_run
-    again = subprocess.run([sys.executable, *MICRO], cwd=REPO, env=_env(home), capture_output=True, text=True, timeout=300)
+    home, root, _, _, _, precision = micro_run
+    command = [*MICRO, f"precision={precision}"]
+    again = subprocess.run([sys.executable, *command], cwd=REPO, env=_env(home), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert again.stdout.count("finished earlier, skipped") == 5
-    changed = subprocess.run([sys.executable, *MICRO, "model.num_iterations=30"], cwd=REPO, env=_env(home),
+    changed = subprocess.run([sys.executable, *command, "model.num_iterations=30"], cwd=REPO, env=_env(home),
                              capture_output=True, text=True, timeout=300)
     assert changed.returncode == 2
     assert "step 'tokenizer' of this pipeline already finished with a different command" in changed.stderr

@@ -173,9 +173,10 @@ def rl_overrides(init_from, *extra):
     ]
 
 
-def test_rl_raises_the_reward_of_a_tiny_model_within_bounded_cpu_steps(digit_sft_export):
+def test_rl_raises_the_reward_of_a_tiny_model_within_bounded_cpu_steps(digit_sft_export, precision):
     # lr 0.2 x base instead of the stage's 0.05: a 655K-parameter model tolerates it, and the test stays short
-    cfg = compose(rl_overrides(digit_sft_export, "model.rl.num_iterations=30", "module.schedule.init_lr_frac=0.2"))
+    cfg = compose(rl_overrides(digit_sft_export, "model.rl.num_iterations=30", "module.schedule.init_lr_frac=0.2",
+                               f"precision={precision}"))
     trainer, module, datamodule, _ = build(cfg)
     trainer.fit(module, datamodule=datamodule)
     rewards = [r for _, r in module.reward_history]
@@ -201,15 +202,17 @@ def test_rl_raises_the_reward_of_a_tiny_model_within_bounded_cpu_steps(digit_sft
     # stage=eval eval=pass_at_k on the export: the same questions, seeds and metric names as the callback's last run
     target = "examples.rl_custom_task.PickDigit"
     run_stage(compose(["stage=eval", "eval=pass_at_k", f"ckpt={cfg.paths.run_dir}", "eval.pass_at_k.max_per_task=32",
-                       "eval.pass_at_k.max_new_tokens=4", f"mixture.rl.eval=[{{_target_: {target}, size: 32, split: test}}]"]))
+                       "eval.pass_at_k.max_new_tokens=4", f"mixture.rl.eval=[{{_target_: {target}, size: 32, split: test}}]",
+                       f"precision={precision}"]))
     section = json.loads((Path(cfg.paths.runs_dir) / "digits" / "report" / "rl-eval.json").read_text())
     assert section["metrics"] == pytest.approx(last["metrics"], abs=1e-12)
 
 
-def test_a_resumed_rl_run_ends_with_the_weights_of_an_uninterrupted_one(digit_sft_export):
+def test_a_resumed_rl_run_ends_with_the_weights_of_an_uninterrupted_one(digit_sft_export, precision):
     def run(name, stop_at=None):
         cfg = compose(rl_overrides(digit_sft_export, f"run={name}", "model.rl.num_iterations=4", "logger=none",
-                                   "callbacks.checkpoint.every_n_train_steps=2", "model.rl.eval_max_per_task=4"))
+                                   "callbacks.checkpoint.every_n_train_steps=2", "model.rl.eval_max_per_task=4",
+                                   f"precision={precision}"))
         trainer, module, datamodule, ckpt = build(cfg)
         if stop_at:
             trainer.fit_loop.epoch_loop.max_steps = stop_at  # as if killed after the checkpoint at stop_at

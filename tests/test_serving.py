@@ -7,6 +7,7 @@ fixed token script (exact text, tool calls, endless replies for the disconnect t
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -25,7 +26,7 @@ pytest.importorskip("gradio")
 import httpx  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
-from conftest import random_gpt  # noqa: E402
+from conftest import PRECISIONS, random_gpt  # noqa: E402
 from nanochat.engine.engine import Engine  # noqa: E402
 from nanochat.models.components import GPTConfig  # noqa: E402
 from nanochat.serving.api import create_app  # noqa: E402
@@ -54,11 +55,14 @@ def export_dir(tok, tmp_path_factory):
     return save_export(model, tok, tmp_path_factory.mktemp("serve") / "export")
 
 
-@pytest.fixture(scope="module")
-def engine(export_dir):
+@pytest.fixture(scope="module", params=PRECISIONS)
+def engine(export_dir, request):
+    """The engine as serve.py loads it, in each precision (bf16: bf16 weights, bf16 KV cache)."""
     from nanochat.serving import load_engine
 
-    return load_engine(export_dir, "cpu")[0]
+    engine, _, _, chosen = load_engine(export_dir, "cpu", precision=request.param)
+    assert chosen.name == request.param and engine.compute_dtype() == chosen.dtype
+    return engine
 
 
 class ScriptedModel(nn.Module):
@@ -70,8 +74,11 @@ class ScriptedModel(nn.Module):
         self.rotary_len = 640
         self.anchor = nn.Parameter(torch.zeros(1))  # gives the engine a device
         self.script, self.delay, self.calls, self.prompts = [0], delay, 0, []
+        self.fail = False  # True: every forward raises, as a device failure would
 
     def forward(self, idx, kv_cache=None, last_only=False, **_batching):  # positions, key_mask: see GPT.forward
+        if self.fail:
+            raise RuntimeError("simulated device failure")
         if idx.size(1) > 1:  # a prefill: a new reply starts
             self.calls, self.prompts = 0, [*self.prompts, idx[0].tolist()]
         token = self.script[min(self.calls, len(self.script) - 1)]
@@ -437,9 +444,10 @@ def test_ui_requires_the_api_key_when_one_is_set(engine, tok):
 
 # --- CLI -----------------------------------------------------------------------------------------
 
-def test_cli_one_shot_and_interactive_commands(export_dir):
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_cli_one_shot_and_interactive_commands(export_dir, precision):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
-    cmd = [sys.executable, "-m", "nanochat.chat", f"ckpt={export_dir}", "max_tokens=12"]
+    cmd = [sys.executable, "-m", "nanochat.chat", f"ckpt={export_dir}", "max_tokens=12", f"precision={precision}"]
     one_shot = subprocess.Popen([*cmd, "-p", "Hello there", "temperature=0"], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
     script = "Hello\n/temperature 5\n/temperature 0\n/topk 10\nAgain\n/clear\n/bogus\nOnce more\n/quit\nnever read\n"
@@ -447,6 +455,7 @@ def test_cli_one_shot_and_interactive_commands(export_dir):
     out, err = one_shot.communicate(timeout=60)
     assert one_shot.returncode == 0, err
     assert out.strip() and "User:" not in out and "nanochat:" not in out  # the reply only
+    assert err.startswith(f"precision: {precision} (precision={precision}") and err.count("\n") == 1  # said on stderr
     assert interactive.returncode == 0, interactive.stderr
     lines = interactive.stdout
     assert lines.count("Assistant: ") == 3
@@ -472,6 +481,68 @@ def test_cli_session_keeps_the_conversation_with_tool_tokens(scripted, tok):
     assert tok.token_id("<|python_start|>") in second_prompt and tok.token_id("<|output_start|>") in second_prompt
     assert session.messages == []
     assert normalize_argv(["ckpt=x", "-p", "a=b", "top_k=3", "--seed", "1"]) == ["--ckpt", "x", "-p", "a=b", "--top-k", "3", "--seed", "1"]
+
+
+def test_cli_internal_failure_is_one_line_and_exit_1(export_dir, monkeypatch, capsys):
+    import nanochat.serving as serving
+    from nanochat.serving.cli import main
+
+    def broken(*args):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore detail")
+
+    monkeypatch.setattr(serving, "load_engine", broken)
+    monkeypatch.delenv("NANOCHAT_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main([f"ckpt={export_dir}", "-p", "hi"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err == ("error: internal error (RuntimeError: CUDA error: an illegal memory access was encountered); "
+                   "NANOCHAT_TRACEBACK=1 shows the traceback\n")
+    monkeypatch.setenv("NANOCHAT_TRACEBACK", "1")
+    with pytest.raises(SystemExit):
+        main([f"ckpt={export_dir}", "-p", "hi"])
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
+
+
+def test_an_engine_failure_is_a_json_500_logged_with_its_traceback_and_the_server_keeps_serving(scripted, tok, caplog):
+    engine, model, say = scripted
+    say("Fine again.")
+    with TestClient(create_app(engine, tok, "tiny-test"), raise_server_exceptions=False) as c:
+        deadline = time.time() + 20
+        while c.get("/health").status_code != 200:  # the warm-up generation ran
+            assert time.time() < deadline
+            time.sleep(0.02)
+        model.fail = True
+        with caplog.at_level(logging.ERROR):
+            r = chat(c)
+            streamed = chat(c, stream=True)
+        assert r.status_code == 500
+        assert r.json() == {"error": {"message": "internal server error", "type": "server_error", "param": None, "code": None}}
+        assert "simulated device failure" in caplog.text and "Traceback (most recent call last)" in caplog.text
+        assert streamed.status_code == 200  # already streaming: the error arrives in-band, then [DONE]
+        assert sse_events(streamed.text)[-1]["error"]["type"] == "server_error"
+        model.fail = False
+        ok = chat(c)
+        assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == "Fine again."
+        assert c.get("/health").status_code == 200
+
+
+def test_an_export_missing_weights_is_one_line_and_exit_2(export_dir, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from nanochat.serving.cli import main
+
+    broken = Path(shutil.copytree(export_dir, tmp_path / "export"))
+    state = load_file(str(broken / "model.safetensors"))
+    del state["lm_head.weight"]
+    save_file(state, str(broken / "model.safetensors"))
+    with pytest.raises(SystemExit) as exit_info:
+        main([f"ckpt={broken}", "-p", "hi"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (f"error: {broken / 'model.safetensors'} does not hold this model's weights "
+                                       "(missing ['lm_head.weight'], unexpected []); re-export it\n")
 
 
 def test_serve_without_a_model_is_one_line_and_exit_2(tmp_path):

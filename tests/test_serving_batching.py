@@ -5,16 +5,18 @@ the server level (GenerationQueue: events compared with generate_events alone, f
 """
 
 import asyncio
+import copy
 import threading
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import random_gpt
+from conftest import dtype_of, random_gpt
 
 from nanochat.engine.engine import Engine
 from nanochat.models.components import GPT, GPTConfig
+from nanochat.precision import cast_weights
 from nanochat.serving.generation import (
     Finish,
     GenerationQueue,
@@ -47,8 +49,14 @@ class Recording(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def gpt(serving_tokenizer):
+def fp32_gpt(serving_tokenizer):
     return random_gpt(serving_tokenizer.vocab_size, 0.5, sequence_len=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+
+
+@pytest.fixture
+def gpt(fp32_gpt, precision):
+    """The test GPT as the server loads it in each precision: bf16 matmul weights for bf16."""
+    return fp32_gpt if precision == "fp32" else cast_weights(copy.deepcopy(fp32_gpt), dtype_of(precision))
 
 
 def requests(tok, sampled: bool = False) -> list[dict]:
@@ -77,29 +85,40 @@ def run_batched(decoder, reqs: list[dict], remove_at: dict[int, int] | None = No
     return outputs
 
 
+def comparable(outputs: list, reqs: list[dict], precision: str) -> list:
+    """What batching must leave unchanged: everything in fp32. In bf16 a batched matmul rounds differently (batch
+    vs alone logits measured up to 0.09 apart at a scale of 10), which can move a sampled token, never a greedy one
+    on these models (wide margins): sampled requests keep their first column, drawn from the prefill alone."""
+    if precision == "fp32":
+        return outputs
+    return [out if r["temperature"] == 0 else out[:1] for out, r in zip(outputs, reqs)]
+
+
 @pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "seeded-sampling"])
-def test_batched_rows_get_exactly_the_tokens_they_get_alone(gpt, serving_tokenizer, sampled):
-    engine = Engine(gpt, serving_tokenizer, use_tools=False)
+def test_batched_rows_get_exactly_the_tokens_they_get_alone(gpt, serving_tokenizer, sampled, precision):
+    engine = Engine(gpt, serving_tokenizer, use_tools=False, dtype=dtype_of(precision))
     reqs = requests(serving_tokenizer, sampled)
     alone = [list(engine.generate(**r)) for r in reqs]
     assert len({tuple(c[0] for c, _ in a) for a in alone}) == len(reqs)  # varied replies, not one repeated token
     decoder = engine.batch_decoder()
     batched = run_batched(decoder, reqs)
-    assert [batched[i] for i in range(len(reqs))] == alone
+    assert comparable([batched[i] for i in range(len(reqs))], reqs, precision) == comparable(alone, reqs, precision)
+    assert [len(batched[i]) for i in range(len(reqs))] == [r["max_tokens"] for r in reqs]  # no stop token: full length
     assert decoder.rows == 0 and decoder.cache.k is None  # everything left and the memory went with it
 
 
-def test_a_removed_generation_frees_its_rows_and_the_others_continue_exactly(gpt, serving_tokenizer):
+def test_a_removed_generation_frees_its_rows_and_the_others_continue_exactly(gpt, serving_tokenizer, precision):
     model = Recording(gpt)
-    engine = Engine(model, serving_tokenizer, use_tools=False)
+    engine = Engine(model, serving_tokenizer, use_tools=False, dtype=dtype_of(precision))
     reqs = requests(serving_tokenizer, sampled=True)
     alone = [list(engine.generate(**r)) for r in reqs]
     model.shapes.clear()
     decoder = engine.batch_decoder()
     batched = run_batched(decoder, reqs, remove_at={2: 6})  # request 2 (3 rows, in the middle of the batch) leaves
-    for i in (0, 1, 3, 4):
-        assert batched[i] == alone[i]
-    assert batched[2] == alone[2][:len(batched[2])] and len(batched[2]) < len(alone[2])
+    kept = [0, 1, 3, 4]
+    assert comparable([batched[i] for i in kept], [reqs[i] for i in kept], precision) == comparable(
+        [alone[i] for i in kept], [reqs[i] for i in kept], precision)
+    assert batched[2] == alone[2][:len(batched[2])] and len(batched[2]) < len(alone[2])  # greedy: exact
     # rows per decode step: 1 + 2 + 3 + 1 + 2 join one by one; after step 6 request 2's 3 rows are gone; request 0
     # (9 columns: the prefill's and 8 steps') leaves after step 8
     assert model.decode_batches()[:9] == [1, 3, 6, 7, 9, 9, 6, 6, 5]
@@ -174,11 +193,11 @@ def events_of(jobs_or_lists) -> list:
             for events in jobs_or_lists]
 
 
-def queued_together(gpt, tok):
+def queued_together(gpt, tok, precision):
     """(model, reqs, replies alone, start): `start()` makes a queue and submits every request while the first
     prefill is held, so they all join the first decode step; it returns (queue, jobs)."""
     model = Recording(gpt)
-    engine = Engine(model, tok)
+    engine = Engine(model, tok, dtype=dtype_of(precision))
     reqs = chat_requests(tok, engine.max_context)
     alone = [list(generate_events(engine, tok, r)) for r in reqs]
     model.shapes.clear()
@@ -193,8 +212,8 @@ def queued_together(gpt, tok):
     return model, reqs, alone, start
 
 
-def test_concurrent_requests_share_steps_and_each_gets_its_own_reply(gpt, serving_tokenizer):
-    model, reqs, alone, start = queued_together(gpt, serving_tokenizer)
+def test_concurrent_requests_share_steps_and_each_gets_its_own_reply(gpt, serving_tokenizer, precision):
+    model, reqs, alone, start = queued_together(gpt, serving_tokenizer, precision)
 
     async def scenario():
         queue, jobs = start()
@@ -211,8 +230,8 @@ def test_concurrent_requests_share_steps_and_each_gets_its_own_reply(gpt, servin
     assert rows[0] == 5 and len(rows) == longest - 1  # 4 requests (5 rows) decode together, one forward per step
 
 
-def test_a_cancelled_request_leaves_the_batch_and_the_others_finish_exactly(gpt, serving_tokenizer):
-    model, reqs, alone, start = queued_together(gpt, serving_tokenizer)
+def test_a_cancelled_request_leaves_the_batch_and_the_others_finish_exactly(gpt, serving_tokenizer, precision):
+    model, reqs, alone, start = queued_together(gpt, serving_tokenizer, precision)
 
     async def scenario():
         queue, jobs = start()

@@ -38,7 +38,7 @@ from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from common import serve_process  # noqa: E402  (bench/common.py, on pytest's pythonpath)
-from conftest import random_gpt  # noqa: E402
+from conftest import PRECISIONS, random_gpt  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "fuzz-s3cret-key"
@@ -70,11 +70,11 @@ def export_dir(tok, tmp_path_factory):
     return save_export(model, tok, tmp_path_factory.mktemp("fuzz") / "export")
 
 
-@pytest.fixture(scope="module")
-def engine(export_dir):
+@pytest.fixture(scope="module", params=PRECISIONS)
+def engine(export_dir, request):
     from nanochat.serving import load_engine
 
-    return load_engine(export_dir, "cpu")[0]
+    return load_engine(export_dir, "cpu", precision=request.param)[0]
 
 
 def rss_mb(pid: int) -> float:

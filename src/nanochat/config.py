@@ -12,11 +12,11 @@ from omegaconf import OmegaConf
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
-def _precision(device_type: str) -> str:
-    """bf16 autocast where the hardware multiplies bf16 natively (measured capability), else fp32."""
-    from nanochat.hardware import fast_bf16
+def _lightning_precision(requested: str, device_type: str) -> str:
+    """A trainer preset's `precision`: the run's `precision` key (auto | fp32 | bf16) resolved for its device."""
+    from nanochat.precision import resolve
 
-    return "bf16-mixed" if fast_bf16(device_type) else "32-true"
+    return resolve(requested, device_type).lightning
 
 
 def register_resolvers() -> None:
@@ -26,7 +26,7 @@ def register_resolvers() -> None:
         "nanochat_home": lambda: str(base_dir()),
         # ../shared/data beside the checkout (or NANOCHAT_SHARED_DATA); named even when absent, for error messages
         "shared_data": lambda: str(shared_data_dir() or SHARED_DATA_BESIDE_CHECKOUT),
-        "precision_for": _precision,
+        "lightning_precision": _lightning_precision,
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):

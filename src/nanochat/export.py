@@ -98,6 +98,10 @@ def load_weights(model, path: str | Path) -> Path:
         state = load_file(str(export / WEIGHTS_FILE))
     except Exception as e:  # safetensors raises its own error types for truncated files
         raise UserError(f"{export / WEIGHTS_FILE} is unreadable ({e})") from None
+    missing, unexpected = sorted(set(model.state_dict()) - set(state)), sorted(set(state) - set(model.state_dict()))
+    if missing or unexpected:
+        raise UserError(f"{export / WEIGHTS_FILE} does not hold this model's weights (missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]}); re-export it")
     model.load_state_dict(state)
     return export
 
@@ -139,9 +143,12 @@ def parent_meta(init_from: str | Path) -> dict:
     return {"export": str(export.resolve()), **{k: meta[k] for k in ("stage", "step", "tokens", "metrics") if k in meta}}
 
 
-def load_export(path: str | Path, device: str | torch.device = "cpu"):
-    """(GPT, Tokenizer, meta) from an export: what the engine, serving and evaluation start from."""
+def load_export(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """(GPT, Tokenizer, meta) from an export: what the engine, serving and evaluation start from.
+
+    `dtype`: the weights' dtype in memory (serving loads them in its precision's; the file stays fp32)."""
     from nanochat.models.components import GPT, GPTConfig
+    from nanochat.precision import cast_weights
     from nanochat.tokenizer import Tokenizer
 
     export = find_export(path)
@@ -150,5 +157,6 @@ def load_export(path: str | Path, device: str | torch.device = "cpu"):
         model = GPT(GPTConfig.from_dict(cfg["model"]))
     model.to_empty(device=device)
     model.init_weights()  # rebuilds the non-persistent rotary tables
+    cast_weights(model, dtype)  # before loading: the fp32 file is copied straight into dtype
     load_weights(model, export)
     return model.eval(), Tokenizer.load(export), cfg.get("meta", {})

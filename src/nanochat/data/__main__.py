@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from nanochat.errors import exit_on_user_error
+from nanochat.errors import exit_on_error
 from nanochat.paths import base_dir
 
 
@@ -64,7 +64,7 @@ def cmd_prepare(args) -> None:
     )
 
 
-@exit_on_user_error
+@exit_on_error
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m nanochat.data", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)

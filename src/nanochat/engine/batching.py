@@ -7,7 +7,9 @@
 Each generation keeps what `Engine.generate` gives a request: its own torch.Generator seeded with its seed,
 its own temperature and top_k, sampling over its own rows only (`Engine.next_column`, the same code), and
 the tool-use state of each row. So a generation's tokens are those it gets running alone, up to the float
-rounding of batched matmuls (a near-tie between two tokens could flip; on the test models none does).
+rounding of batched matmuls: in fp32 ~1e-6 (a near-tie could flip; on the test models none does); in bf16 a
+matmul output rounded differently moves logits by up to ~1 % of their scale, which can change a sampled token
+(greedy ones keep their wide margins on the test models).
 It ends like `Engine.generate`: after the column in which all its rows are done, or after `max_tokens` columns.
 """
 
@@ -38,7 +40,8 @@ class Generation:
 class BatchDecoder:
     def __init__(self, engine: Engine):
         self.engine, self.model = engine, engine.model
-        self.cache = RowKVCache.for_model(engine.model)
+        self.dtype = engine.compute_dtype()  # fixed for the decoder's life: every row shares its cache
+        self.cache = RowKVCache.for_model(engine.model, self.dtype)
         self.generations: list[Generation] = []
         self.owners: list[Generation] = []  # per cache row: whose it is
         self.inputs: list[int] = []  # per cache row: the token it feeds to the next step
@@ -57,10 +60,9 @@ class BatchDecoder:
         device = engine.device
         gen = Generation([_Row() for _ in range(num_samples)], torch.Generator(device=device).manual_seed(seed),
                          temperature, top_k, max_tokens)
-        with engine._autocast():
-            prefill = KVCache.for_model(self.model, 1, len(tokens))
-            logits = self.model(torch.tensor([tokens], device=device), kv_cache=prefill, last_only=True)[:, -1]
-            column, masks = engine.next_column(gen.rows, logits.expand(num_samples, -1), gen.rng, temperature, top_k)
+        prefill = KVCache.for_model(self.model, 1, len(tokens), self.dtype)
+        logits = engine.forward(torch.tensor([tokens], device=device), self.dtype, kv_cache=prefill, last_only=True)
+        column, masks = engine.next_column(gen.rows, logits.expand(num_samples, -1), gen.rng, temperature, top_k)
         self._advance(gen)
         if not gen.finished:
             gen.slots = self.cache.add(prefill, copies=num_samples)
@@ -75,17 +77,16 @@ class BatchDecoder:
         if not self.generations:
             return []
         engine = self.engine
-        with engine._autocast():
-            positions, key_mask = self.cache.step_inputs()
-            idx = torch.tensor(self.inputs, device=positions.device).view(-1, 1)
-            logits = self.model(idx, kv_cache=self.cache, positions=positions, key_mask=key_mask)[:, -1]
-            out = []
-            for gen in self.generations:
-                column, masks = engine.next_column(gen.rows, logits[gen.slots], gen.rng, gen.temperature, gen.top_k)
-                for slot, token in zip(gen.slots, column):
-                    self.inputs[slot] = token
-                self._advance(gen)
-                out.append((gen, column, masks))
+        positions, key_mask = self.cache.step_inputs()
+        idx = torch.tensor(self.inputs, device=positions.device).view(-1, 1)
+        logits = engine.forward(idx, self.dtype, kv_cache=self.cache, positions=positions, key_mask=key_mask)
+        out = []
+        for gen in self.generations:
+            column, masks = engine.next_column(gen.rows, logits[gen.slots], gen.rng, gen.temperature, gen.top_k)
+            for slot, token in zip(gen.slots, column):
+                self.inputs[slot] = token
+            self._advance(gen)
+            out.append((gen, column, masks))
         for gen, _, _ in out:
             if gen.finished:
                 self.remove(gen)

@@ -7,13 +7,17 @@ expression for the calculator; when it yields a result, the row's next tokens ar
 <|output_start|> result <|output_end|> instead of being sampled (mask 0), then sampling resumes.
 A row finishes when it emits <|assistant_end|> or <|bos|>; generation ends when every row has finished or
 `max_tokens` steps have run.
+
+Precision: a generation computes and caches in one dtype, fixed when it starts (`compute_dtype`): the engine's
+`dtype` if given, else the caller's autocast dtype (a trainer's bf16-mixed), else the weights' (a model loaded
+for inference in its precision). Every forward re-enters that dtype (`nanochat.precision.computing`); logits
+and sampling are fp32.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +25,7 @@ import torch
 from nanochat.engine.calculator import calculate
 from nanochat.engine.kv_cache import KVCache
 from nanochat.errors import UserError
+from nanochat.precision import ambient_dtype, computing
 
 
 def sample_next(logits: torch.Tensor, rng: torch.Generator, temperature: float, top_k: int | None) -> torch.Tensor:
@@ -43,10 +48,11 @@ class _Row:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, *, use_tools: bool = True):
+    def __init__(self, model, tokenizer, *, use_tools: bool = True, dtype: torch.dtype | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.use_tools = use_tools
+        self.dtype = dtype  # None: the caller's, when a generation starts (see compute_dtype)
         t = tokenizer.token_id
         self.stop_ids = {t("<|assistant_end|>"), t("<|bos|>")}
         self.python_start, self.python_end = t("<|python_start|>"), t("<|python_end|>")
@@ -61,13 +67,14 @@ class Engine:
         """The most prompt + new tokens one generation may hold (the model's rotary table)."""
         return self.model.rotary_len
 
-    def _autocast(self):
-        from nanochat.hardware import fast_bf16
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of a generation starting now: the engine's own, else the caller's autocast, else the weights'."""
+        return self.dtype if self.dtype is not None else ambient_dtype(self.model)
 
-        kind = self.device.type
-        if kind in ("cuda", "cpu") and fast_bf16(kind) and next(self.model.parameters()).dtype == torch.float32:
-            return torch.autocast(kind, dtype=torch.bfloat16)
-        return nullcontext()
+    def forward(self, idx: torch.Tensor, dtype: torch.dtype, **kwargs) -> torch.Tensor:
+        """The model's last-position logits (rows, vocab), fp32, computed in `dtype`; kwargs go to GPT.forward."""
+        with computing(self.model, dtype):
+            return self.model(idx, **kwargs)[:, -1]
 
     @torch.inference_mode()
     def generate(
@@ -84,23 +91,23 @@ class Engine:
         device = self.device
         rng = torch.Generator(device=device).manual_seed(seed)
         rows = [_Row() for _ in range(num_samples)]
-        with self._autocast():
-            # One row decodes in the cache it prefilled: no replica to allocate and copy the prompt into, and no
-            # one-row prefill cache held alongside the decode cache for the whole generation.
-            total = len(tokens) + max_tokens
-            cache = KVCache.for_model(self.model, 1, total if num_samples == 1 else len(tokens))
-            logits = self.model(torch.tensor([tokens], device=device), kv_cache=cache, last_only=True)[:, -1]
-            if num_samples > 1:
-                cache = cache.replicate(num_samples, total)  # the one-row prefill cache is released here
-            logits = logits.expand(num_samples, -1)  # each row samples its own first token
-            column: list[int] = []  # the tokens of the previous step, fed back in
-            for step in range(max_tokens):
-                if step:
-                    logits = self.model(torch.tensor(column, device=device).view(-1, 1), kv_cache=cache)[:, -1]
-                column, masks = self.next_column(rows, logits, rng, temperature, top_k)
-                yield column, masks
-                if all(row.done for row in rows):
-                    return
+        dtype = self.compute_dtype()
+        # One row decodes in the cache it prefilled: no replica to allocate and copy the prompt into, and no
+        # one-row prefill cache held alongside the decode cache for the whole generation.
+        total = len(tokens) + max_tokens
+        cache = KVCache.for_model(self.model, 1, total if num_samples == 1 else len(tokens), dtype)
+        logits = self.forward(torch.tensor([tokens], device=device), dtype, kv_cache=cache, last_only=True)
+        if num_samples > 1:
+            cache = cache.replicate(num_samples, total)  # the one-row prefill cache is released here
+        logits = logits.expand(num_samples, -1)  # each row samples its own first token
+        column: list[int] = []  # the tokens of the previous step, fed back in
+        for step in range(max_tokens):
+            if step:
+                logits = self.forward(torch.tensor(column, device=device).view(-1, 1), dtype, kv_cache=cache)
+            column, masks = self.next_column(rows, logits, rng, temperature, top_k)
+            yield column, masks
+            if all(row.done for row in rows):
+                return
 
     def check(self, tokens: list[int], max_tokens: int) -> None:
         """UserError unless the prompt is non-empty and prompt + max_tokens fits the context."""
@@ -163,12 +170,15 @@ class Engine:
 
 @torch.inference_mode()
 def generate_naive(model, tokens: list[int], max_tokens: int, temperature: float = 0.0, top_k: int | None = None,
-                   seed: int = 42) -> list[int]:
-    """Reference decoding without a cache: recompute the whole sequence for every new token (tests, benchmarks)."""
+                   seed: int = 42, dtype: torch.dtype | None = None) -> list[int]:
+    """Reference decoding without a cache: recompute the whole sequence for every new token (tests, benchmarks),
+    in `dtype` (default: as Engine.compute_dtype)."""
     device = next(model.parameters()).device
+    dtype = dtype if dtype is not None else ambient_dtype(model)
     rng = torch.Generator(device=device).manual_seed(seed)
     ids = list(tokens)
     for _ in range(max_tokens):
-        logits = model(torch.tensor([ids], device=device))[:, -1]
+        with computing(model, dtype):
+            logits = model(torch.tensor([ids], device=device))[:, -1]
         ids.append(int(sample_next(logits, rng, temperature, top_k)[0]))
     return ids[len(tokens):]

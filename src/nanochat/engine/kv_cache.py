@@ -3,6 +3,10 @@
 The GPT talks to it through three members: `pos` (tokens already cached, the rotary offset of the next
 token), `insert_kv(layer_idx, k, v)` (store this step's keys/values and return everything cached so far
 for that layer) and `advance(num_tokens)` (called once per forward, after the last layer).
+
+Both caches hold the dtype they are built with - the engine's compute dtype - and refuse keys of another:
+a cache that took the dtype of the first keys it saw once held bf16 prefill keys while later decode steps
+computed fp32 queries, which failed deep inside attention.
 """
 
 from __future__ import annotations
@@ -12,26 +16,35 @@ import torch
 from nanochat.errors import UserError
 
 
+def check_dtype(cache_dtype: torch.dtype, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    if k.dtype != cache_dtype or v.dtype != cache_dtype:
+        raise RuntimeError(f"KV cache holds {cache_dtype} but layer {layer_idx} computed {k.dtype} keys and {v.dtype} "
+                           f"values: the model ran outside the engine's compute dtype")
+
+
 class KVCache:
-    def __init__(self, batch_size: int, num_layers: int, num_kv_heads: int, head_dim: int, max_len: int):
+    def __init__(self, batch_size: int, num_layers: int, num_kv_heads: int, head_dim: int, max_len: int, *,
+                 dtype: torch.dtype, device: torch.device | str = "cpu"):
         self.shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
-        self.max_len = max_len
-        self.k: torch.Tensor | None = None  # allocated on first insert, in the dtype/device of the keys
+        self.max_len, self.dtype, self.device = max_len, dtype, device
+        self.k: torch.Tensor | None = None  # allocated on first insert (a stand-in model may insert nothing)
         self.v: torch.Tensor | None = None
         self.pos = 0
 
     @classmethod
-    def for_model(cls, model, batch_size: int, max_len: int) -> KVCache:
+    def for_model(cls, model, batch_size: int, max_len: int, dtype: torch.dtype) -> KVCache:
         c = model.config
-        return cls(batch_size, c.n_layer, c.n_kv_head, c.head_dim, max_len)
+        return cls(batch_size, c.n_layer, c.n_kv_head, c.head_dim, max_len, dtype=dtype,
+                   device=next(model.parameters()).device)
 
     def insert_kv(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.pos + k.size(2)
         if end > self.max_len:
             raise UserError(f"KV cache holds {self.max_len} tokens but {end} were requested")
+        check_dtype(self.dtype, layer_idx, k, v)
         if self.k is None:
-            self.k = torch.empty(self.shape, dtype=k.dtype, device=k.device)
-            self.v = torch.empty(self.shape, dtype=v.dtype, device=v.device)
+            self.k = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+            self.v = torch.empty(self.shape, dtype=self.dtype, device=self.device)
         self.k[layer_idx, :, :, self.pos : end] = k
         self.v[layer_idx, :, :, self.pos : end] = v
         return self.k[layer_idx, :, :, :end], self.v[layer_idx, :, :, :end]
@@ -39,7 +52,7 @@ class KVCache:
     def replicate(self, batch_size: int, max_len: int) -> KVCache:
         """A cache of `batch_size` rows, each starting with this (one-row) cache's prefix: prefill once, sample many."""
         num_layers, _, num_kv_heads, _, head_dim = self.shape
-        new = KVCache(batch_size, num_layers, num_kv_heads, head_dim, max_len)
+        new = KVCache(batch_size, num_layers, num_kv_heads, head_dim, max_len, dtype=self.dtype, device=self.device)
         if self.pos > max_len:
             raise UserError(f"KV cache holds {max_len} tokens but the prefix already has {self.pos}")
         if self.k is not None:
@@ -69,25 +82,26 @@ class RowKVCache:
     the last row leaves.
     """
 
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, device: torch.device | str = "cpu",
-                 max_length: int | None = None):
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *, dtype: torch.dtype,
+                 device: torch.device | str = "cpu", max_length: int | None = None):
         self.num_layers, self.num_kv_heads, self.head_dim, self.device = num_layers, num_kv_heads, head_dim, device
-        self.max_length = max_length
+        self.dtype, self.max_length = dtype, max_length
         self.k: torch.Tensor | None = None  # (layers, row capacity, kv heads, length capacity, head dim)
         self.v: torch.Tensor | None = None
         self.lengths: list[int] = []
         self.positions: torch.Tensor | None = None  # lengths as a tensor on the cache's device (`step_inputs`)
 
     @classmethod
-    def for_model(cls, model) -> RowKVCache:
+    def for_model(cls, model, dtype: torch.dtype) -> RowKVCache:
         c = model.config
-        return cls(c.n_layer, c.n_kv_head, c.head_dim, next(model.parameters()).device, max_length=model.rotary_len)
+        return cls(c.n_layer, c.n_kv_head, c.head_dim, dtype=dtype, device=next(model.parameters()).device,
+                   max_length=model.rotary_len)
 
     @property
     def rows(self) -> int:
         return len(self.lengths)
 
-    def _reserve(self, rows: int, length: int, like: torch.Tensor) -> None:
+    def _reserve(self, rows: int, length: int) -> None:
         cap_rows, cap_len = (0, 0) if self.k is None else (self.k.size(1), self.k.size(3))
         if rows <= cap_rows and length <= cap_len:
             return
@@ -98,7 +112,8 @@ class RowKVCache:
         if length > cap_len:
             cap_len = max(length, min(2 * cap_len, self.max_length or 2 * cap_len))
         shape = (self.num_layers, cap_rows, self.num_kv_heads, cap_len, self.head_dim)
-        k, v = like.new_zeros(shape), like.new_zeros(shape)
+        k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        v = torch.zeros(shape, dtype=self.dtype, device=self.device)
         if self.k is not None:
             old_rows, old_len = self.k.size(1), self.k.size(3)
             k[:, :old_rows, :, :old_len] = self.k
@@ -109,7 +124,9 @@ class RowKVCache:
         """Append `copies` rows holding a one-row cache's prefix (a prefilled prompt); returns their row indices."""
         first, n = self.rows, prefix.pos
         if prefix.k is not None:  # None: a stand-in model that caches nothing
-            self._reserve(first + copies, n + 1, prefix.k)
+            if prefix.dtype != self.dtype:
+                raise RuntimeError(f"a {prefix.dtype} prefill cannot join a {self.dtype} batch cache")
+            self._reserve(first + copies, n + 1)
             self.k[:, first : first + copies, :, :n] = prefix.k[:, :, :, :n]  # broadcasts the one row
             self.v[:, first : first + copies, :, :n] = prefix.v[:, :, :, :n]
         self.lengths += [n] * copies
@@ -138,7 +155,8 @@ class RowKVCache:
     def insert_kv(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store each row's one new key/value at its own length (k, v: rows, heads, 1, dim); after `step_inputs`."""
         rows, end = self.rows, max(self.lengths) + 1
-        self._reserve(rows, end, k)
+        check_dtype(self.dtype, layer_idx, k, v)
+        self._reserve(rows, end)
         index = torch.arange(rows, device=k.device)
         self.k[layer_idx, index, :, self.positions] = k[:, :, 0]
         self.v[layer_idx, index, :, self.positions] = v[:, :, 0]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from nanochat.hardware import fast_bf16
+from nanochat import precision
 
 # Quintic coefficients chosen to maximise the slope at zero (Keller Jordan's Muon); 5 steps land every
 # singular value in roughly [0.7, 1.2], which trains as well as an exact polar factor.
@@ -16,9 +16,10 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
 def ns_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'bfloat16', 'float32', or 'auto': bf16 where the hardware has native bf16 matmuls, else fp32."""
+    """'bfloat16', 'float32', or 'auto': what precision=auto gives on this device (bf16 where its matmuls are
+    native, unless NANOCHAT_PRECISION says otherwise)."""
     if name == "auto":
-        return torch.bfloat16 if fast_bf16(device.type) else torch.float32
+        return precision.resolve("auto", device.type).dtype
     return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
 
 

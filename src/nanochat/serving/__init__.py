@@ -26,16 +26,22 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
-def load_engine(ckpt, device: str = "auto", use_tools: bool = True):
-    """(Engine, Tokenizer, meta) for an export dir or a run dir holding `export/`; UserError when missing."""
+def load_engine(ckpt, device: str = "auto", use_tools: bool = True, precision: str = "auto"):
+    """(Engine, Tokenizer, meta, Precision) for an export dir or a run dir holding `export/`; UserError when
+    missing. The weights are loaded in the precision's dtype, and the engine computes and caches in it."""
+    import torch
+
     from nanochat.engine.engine import Engine
     from nanochat.errors import UserError
     from nanochat.export import load_export
+    from nanochat.precision import resolve
 
     if not ckpt:
         raise UserError("no model given: pass ckpt=<run dir or export dir> (e.g. ckpt=~/.cache/nanochat/runs/d20/sft)")
-    model, tokenizer, meta = load_export(ckpt, resolve_device(device))
-    return Engine(model, tokenizer, use_tools=use_tools), tokenizer, meta
+    device = resolve_device(device)
+    chosen = resolve(precision, torch.device(device).type)
+    model, tokenizer, meta = load_export(ckpt, device, chosen.dtype)
+    return Engine(model, tokenizer, use_tools=use_tools, dtype=chosen.dtype), tokenizer, meta, chosen
 
 
 def default_model_name(ckpt) -> str:

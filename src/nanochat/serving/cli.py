@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nanochat.errors import UserError, exit_on_user_error
+from nanochat.errors import UserError, exit_on_error
 from nanochat.serving.generation import TextDelta, ToolUse, generate_events, tool_marker
 from nanochat.serving.limits import MAX_TEMPERATURE, RequestError, validate_chat
 
-VALUE_OPTIONS = {"ckpt", "prompt", "temperature", "top_k", "max_tokens", "device", "seed"}
+VALUE_OPTIONS = {"ckpt", "prompt", "temperature", "top_k", "max_tokens", "device", "precision", "seed"}
 HELP = "commands: /clear  /temperature <0..2>  /topk <k>  /help  /quit"
 
 
@@ -44,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", "--max_tokens", dest="max_tokens", type=int, default=256,
                         help="most new tokens per reply (fewer when the context is nearly full)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    parser.add_argument("--precision", default="auto", help="auto | fp32 | bf16 (auto: NANOCHAT_PRECISION if set, "
+                        "else bf16 where the device runs it natively)")
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: a new one per reply)")
     parser.add_argument("--no-tools", dest="tools", action="store_false", help="do not run calculator calls")
     return parser.parse_args(normalize_argv(list(sys.argv[1:] if argv is None else argv)))
@@ -142,7 +144,7 @@ def repl(session: ChatSession, stdin=None, out=None) -> None:
             out.write(f"error: {e}{hint}\n")
 
 
-@exit_on_user_error
+@exit_on_error
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.ckpt is None:
@@ -151,7 +153,8 @@ def main(argv: list[str] | None = None) -> None:
 
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="replace")  # a terminal that cannot show a character should not end the chat
-    engine, tokenizer, _meta = load_engine(args.ckpt, args.device, use_tools=args.tools)
+    engine, tokenizer, _meta, precision = load_engine(args.ckpt, args.device, args.tools, args.precision)
+    print(f"{precision} on {engine.device}", file=sys.stderr)  # stderr: -p's stdout is the reply alone
     session = ChatSession(engine, tokenizer, args.temperature, args.top_k, args.max_tokens, args.seed)
     try:
         session.set_temperature(str(args.temperature))

@@ -16,7 +16,8 @@ def run_stage(cfg) -> None:
     except Exception as e:
         cause = e  # hydra.utils.instantiate wraps errors raised in constructors; find ours inside
         while cause is not None and not isinstance(cause, UserError):
-            cause = cause.__cause__
+            # OmegaConf drops __cause__ of an error raised in a resolver (unless OC_CAUSE=1); __context__ keeps it
+            cause = cause.__cause__ or cause.__context__
         if cause is None:
             raise
         message = _one_line(str(cause))

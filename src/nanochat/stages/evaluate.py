@@ -38,6 +38,7 @@ def run(cfg) -> None:
     from lightning.fabric import Fabric
 
     from nanochat.export import find_export, load_export
+    from nanochat.precision import of_trainer
     from nanochat.report import write_section
 
     if not cfg.get("ckpt"):
@@ -47,6 +48,8 @@ def run(cfg) -> None:
     fabric = Fabric(accelerator=t.accelerator, devices=t.devices, num_nodes=t.get("num_nodes", 1),
                     precision=t.precision, strategy="ddp" if t.devices != 1 or t.get("num_nodes", 1) > 1 else "auto")
     fabric.launch()
+    # fp32 weights under Fabric's autocast, as the trainer evaluates: the same numbers as during training
+    fabric.print(f"{of_trainer(cfg.precision, fabric.device.type, t.precision)} on {fabric.device}")
     model, tokenizer, meta = load_export(export, device=fabric.device)
     stage = meta.get("stage", "base")
     evaluators = {name: instantiate(c, _convert_="all") for name, c in select_evaluators(cfg.eval, stage).items()}

@@ -80,10 +80,13 @@ def run(cfg) -> None:
     from omegaconf import OmegaConf
 
     from nanochat.io import atomic_write
+    from nanochat.precision import of_trainer
 
     trainer, module, datamodule, ckpt_path = build(cfg)
     run_dir = Path(cfg.paths.run_dir)
     if trainer.is_global_zero:
+        log.info(f"{of_trainer(cfg.precision, trainer.strategy.root_device.type, trainer.precision)} "
+                 f"on {trainer.strategy.root_device}")
         atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         for logger in trainer.loggers:  # W&B's run config (CSV: logs/hparams.yaml)
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

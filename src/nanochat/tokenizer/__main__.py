@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from nanochat.errors import UserError, exit_on_user_error
+from nanochat.errors import UserError, exit_on_error
 from nanochat.paths import base_dir, shared_data_dir
 
 
@@ -106,7 +106,7 @@ def cmd_eval(args) -> None:
         print(json.dumps(rows))
 
 
-@exit_on_user_error
+@exit_on_error
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m nanochat.tokenizer", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)

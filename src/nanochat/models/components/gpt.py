@@ -62,7 +62,9 @@ class CausalSelfAttention(nn.Module):
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
         q, k = apply_rotary(q, *cos_sin), apply_rotary(k, *cos_sin)
-        q, k = norm(q), norm(k)
+        # In v's dtype, the compute dtype: CUDA's autocast runs rms_norm in fp32 (CPU's in bf16), and a KV cache
+        # or attention given fp32 keys beside bf16 values fails.
+        q, k = norm(q).to(v.dtype), norm(k).to(v.dtype)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if kv_cache is not None:
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)
