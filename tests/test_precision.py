@@ -70,6 +70,9 @@ def test_every_trainer_preset_takes_the_precision_key(no_env, trainer, monkeypat
             monkeypatch.delenv(prec.ENV, raising=False)
         cfg = compose([f"trainer={trainer}", f"precision={requested}"])
         assert cfg.trainer.precision == expected, (requested, env)
+        # Muon's Newton-Schulz follows the run, so precision=fp32 under NANOCHAT_PRECISION=bf16 stays all fp32
+        assert cfg.module.optimizer.ns_dtype == ("bfloat16" if expected == "bf16-mixed" else "float32")
+    assert compose([f"trainer={trainer}", "trainer.precision=32-true"]).module.optimizer.ns_dtype == "float32"
     # trainer.precision set by hand still wins, and the start-up line says so
     assert str(prec.of_trainer("bf16", "cpu", "32-true")) == "precision: fp32 (trainer.precision=32-true)"
     assert prec.of_trainer("bf16", "cpu", "bf16-mixed").reason.startswith("precision=bf16; not native")

@@ -19,6 +19,13 @@ def _lightning_precision(requested: str, device_type: str) -> str:
     return resolve(requested, device_type).lightning
 
 
+def _newton_schulz_dtype(lightning_precision: str) -> str:
+    """Muon's Newton-Schulz dtype for a run: bf16 when the run trains in bf16 (nanochat's choice), else fp32."""
+    from nanochat.precision import from_lightning
+
+    return "bfloat16" if from_lightning(lightning_precision).name == "bf16" else "float32"
+
+
 def register_resolvers() -> None:
     from nanochat.paths import SHARED_DATA_BESIDE_CHECKOUT, base_dir, shared_data_dir
 
@@ -27,6 +34,7 @@ def register_resolvers() -> None:
         # ../shared/data beside the checkout (or NANOCHAT_SHARED_DATA); named even when absent, for error messages
         "shared_data": lambda: str(shared_data_dir() or SHARED_DATA_BESIDE_CHECKOUT),
         "lightning_precision": _lightning_precision,
+        "newton_schulz_dtype": _newton_schulz_dtype,
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
