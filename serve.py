@@ -11,7 +11,7 @@ import logging
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from nanochat.config import register_resolvers
+from nanochat.configs import register_resolvers
 from nanochat.errors import exit_on_error
 
 register_resolvers()

@@ -8,7 +8,7 @@ module, callbacks, logger and Trainer and fits. Heavy imports happen inside the 
 import hydra
 from omegaconf import DictConfig
 
-from nanochat.config import register_resolvers
+from nanochat.configs import register_resolvers
 
 register_resolvers()
 

@@ -5,7 +5,7 @@
                                 [--json bench/results/data_stream.json]
 
 The code path is training's: the datamodule config is composed the way `train.py stage=base data=local
-trainer=8xh100 model=d20` composes it (nanochat.config.compose), `PretrainDataModule.prepare_data` turns
+trainer=8xh100 model=d20` composes it (nanochat.configs.compose), `PretrainDataModule.prepare_data` turns
 ../shared/data/pretrain_text into parquet shards (in a temp dir; generated text when that folder is absent, and
 the output says so), `stage=tokenizer`'s own trainer (nanochat.tokenizer.__main__.cmd_train) fits the BPE on the
 training shards, and `setup` + `train_dataloader` yield the packed (rows, T + 1) batches that training_step gets.
@@ -124,7 +124,7 @@ def datamodule_kwargs(shard_dir: Path, tokenizer_dir: Path, source: list[str] | 
     with one rank's micro-batch as the batch (no accumulation) and the given shard/tokenizer dirs."""
     from omegaconf import OmegaConf
 
-    from nanochat.config import compose
+    from nanochat.configs import compose
 
     cfg = compose(["stage=base", "data=local", "trainer=8xh100", "model=d20", "model.total_batch_size=65536",
                    f"data.dir={shard_dir}", f"paths.tokenizer_dir={tokenizer_dir}", *overrides])
@@ -135,7 +135,7 @@ def datamodule_kwargs(shard_dir: Path, tokenizer_dir: Path, source: list[str] | 
 
 
 def make_datamodule(kwargs: dict, **changes):
-    from nanochat.data.pretrain import PretrainDataModule
+    from nanochat.data.pretrain_datamodule import PretrainDataModule
 
     return PretrainDataModule(**{**kwargs, **changes})
 

@@ -36,7 +36,7 @@ def entries() -> dict[str, tuple[str, list[str]]]:
     return {
         "train_step": ("Training step: Lightning vs a plain loop", train),
         "head_loss": ("Output head + loss at vocab 32,768: plain ops vs fused",
-                      ["head_loss.py", "--depth", "4", "--vocab", "32768", "--rows", "16", "--seq-len", "512", "--repeats", "2"]),
+                      ["fused_head_loss.py", "--depth", "4", "--vocab", "32768", "--rows", "16", "--seq-len", "512", "--repeats", "2"]),
         "muon_batching": ("Muon's Newton-Schulz: per matrix vs batched by shape", ["muon_batching.py", "--depths", "4", "6", "--repeats", "3"]),
         "data_stream": ("Pretraining data stream vs one GPU's appetite at d20", ["data_stream.py", "--seconds", "5"]),
         "tokenizer_speed": ("Tokenizer training and encoding", ["tokenizer_speed.py", "--train-mb", "10", "--encode-mb", "1"]),

@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader
 from common import markdown_table, save, sync
 from nanochat.hardware import peak_flops
 from nanochat.models.components import GPT, GPTConfig
-from nanochat.models.pretrain import PretrainModule
+from nanochat.models.pretrain_module import PretrainModule
 from nanochat.optim import build_optimizer, lr_multiplier, muon_momentum
 from nanochat.tokenizer import Tokenizer
 

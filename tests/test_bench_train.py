@@ -1,4 +1,4 @@
-"""bench/train_step.py, bench/head_loss.py and bench/run_all.py at tiny sizes: real runs, checked figures."""
+"""bench/train_step.py, bench/fused_head_loss.py and bench/run_all.py at tiny sizes: real runs, checked figures."""
 
 import json
 import subprocess
@@ -33,7 +33,7 @@ def test_train_step_lightning_and_plain_train_the_same_model(tmp_path):
 
 def test_head_loss_bench_compares_equal_losses(tmp_path):
     out = tmp_path / "head.json"
-    run_script("bench/head_loss.py", "--depth", "1", "--vocab", "512", "--rows", "2", "--seq-len", "16", "--repeats", "1",
+    run_script("bench/fused_head_loss.py", "--depth", "1", "--vocab", "512", "--rows", "2", "--seq-len", "16", "--repeats", "1",
                "--json", str(out))
     record = json.loads(out.read_text())
     for part in ("head", "step"):

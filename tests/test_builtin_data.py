@@ -11,7 +11,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import dtype_of
-from nanochat.config import compose
+from nanochat.configs import compose
 from nanochat.data import builtin
 from nanochat.engine.calculator import calculate
 from nanochat.stages import run_stage
@@ -196,7 +196,7 @@ def test_identity_conversations(tiny_tokenizer):
 # --- mixture=builtin ----------------------------------------------------------------------------------
 def test_builtin_mixture_builds_every_list(data_dir, caplog):
     from nanochat.callbacks.chat_eval import build_eval_tasks
-    from nanochat.callbacks.core import CoreEval
+    from nanochat.callbacks.core_eval import CoreEval
 
     cfg = compose(["stage=sft", "mixture=builtin", f"paths.data_dir={data_dir}"])
     mixture = OmegaConf.to_container(cfg.mixture, resolve=True)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nanochat.callbacks.chat_eval import categorical_correct, evaluate_chat, sample_passes
-from nanochat.config import compose
+from nanochat.configs import compose
 from nanochat.models.components import GPT, GPTConfig
 from nanochat.stages import run_stage
 from nanochat.tasks.base import Task, render_mc
@@ -133,10 +133,10 @@ def run_export(tiny_tokenizer, tmp_path):
 
 
 def test_eval_stage_core_matches_the_function_and_writes_the_report(run_export, tmp_path, precision, capsys):
-    from nanochat.callbacks.core import evaluate_core
+    from nanochat.callbacks.core_eval import evaluate_core
     from nanochat.export import load_export
     from nanochat.precision import computing
-    from nanochat.tasks.core import load_bundle
+    from nanochat.tasks.core_bundle import load_bundle
 
     export = run_export("base")
     bundle = write_core_bundle(tmp_path / "bundle")

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from nanochat import report
-from nanochat.config import compose
-from nanochat.data.chat import ConversationRows, PackedConversations, sft_pair
+from nanochat.configs import compose
+from nanochat.data.chat_datamodule import ConversationRows, PackedConversations, sft_pair
 from nanochat.data.stream import Position
 from nanochat.errors import UserError
 from nanochat.export import load_export, save_export

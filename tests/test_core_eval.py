@@ -7,9 +7,9 @@ import re
 import pytest
 import torch
 
-from nanochat.callbacks.core import CoreEval, crop_left, evaluate_core, evaluate_task, scored_spans
+from nanochat.callbacks.core_eval import CoreEval, crop_left, evaluate_core, evaluate_task, scored_spans
 from nanochat.errors import DataUnavailable, UserError
-from nanochat.tasks.core import fewshot_examples, load_bundle, read_examples, render_prompts
+from nanochat.tasks.core_bundle import fewshot_examples, load_bundle, read_examples, render_prompts
 
 from conftest import MC, SCHEMA, write_core_bundle
 

@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nanochat.config import compose
-from nanochat.data.pretrain import PretrainDataModule
+from nanochat.configs import compose
+from nanochat.data.pretrain_datamodule import PretrainDataModule
 from nanochat.data.shards import prepare, write_shard
 from nanochat.data.stream import TokenStream
 from nanochat.errors import UserError

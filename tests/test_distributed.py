@@ -50,8 +50,8 @@ def test_torchrun_two_ranks_train_and_resume(tiny_corpus_shards, tiny_tokenizer_
     model, tok, meta = load_export(run_dir)
     assert meta["step"] == 5 and all(torch.isfinite(p).all() for p in model.parameters())
     # CORE after the last step, examples strided over both ranks and summed: the same as one process on the export
-    from nanochat.callbacks.core import evaluate_core
-    from nanochat.tasks.core import load_bundle
+    from nanochat.callbacks.core_eval import evaluate_core
+    from nanochat.tasks.core_bundle import load_bundle
 
     from nanochat.precision import computing
 

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from conftest import PRECISIONS
-from nanochat.config import compose
+from nanochat.configs import compose
 from nanochat.models.components import GPT, GPTConfig
 from nanochat.models.horizon import grad_accum_steps, num_iterations
 

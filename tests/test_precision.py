@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from nanochat import precision as prec
-from nanochat.config import compose
+from nanochat.configs import compose
 from nanochat.engine.engine import Engine
 from nanochat.errors import UserError
 from nanochat.models.components import gpt as gpt_module

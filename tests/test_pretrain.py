@@ -9,8 +9,8 @@ import lightning as L
 import pytest
 import torch
 
-from nanochat.callbacks.bpb import bits_per_byte
-from nanochat.config import compose
+from nanochat.callbacks.val_bpb import bits_per_byte
+from nanochat.configs import compose
 from nanochat.errors import UserError
 from nanochat.models.components import GPT, GPTConfig
 from nanochat.models.horizon import grad_accum_steps, num_iterations

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from nanochat.checkpoint import AtomicCheckpointIO, latest_checkpoint, readable
-from nanochat.config import compose
+from nanochat.configs import compose
 from nanochat.errors import NonFiniteError
 from nanochat.stages.fit import build
 

@@ -188,7 +188,7 @@ def test_plot_curves_without_data_writes_nothing(tmp_path):
 def test_base_run_and_eval_stage_write_the_same_core_numbers_into_the_report(tiny_run, tmp_path):
     import csv as csvmod
 
-    from nanochat.config import compose
+    from nanochat.configs import compose
     from nanochat.export import load_export
     from nanochat.stages import run_stage
 

@@ -11,13 +11,13 @@ import torch.nn.functional as F
 from test_engine import ScriptedModel
 
 from examples.rl_custom_task import PickDigit, shorter_is_better
-from nanochat.config import compose
-from nanochat.data.chat import sft_pair
-from nanochat.data.rl import PromptGroups
+from nanochat.configs import compose
+from nanochat.data.chat_datamodule import sft_pair
+from nanochat.data.rl_datamodule import PromptGroups
 from nanochat.engine.engine import Engine
 from nanochat.export import load_export, save_export
 from nanochat.models.components import GPT, GPTConfig
-from nanochat.models.rl import group_advantages, policy_gradient_loss, rollout
+from nanochat.models.rl_module import group_advantages, policy_gradient_loss, rollout
 from nanochat.stages import run_stage
 from nanochat.stages.fit import build
 
@@ -128,7 +128,7 @@ def test_example_task_and_reward_function():
     assert shorter_is_better(conv, "") == 1.0 and shorter_is_better(conv, "x" * 50) == 0.5
     from hydra.utils import instantiate
 
-    from nanochat.models.rl import reward_name
+    from nanochat.models.rl_module import reward_name
 
     partial = instantiate({"_target_": "examples.rl_custom_task.shorter_is_better", "_partial_": True})
     assert partial(conv, "x" * 50) == 0.5 and reward_name(partial) == "shorter_is_better"

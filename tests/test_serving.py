@@ -469,7 +469,7 @@ def test_cli_one_shot_and_interactive_commands(export_dir, precision):
 def test_cli_session_keeps_the_conversation_with_tool_tokens(scripted, tok):
     import io
 
-    from nanochat.serving.cli import ChatSession, normalize_argv, repl
+    from nanochat.serving.chat_cli import ChatSession, normalize_argv, repl
 
     engine, model, say = scripted
     calculator_script(tok, say)
@@ -485,7 +485,7 @@ def test_cli_session_keeps_the_conversation_with_tool_tokens(scripted, tok):
 
 def test_cli_internal_failure_is_one_line_and_exit_1(export_dir, monkeypatch, capsys):
     import nanochat.serving as serving
-    from nanochat.serving.cli import main
+    from nanochat.serving.chat_cli import main
 
     def broken(*args):
         raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore detail")
@@ -532,7 +532,7 @@ def test_an_export_missing_weights_is_one_line_and_exit_2(export_dir, tmp_path, 
 
     from safetensors.torch import load_file, save_file
 
-    from nanochat.serving.cli import main
+    from nanochat.serving.chat_cli import main
 
     broken = Path(shutil.copytree(export_dir, tmp_path / "export"))
     state = load_file(str(broken / "model.safetensors"))

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from nanochat.data.pretrain import PretrainDataModule
+from nanochat.data.pretrain_datamodule import PretrainDataModule
 from nanochat.data.shards import write_shard
 from nanochat.data.stream import Position, TokenStream, resume_positions
 from nanochat.errors import UserError
@@ -166,7 +166,7 @@ def test_unreadable_shard_fails_at_setup_naming_it_in_fail_mode(tmp_path, tiny_t
 
 
 def test_prepare_on_first_use_and_never_over_foreign_shards(tmp_path):
-    from nanochat.data.pretrain import ensure_shards
+    from nanochat.data.pretrain_datamodule import ensure_shards
 
     text = tmp_path / "text.jsonl"
     text.write_text("".join(f'{{"text": "document number {i}"}}\n' for i in range(50)))

@@ -128,7 +128,7 @@ def test_slurm_launcher_takes_tasks_and_nodes_from_the_trainer(trainer, nodes):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install 'nanochat[slurm]'")
     from hydra import compose, initialize_config_dir
 
-    from nanochat.config import CONF_DIR, register_resolvers
+    from nanochat.configs import CONF_DIR, register_resolvers
 
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

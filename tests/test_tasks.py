@@ -155,7 +155,7 @@ def test_no_cache_no_path_error():
 def test_gsm8k_real_every_row(shared_data, tiny_tokenizer):
     import re
 
-    from nanochat.tokenizer.chat import render_conversation
+    from nanochat.tokenizer.chat_format import render_conversation
 
     rows = [json.loads(line) for line in open(shared_data / "gsm8k" / "train.jsonl")]
     task = GSM8K(path=shared_data / "gsm8k" / "train.jsonl", shuffle_seed=None)
@@ -182,7 +182,7 @@ def test_mmlu_real_dev(shared_data):
 
 @pytest.mark.real_data
 def test_identity_conversations_real(shared_data, tiny_tokenizer):
-    from nanochat.tokenizer.chat import render_conversation
+    from nanochat.tokenizer.chat_format import render_conversation
 
     task = CustomJSON(shared_data / "chat_sft" / "nanochat_identity_conversations.jsonl")
     assert len(task) == 1000
@@ -211,7 +211,7 @@ def test_humaneval_real(shared_data):
 def test_spelling_real(shared_data, tiny_tokenizer):
     from nanochat.engine.calculator import calculate
     from nanochat.tasks.base import extract_answer
-    from nanochat.tokenizer.chat import render_conversation
+    from nanochat.tokenizer.chat_format import render_conversation
 
     words = shared_data / "english_words" / "words_alpha.txt"
     for split in ("train", "test"):

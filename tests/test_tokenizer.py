@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from nanochat.data.documents import iter_documents, strip_gutenberg
 from nanochat.errors import UserError
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
-from nanochat.tokenizer.evaluate import compression_table
+from nanochat.tokenizer.compression import compression_table
 
 HARD_CASES = [
     "",
@@ -275,7 +275,7 @@ def test_compression_table():
 
 @pytest.mark.real_data
 def test_real_text_parity_and_larger_vocab_compresses_held_out_text_better(shared_data):
-    from nanochat.tokenizer.evaluate import held_out_samples
+    from nanochat.tokenizer.compression import held_out_samples
 
     docs = list(iter_documents([shared_data / "pretrain_text" / "gutenberg_books"], gutenberg=True))[:400]
     small = Tokenizer.train(docs, vocab_size=512, show_progress=False)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from nanochat.config import compose
+from nanochat.configs import compose
 from nanochat.loggers import (
     WANDB_MISSING,
     WandbLogger,

@@ -29,7 +29,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
-from nanochat.config import override_key
+from nanochat.configs import override_key
 from nanochat.io import atomic_write
 
 PLAN, RESULT, CLAIMS = "sweep_plan.json", "sweep_result.json", ".run_dirs"

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 
 import torch
 
-from nanochat.callbacks.common import Evaluator
+from nanochat.callbacks.periodic import Evaluator
 from nanochat.errors import UserError
 
 log = logging.getLogger(__name__)

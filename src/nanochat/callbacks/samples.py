@@ -7,7 +7,7 @@ from pathlib import Path
 
 import lightning as L
 
-from nanochat.callbacks.common import Periodic, evaluating
+from nanochat.callbacks.periodic import Periodic, evaluating
 from nanochat.engine.engine import Engine
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ import os
 import socket
 from pathlib import Path
 
-from nanochat.config import override_key
+from nanochat.configs import override_key
 from nanochat.data.download import SOURCES
 from nanochat.errors import UserError
 from nanochat.paths import shared_data_dir

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 
 from nanochat.errors import UserError
-from nanochat.tokenizer.chat import out_of_turn
+from nanochat.tokenizer.chat_format import out_of_turn
 
 MAX_MESSAGES = 500
 MAX_MESSAGE_CHARS = 8_000

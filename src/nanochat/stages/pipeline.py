@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from nanochat.config import CONF_DIR, override_key
+from nanochat.configs import CONF_DIR, override_key
 from nanochat.data.resolve import resolve_sources
 from nanochat.errors import UserError
 from nanochat.io import atomic_write

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from nanochat.errors import DataUnavailable, UserError
 from nanochat.tasks.base import Task
-from nanochat.tokenizer.chat import out_of_turn
+from nanochat.tokenizer.chat_format import out_of_turn
 
 
 def _check(messages, where: str) -> list[dict]:

@@ -89,7 +89,7 @@ def cmd_train(args) -> dict:
 def cmd_eval(args) -> None:
     from nanochat.data.documents import iter_documents
     from nanochat.tokenizer import Tokenizer
-    from nanochat.tokenizer.evaluate import compression_table, format_table, held_out_samples, reference_encodings
+    from nanochat.tokenizer.compression import compression_table, format_table, held_out_samples, reference_encodings
 
     tok = Tokenizer.load(args.tokenizer)
     if args.input:

@@ -18,7 +18,7 @@ import torch
 
 from nanochat.errors import UserError
 from nanochat.io import atomic_write
-from nanochat.tokenizer import chat
+from nanochat.tokenizer import chat_format
 from nanochat.tokenizer.bpe import SPECIAL_TOKENS, SPLIT_PATTERN, hf_to_tiktoken, make_encoding, train_hf_bpe
 
 RANKS_FILE = "tokenizer.tiktoken"
@@ -142,8 +142,8 @@ class Tokenizer:
 
     # --- chat ---------------------------------------------------------------------------------
     def render_conversation(self, conversation, max_tokens: int = 2048) -> tuple[list[int], list[int]]:
-        """(ids, mask) for a conversation; mask 1 marks tokens trained on. See nanochat.tokenizer.chat."""
-        return chat.render_conversation(self, conversation, max_tokens)
+        """(ids, mask) for a conversation; mask 1 marks tokens trained on. See nanochat.tokenizer.chat_format."""
+        return chat_format.render_conversation(self, conversation, max_tokens)
 
     def render_for_completion(self, conversation) -> list[int]:
-        return chat.render_for_completion(self, conversation)
+        return chat_format.render_for_completion(self, conversation)

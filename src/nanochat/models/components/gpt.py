@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat.errors import UserError
-from nanochat.models.components.config import GPTConfig
+from nanochat.models.components.gpt_config import GPTConfig
 from nanochat.models.components.head_loss import softcap_cross_entropy
 
 

@@ -19,7 +19,7 @@ from dataclasses import asdict
 import torch
 from torch.utils.data import IterableDataset
 
-from nanochat.data.pretrain import StreamDataModule
+from nanochat.data.pretrain_datamodule import StreamDataModule
 from nanochat.data.stream import Position, pack_rows
 from nanochat.errors import UserError
 from nanochat.models.horizon import grad_accum_steps

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict
 from typing import NamedTuple
 
-from nanochat.data.chat import SFTDataModule, _Conversations
+from nanochat.data.chat_datamodule import SFTDataModule, _Conversations
 from nanochat.data.stream import Position
 from nanochat.errors import UserError
 from nanochat.tasks.base import Task

@@ -15,8 +15,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from nanochat.callbacks.bpb import ValBPB
-from nanochat.callbacks.common import Evaluator
+from nanochat.callbacks.val_bpb import ValBPB
+from nanochat.callbacks.periodic import Evaluator
 from nanochat.loggers import log_report_artifact
 from nanochat.report import plot_curves, start_run, write_section
 

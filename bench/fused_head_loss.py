@@ -1,6 +1,6 @@
 """The output head + softcap + cross-entropy: plain PyTorch ops vs the fused op, side by side.
 
-    python bench/head_loss.py [--depth 4] [--vocab 32768] [--rows 16] [--seq-len 512] [--repeats 3] [--json ...]
+    python bench/fused_head_loss.py [--depth 4] [--vocab 32768] [--rows 16] [--seq-len 512] [--repeats 3] [--json ...]
 
 Two measurements, each alternating the two implementations in one process and keeping the fastest of
 `--repeats` runs:

@@ -15,7 +15,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from nanochat.callbacks.common import log_scalars
+from nanochat.callbacks.periodic import log_scalars
 from nanochat.errors import NonFiniteError, UserError
 from nanochat.models.components import GPT, GPTConfig
 from nanochat.models.horizon import num_iterations

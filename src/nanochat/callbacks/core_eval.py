@@ -18,9 +18,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from nanochat.callbacks.common import Evaluator
+from nanochat.callbacks.periodic import Evaluator
 from nanochat.errors import DataUnavailable
-from nanochat.tasks.core import CoreBundle, CoreTask, fewshot_examples, load_bundle, render_prompts
+from nanochat.tasks.core_bundle import CoreBundle, CoreTask, fewshot_examples, load_bundle, render_prompts
 
 log = logging.getLogger(__name__)
 

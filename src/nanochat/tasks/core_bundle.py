@@ -7,7 +7,7 @@
 Three task types: multiple_choice (`query`, `choices`, `gold`), schema (`context_options`, `continuation`,
 `gold`) and language_modeling (`context`, `continuation`). Examples are shuffled with random.Random(1337) and
 optionally cut to `max_per_task`; example i's few-shot examples are random.Random(1234 + i).sample of the others.
-Scoring (which tokens of each prompt count, and how) is in nanochat.callbacks.core.
+Scoring (which tokens of each prompt count, and how) is in nanochat.callbacks.core_eval.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ def run(cfg) -> None:
     import time
     from pathlib import Path
 
-    from nanochat.data.pretrain import ensure_shards
+    from nanochat.data.pretrain_datamodule import ensure_shards
     from nanochat.data.shards import split_shards
     from nanochat.report import start_run, write_section
     from nanochat.tokenizer.__main__ import cmd_train

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 
 from nanochat.errors import UserError
-from nanochat.models.pretrain import PretrainModule
+from nanochat.models.pretrain_module import PretrainModule
 
 
 class ChatModule(PretrainModule):

@@ -24,11 +24,11 @@ import time
 
 import torch
 
-from nanochat.callbacks.common import log_scalars
-from nanochat.data.chat import sft_pair
+from nanochat.callbacks.periodic import log_scalars
+from nanochat.data.chat_datamodule import sft_pair
 from nanochat.engine.engine import Engine
 from nanochat.errors import UserError
-from nanochat.models.chat import ChatModule
+from nanochat.models.chat_module import ChatModule
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import lightning as L
 import torch
 
-from nanochat.callbacks.common import Periodic, evaluating, log_scalars
+from nanochat.callbacks.periodic import Periodic, evaluating, log_scalars
 
 log = logging.getLogger(__name__)
 
