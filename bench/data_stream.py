@@ -203,7 +203,7 @@ def measure_stream(kwargs: dict, num_workers: int, *, warmup: int = 2, seconds: 
         t0 = time.perf_counter()
         while True:
             item = next(it)
-            batch = dm.training_batch(item)  # (accum, B, T + 1): what training_step receives
+            batch = dm.on_before_batch_transfer(item, 0)  # (accum, B, T + 1): what training_step receives
             shape = list(batch.shape)
             tokens += batch.numel()
             batches += 1

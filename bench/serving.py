@@ -74,7 +74,7 @@ def running_server(export_dir: Path, threads: int = 1, max_waiting: int = 16, lo
     log = Path(log_dir or tempfile.mkdtemp(prefix="bench-serving-")) / "serve.log"
     env = {k: v for k, v in os.environ.items() if k != "NANOCHAT_API_KEY"}
     env["OMP_NUM_THREADS"] = str(threads)
-    with serve_process(export_dir, ["model_name=bench", f"max_waiting={max_waiting}"], env, log) as (_, port):
+    with serve_process(export_dir, ["model_name=bench", f"limits.max_waiting={max_waiting}"], env, log) as (_, port):
         yield f"http://127.0.0.1:{port}"
 
 

@@ -50,7 +50,7 @@ def load_documents(text_dir: Path | None, chars: int, seed: int = 0) -> tuple[li
 
 def split_text(docs: list[str], train_chars: int, encode_chars: int, doc_cap: int = DOC_CAP) -> tuple[list[str], list[str]]:
     """(training documents cropped to doc_cap, totalling ~train_chars; the following documents, ~encode_chars)."""
-    from nanochat.tokenizer.__main__ import capped_documents
+    from nanochat.tokenizer.training import capped_documents
 
     train = list(capped_documents(docs, train_chars, doc_cap))
     held, total = [], 0

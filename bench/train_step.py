@@ -44,6 +44,7 @@ from nanochat.hardware import peak_flops
 from nanochat.models.components import GPT, GPTConfig
 from nanochat.models.pretrain_module import PretrainModule
 from nanochat.optim import build_optimizer, lr_multiplier, muon_momentum
+from nanochat.settings import HorizonConfig, ScheduleConfig
 from nanochat.tokenizer import Tokenizer
 
 TOKENIZER_CHARS_PER_TOKEN = 750  # 3 MB of stdlib source for 4,096 merges (24 MB for 32,768): seconds to train
@@ -115,7 +116,7 @@ def run_lightning(args, depth: int, precision: str, batches: list[torch.Tensor],
         tokenizer_dir=tokenizer_dir,
         sequence_len=args.seq_len,
         total_batch_size=args.batch * args.seq_len,  # accum = 1
-        horizon={"num_iterations": len(batches)},  # the plain loop's schedule horizon too
+        horizon=HorizonConfig(num_iterations=len(batches)),  # the plain loop's schedule horizon too
         head_dim=args.head_dim,
         compile=args.compile,
     )
@@ -150,6 +151,7 @@ def run_plain(args, depth: int, precision: str, batches: list[torch.Tensor]):
     L.seed_everything(args.seed, verbose=False)
     model = GPT(gpt_config(args, depth)).to(args.device)
     opt = build_optimizer(model)
+    schedule = ScheduleConfig()
     forward = torch.compile(model) if args.compile else model
     bf16 = precision == "bf16"
     autocast = lambda: bf16_autocast(args.device)  # noqa: E731
@@ -167,7 +169,7 @@ def run_plain(args, depth: int, precision: str, batches: list[torch.Tensor]):
             loss.backward()
             sync()
             t1 = time.perf_counter()
-            opt.apply_schedule(lr_multiplier(step, len(batches)), muon_momentum(step))
+            opt.apply_schedule(lr_multiplier(step, len(batches), schedule), muon_momentum(step, schedule))
             opt.step()
             opt.zero_grad(set_to_none=True)
         sync()

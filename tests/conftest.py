@@ -150,8 +150,8 @@ def tiny_run(tiny_corpus_shards, tiny_tokenizer_dir):
             "stage=base", "model=d4", "trainer=cpu", "data=local", "logger=none",
             f"data.dir={tiny_corpus_shards}", f"paths.tokenizer_dir={tiny_tokenizer_dir}",
             "model.depth=2", "model.sequence_len=16", "model.device_batch_size=4", "model.total_batch_size=64",
-            "model.num_iterations=8", "model.eval_every=4", "model.eval_tokens=256", "model.sample_every=100",
-            "model.save_every=4", "model.log_every=2", "module.head_dim=64",
+            "budget.base_steps=8", "budget.eval_every=4", "budget.eval_tokens=256", "budget.sample_every=100",
+            "budget.save_every=4", "budget.log_every=2", "module.head_dim=64",
             *extra,
         ]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanochat.callbacks.chat_eval import categorical_correct, evaluate_chat, sample_passes
+from nanochat.eval.chat_tasks import categorical_correct, evaluate_chat, sample_passes
 from nanochat.configs import compose
 from nanochat.models.components import GPT, GPTConfig
 from nanochat.stages import run_stage
@@ -133,7 +133,7 @@ def run_export(tiny_tokenizer, tmp_path):
 
 
 def test_eval_stage_core_matches_the_function_and_writes_the_report(run_export, tmp_path, precision, capsys):
-    from nanochat.callbacks.core_eval import evaluate_core
+    from nanochat.eval.core import evaluate_core
     from nanochat.export import load_export
     from nanochat.precision import computing
     from nanochat.tasks.core_bundle import load_bundle
@@ -158,7 +158,7 @@ def test_eval_stage_auto_picks_chat_tasks_for_a_chat_model(run_export, tmp_path,
     rows = [{"question": f"q{i}", "answer": f"#### {i}"} for i in range(3)]
     (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     tasks = f"[{{name: gsm8k, split: test, path: '{tmp_path / 'test.jsonl'}'}}]"
-    run_stage(compose(["stage=eval", f"ckpt={export}", f"mixture.eval={tasks}", "eval.chat.max_new_tokens=4",
+    run_stage(compose(["stage=eval", f"ckpt={export}", f"mixture.eval={tasks}", "evaluators.chat.max_new_tokens=4",
                        "trainer=cpu", "mixture.core_bundle=/nonexistent", f"precision={precision}"]))
     section = json.loads((tmp_path / "runs" / "evalrun" / "report" / "sft-eval.json").read_text())
     assert set(section["metrics"]) == {"chat/gsm8k", "chat/chatcore"}  # CORE skipped for a chat model: no bundle needed
@@ -169,7 +169,7 @@ def test_eval_stage_bad_inputs_are_one_line(run_export, tmp_path, stage_error):
     line = stage_error(compose(["stage=eval", f"ckpt={tmp_path}", "trainer=cpu"]))
     assert str(tmp_path) in line and "holds no exported model" in line
     line = stage_error(compose(["stage=eval", "trainer=cpu"]))
-    assert "stage=eval needs ckpt=" in line
+    assert "nanochat eval needs ckpt=" in line
     export = run_export("base")
     line = stage_error(compose(["stage=eval", f"ckpt={export}", "eval=core", f"mixture.core_bundle={tmp_path / 'nope'}", "trainer=cpu"]))
     assert f"CORE eval bundle {tmp_path / 'nope'} does not exist" in line
@@ -181,7 +181,7 @@ def test_eval_stage_bad_inputs_are_one_line(run_export, tmp_path, stage_error):
 
 
 def test_eval_task_list_skips_only_optional_entries_without_data(tmp_path, caplog):
-    from nanochat.callbacks.chat_eval import build_eval_tasks
+    from nanochat.eval.chat_tasks import build_eval_tasks
     from nanochat.errors import DataUnavailable
 
     rows = [{"question": "q", "answer": "#### 1"}]

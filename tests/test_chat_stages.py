@@ -11,7 +11,7 @@ import torch
 
 from nanochat import report
 from nanochat.configs import compose
-from nanochat.data.chat_datamodule import ConversationRows, PackedConversations, sft_pair
+from nanochat.data.conversations import ConversationRows, PackedConversations, sft_pair
 from nanochat.data.stream import Position
 from nanochat.errors import UserError
 from nanochat.export import load_export, save_export
@@ -68,11 +68,11 @@ def chat_overrides(stage: str, init_from, chat_files: Path, *extra: str) -> list
     return [
         f"stage={stage}", "model=d4", "trainer=cpu", "logger=none", f"init_from={init_from}",
         "model.depth=2", f"model.sequence_len={SEQ}", "model.device_batch_size=2", f"model.total_batch_size={4 * SEQ}",
-        "module.head_dim=64", "module.horizon.num_iterations=4", "model.eval_every=2", "model.eval_tokens=256",
-        "model.sample_every=0", "model.save_every=2", "model.log_every=1",
+        "module.horizon.num_iterations=4", "budget.eval_every=2", "budget.eval_tokens=256",
+        "budget.sample_every=0", "budget.save_every=2", "budget.log_every=1",
         f"mixture.{stage}.train={mixture}", f"mixture.{stage}.val={val}",
         f"mixture.eval=[{{name: simple_spelling, split: test, size: 3, words_path: '{chat_files / 'words.txt'}'}}]",
-        "callbacks.chat_eval.max_new_tokens=8",
+        "callbacks.chat_eval.evaluator.max_new_tokens=8",
         *extra,
     ]
 
@@ -167,11 +167,13 @@ def test_horizon_is_one_epoch_of_the_mixture_unless_steps_are_given(base_export,
     cfg = compose(chat_overrides("sft", base_export, chat_files, "module.horizon.num_iterations=-1",
                                  "datamodule.examples_per_step=4"))
     trainer, module, datamodule, _ = build(cfg)
-    assert len(datamodule.train_mixture) == 64 + 16
+    assert len(datamodule.mixtures.train) == 64 + 16
     assert trainer.max_steps == module.num_iterations == 20  # 80 conversations / 4 per step
-    cfg = compose(chat_overrides("mid", base_export, chat_files, "module.horizon.num_iterations=-1", "module.epochs=2"))
+    cfg = compose(chat_overrides("mid", base_export, chat_files, "module.horizon.num_iterations=-1",
+                                 "module.horizon.epochs=2"))
     trainer, module, datamodule, _ = build(cfg)
-    tokens = sum(len(datamodule.tokenizer.render_conversation(c)[0]) for c in datamodule.train_mixture)
+    m = datamodule.mixtures
+    tokens = sum(len(m.tokenizer.render_conversation(c)[0]) for c in m.train)
     assert module.num_iterations == math.ceil(2 * tokens / (4 * SEQ))  # 80 conversations: measured, not sampled
 
 
@@ -209,8 +211,8 @@ def test_mid_then_sft_through_the_trainer_record_their_parents(base_export, chat
 def test_init_from_mismatches_are_refused_with_one_line(base_export, chat_files, tmp_path, stage_error):
     from nanochat.tokenizer import Tokenizer
 
-    line = stage_error(compose(chat_overrides("mid", base_export, chat_files, "model.depth=3")))
-    assert str(base_export) in line and "depth 2" in line and "n_layer" in line
+    line = stage_error(compose(chat_overrides("mid", base_export, chat_files, "model.sequence_len=64")))
+    assert str(base_export) in line and f"context of {SEQ}" in line and "model.sequence_len=64" in line
     other = Tokenizer.train(["a completely different corpus of text, tiny and odd " * 50], vocab_size=300, show_progress=False)
     other.save(tmp_path / "other_tok")
     line = stage_error(compose(chat_overrides("mid", base_export, chat_files, f"module.tokenizer_dir={tmp_path / 'other_tok'}")))

@@ -197,8 +197,8 @@ def faulty_corpus(tiny_corpus_shards, tmp_path):
 
 
 def test_pretraining_run_skips_a_corrupt_shard_and_reports_the_counts(tiny_run, faulty_corpus, caplog):
-    cfg = compose(tiny_run(f"data.dir={faulty_corpus}", "data.source=null", "logger=csv", "model.num_iterations=4",
-                           "model.eval_every=0", "model.save_every=0"))
+    cfg = compose(tiny_run(f"data.dir={faulty_corpus}", "data.source=null", "logger=csv", "budget.base_steps=4",
+                           "budget.eval_every=0", "budget.save_every=0"))
     with caplog.at_level(logging.WARNING):
         run_stage(cfg)
     assert f"skipping shard: {faulty_corpus / 'b_truncated.parquet'}" in caplog.text

@@ -25,12 +25,12 @@ def test_torchrun_two_ranks_train_and_resume(tiny_corpus_shards, tiny_tokenizer_
         "compile=false", "data=local", "logger=csv",
         f"data.dir={tiny_corpus_shards}", f"paths.tokenizer_dir={tiny_tokenizer_dir}", "model.depth=2",
         "module.head_dim=64", "model.sequence_len=16", "model.device_batch_size=1", "model.total_batch_size=64",
-        "model.eval_every=3", "model.eval_tokens=256", "model.sample_every=0", "model.save_every=3", "model.log_every=1",
-        f"mixture.core_bundle={bundle}", "model.core_max_per_task=-1",
+        "budget.eval_every=3", "budget.eval_tokens=256", "budget.sample_every=0", "budget.save_every=3", "budget.log_every=1",
+        f"mixture.core_bundle={bundle}", "budget.core_max_per_task=-1",
     ]
     env = {**os.environ, "NANOCHAT_BASE_DIR": str(home), "OMP_NUM_THREADS": "1"}
     for steps in (3, 5):  # 3 steps, then resume=auto continues the same run to 5
-        out = subprocess.run([*cmd, f"model.num_iterations={steps}"], cwd=REPO, env=env, capture_output=True,
+        out = subprocess.run([*cmd, f"budget.base_steps={steps}"], cwd=REPO, env=env, capture_output=True,
                              text=True, timeout=300)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     run_dir = home / "runs" / "d2" / "base"
@@ -50,7 +50,7 @@ def test_torchrun_two_ranks_train_and_resume(tiny_corpus_shards, tiny_tokenizer_
     model, tok, meta = load_export(run_dir)
     assert meta["step"] == 5 and all(torch.isfinite(p).all() for p in model.parameters())
     # CORE after the last step, examples strided over both ranks and summed: the same as one process on the export
-    from nanochat.callbacks.core_eval import evaluate_core
+    from nanochat.eval.core import evaluate_core
     from nanochat.tasks.core_bundle import load_bundle
 
     from nanochat.precision import computing

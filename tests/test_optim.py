@@ -6,6 +6,7 @@ import torch
 from nanochat.errors import UserError
 from nanochat.models.components import GPT, GPTConfig
 from nanochat.optim import MuonAdamW, build_optimizer, lr_multiplier, muon_momentum, newton_schulz
+from nanochat.settings import OptimizerConfig, ScheduleConfig
 from nanochat.optim.param_groups import check_partition
 
 
@@ -124,20 +125,22 @@ def test_muon_lr_scales_with_aspect_ratio():
 
 def test_schedules():
     # 100 steps, warmdown over the last 20: flat to step 80, then linear to 0 at step 100.
-    assert [lr_multiplier(s, 100) for s in (0, 50, 80)] == [1.0, 1.0, 1.0]
-    assert lr_multiplier(90, 100) == pytest.approx(0.5)
-    assert lr_multiplier(100, 100) == 0.0
-    assert lr_multiplier(90, 100, final_lr_frac=0.1) == pytest.approx(0.55)
-    assert [lr_multiplier(s, 100, warmup_ratio=0.1) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
-    assert [muon_momentum(s) for s in (0, 150, 300, 5000)] == pytest.approx([0.85, 0.90, 0.95, 0.95])
+    default = ScheduleConfig()
+    assert [lr_multiplier(s, 100, default) for s in (0, 50, 80)] == [1.0, 1.0, 1.0]
+    assert lr_multiplier(90, 100, default) == pytest.approx(0.5)
+    assert lr_multiplier(100, 100, default) == 0.0
+    assert lr_multiplier(90, 100, ScheduleConfig(final_lr_frac=0.1)) == pytest.approx(0.55)
+    assert [lr_multiplier(s, 100, ScheduleConfig(warmup_ratio=0.1)) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert lr_multiplier(90, 100, ScheduleConfig(init_lr_frac=0.02)) == pytest.approx(0.01)
+    assert [muon_momentum(s, default) for s in (0, 150, 300, 5000)] == pytest.approx([0.85, 0.90, 0.95, 0.95])
     with pytest.raises(UserError, match="ratios"):
-        lr_multiplier(0, 100, warmup_ratio=0.6, warmdown_ratio=0.6)
+        ScheduleConfig(warmup_ratio=0.6, warmdown_ratio=0.6)
 
 
 def test_apply_schedule_and_state_dict_resume_exactly():
     torch.manual_seed(0)
     model = tiny_model()
-    opt = build_optimizer(model, ns_dtype="float32")
+    opt = build_optimizer(model, OptimizerConfig(ns_dtype="float32"))
     opt.apply_schedule(0.5, 0.9)
     for g in opt.param_groups:
         assert g["lr"] == pytest.approx(0.5 * g["initial_lr"])
@@ -155,7 +158,7 @@ def test_apply_schedule_and_state_dict_resume_exactly():
     saved = torch.load(buffer)
     clone = tiny_model()
     clone.load_state_dict(saved["model"])
-    clone_opt = build_optimizer(clone, ns_dtype="float32")
+    clone_opt = build_optimizer(clone, OptimizerConfig(ns_dtype="float32"))
     clone_opt.load_state_dict(saved["optimizer"])
     for m, o in ((model, opt), (clone, clone_opt)):
         m(x, x).backward()

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from omegaconf import OmegaConf
 
 from conftest import PRECISIONS
 from nanochat.configs import compose
@@ -91,7 +92,7 @@ def test_micro_pipeline_exports_report_and_chat(micro_run):
         assert sections[stage]["items"]["precision"] == {"fp32": "32-true", "bf16": "bf16-mixed"}[precision], stage
     # The last lines say where the report is and how to talk to the model.
     assert f"report card: {root / 'report.md'}" in second
-    assert f"python serve.py ckpt={root / 'rl' / 'export'}" in second
+    assert f"nanochat serve ckpt={root / 'rl' / 'export'}" in second
 
 
 @pytest.mark.slow
@@ -104,8 +105,8 @@ def test_the_commands_the_pipeline_prints_answer_in_its_precision(micro_run, tmp
 
     home, root, _, second, _, precision = micro_run
     export = root / "rl" / "export"
-    assert f"python serve.py ckpt={export}" in second and f"python -m nanochat.chat --ckpt {export} -p" in second
-    reply = subprocess.run([sys.executable, "-m", "nanochat.chat", "--ckpt", str(export), "-p", "What is 2 + 3?",
+    assert f"nanochat serve ckpt={export}" in second and f"nanochat chat {export} -p" in second
+    reply = subprocess.run([sys.executable, "-m", "nanochat", "chat", str(export), "-p", "What is 2 + 3?",
                             "--seed", "0", "--max-tokens", "12", "--device", "cpu", "--precision", precision],
                            cwd=REPO, env=_env(home), capture_output=True, text=True, timeout=120)
     assert reply.returncode == 0, reply.stderr
@@ -131,7 +132,7 @@ def test_finished_pipeline_reruns_nothing_and_refuses_a_changed_step(micro_run):
     again = subprocess.run([sys.executable, *command], cwd=REPO, env=_env(home), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert again.stdout.count("finished earlier, skipped") == 5
-    changed = subprocess.run([sys.executable, *command, "model.num_iterations=30"], cwd=REPO, env=_env(home),
+    changed = subprocess.run([sys.executable, *command, "budget.base_steps=30"], cwd=REPO, env=_env(home),
                              capture_output=True, text=True, timeout=300)
     assert changed.returncode == 2
     assert "step 'tokenizer' of this pipeline already finished with a different command" in changed.stderr
@@ -153,8 +154,7 @@ def _cfg_job(*overrides: str) -> dict:
 def test_gpu_recipes_pin_nanochats_numbers(name, depth, params, device_batch, shards, steps):
     job = _cfg_job(f"experiment={name}", "trainer=8xh100")
     m = job["model"]
-    assert (m["depth"], m["device_batch_size"], m["total_batch_size"], m["sequence_len"], m["param_data_ratio"]) == (
-        depth, device_batch, 524_288, 2_048, 20)
+    assert (m["depth"], m["device_batch_size"], m["total_batch_size"], m["sequence_len"]) == (depth, device_batch, 524_288, 2_048)
     assert m["vocab_size"] == 65_536 and job["pipeline"]["shards"] == shards
     assert job["trainer"]["devices"] == 8
     assert list(job["pipeline"]["steps"]) == ["tokenizer", "base", "base_eval", "mid", "sft", "rl"]
@@ -168,10 +168,9 @@ def test_gpu_recipes_pin_nanochats_numbers(name, depth, params, device_batch, sh
         with torch.device("meta"):
             gpt = GPT(GPTConfig.from_depth(depth, m["vocab_size"], m["sequence_len"]))
         assert gpt.num_params() == params
-        h = cfg.module.horizon
+        horizon = OmegaConf.to_object(cfg.module.horizon)
         assert num_iterations(num_params=params, flops_per_token=gpt.flops_per_token(), total_batch_size=524_288,
-                              num_iterations=h.num_iterations, target_flops=h.target_flops,
-                              param_data_ratio=h.param_data_ratio) == steps
+                              horizon=horizon) == steps
         accum = grad_accum_steps(524_288, cfg.model.device_batch_size, 2_048, world)
         assert accum * cfg.model.device_batch_size * 2_048 * world == 524_288
         assert accum == (32 // device_batch) * (8 // world)
@@ -181,7 +180,7 @@ def test_cpu_recipe_and_data_resolution(monkeypatch, tmp_path):
     from nanochat.data import resolve
 
     job = _cfg_job("experiment=speedrun_cpu")
-    assert job["model"]["depth"] == 4 and job["trainer"]["accelerator"] == "cpu" and job["pipeline"]["builtin"] is True
+    assert job["model"]["depth"] == 4 and job["trainer"]["accelerator"] == "cpu" and job["pipeline"]["data"] == "auto_or_builtin"
     assert list(job["pipeline"]["steps"]) == ["tokenizer", "base", "mid", "sft", "rl"]
     cfg = compose(["experiment=speedrun_cpu"])
     monkeypatch.setattr(resolve, "hub_reachable", lambda: False)
@@ -202,7 +201,7 @@ def test_cpu_recipe_and_data_resolution(monkeypatch, tmp_path):
     monkeypatch.setattr(resolve, "hub_reachable", lambda: True)
     overrides, prep, _ = resolve.resolve_sources(cfg, [])
     assert overrides == ["data=fineweb_edu", "mixture=hub"]
-    assert prep[0] == ["-m", "nanochat.data", "download", "fineweb-edu", "-n", "240"] and len(prep) == 4
+    assert prep[0] == ["-m", "nanochat", "data", "download", "fineweb-edu", "-n", "240"] and len(prep) == 4
     # What the user chose is kept; a GPU recipe never falls back to the toy corpus.
     assert resolve.resolve_sources(cfg, ["data=local", "mixture=shared"])[0] == []
     monkeypatch.setattr(resolve, "hub_reachable", lambda: False)

@@ -12,6 +12,7 @@ import torch
 from nanochat import precision as prec
 from nanochat.configs import compose
 from nanochat.engine.engine import Engine
+from nanochat.engine.batching import BatchDecoder
 from nanochat.errors import UserError
 from nanochat.models.components import gpt as gpt_module
 
@@ -154,7 +155,7 @@ def test_keys_queries_and_values_share_a_dtype_when_autocast_runs_the_norms_in_f
     monkeypatch.setattr(gpt_module, "norm", lambda x: plain(x.float()))
     engine = Engine(random_model, tiny_tokenizer, use_tools=False, dtype=torch.bfloat16)
     assert greedy(engine, prompt) == reference
-    decoder = engine.batch_decoder()
+    decoder = BatchDecoder(engine)
     decoder.add(prompt, max_tokens=4, temperature=0)
     assert decoder.cache.k.dtype == decoder.cache.v.dtype == torch.bfloat16
 

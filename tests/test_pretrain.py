@@ -9,10 +9,11 @@ import lightning as L
 import pytest
 import torch
 
-from nanochat.callbacks.val_bpb import bits_per_byte
+from nanochat.eval.bpb import bits_per_byte
 from nanochat.configs import compose
 from nanochat.errors import UserError
 from nanochat.models.components import GPT, GPTConfig
+from nanochat.settings import HorizonConfig
 from nanochat.models.horizon import grad_accum_steps, num_iterations
 from nanochat.stages import run_stage
 from nanochat.stages.fit import build
@@ -95,9 +96,11 @@ def test_horizon_precedence_and_nanochat_numbers():
     with torch.device("meta"):
         d20 = GPT(GPTConfig.from_depth(20))
     n, f = d20.num_params(), d20.flops_per_token()
-    assert num_iterations(num_params=n, flops_per_token=f, total_batch_size=524_288) == 21_400  # spec 4.1
-    assert num_iterations(num_params=n, flops_per_token=f, total_batch_size=524_288, target_flops=f * 524_288 * 1000) == 1000
-    assert num_iterations(num_params=n, flops_per_token=f, total_batch_size=524_288, num_iterations=7, target_flops=1e20) == 7
+    steps = lambda **h: num_iterations(num_params=n, flops_per_token=f, total_batch_size=524_288,  # noqa: E731
+                                       horizon=HorizonConfig(**h))
+    assert steps() == 21_400  # nanochat's d20: 20 tokens per parameter
+    assert steps(target_flops=f * 524_288 * 1000) == 1000
+    assert steps(num_iterations=7, target_flops=1e20) == 7
     assert grad_accum_steps(524_288, 32, 2048, 8) == 1 and grad_accum_steps(524_288, 32, 2048, 1) == 8
     with pytest.raises(UserError, match="total_batch_size=100 tokens is not a positive multiple"):
         grad_accum_steps(100, 4, 16, 1)
@@ -125,7 +128,7 @@ def test_bpb_of_uniform_logits_is_log2_vocab_over_bytes_per_token(tiny_tokenizer
 # --- training through the Trainer ---------------------------------------------------------------
 def test_grad_accumulation_matches_one_big_batch(tiny_run, precision):
     def train(device_batch: int, prec: str) -> dict:  # 64-token steps: 4 x 16 in one pass, or 4 micro-batches of 1 x 16
-        _, module, _ = fit(tiny_run(f"model.device_batch_size={device_batch}", "model.num_iterations=3", "~callbacks",
+        _, module, _ = fit(tiny_run(f"model.device_batch_size={device_batch}", "budget.base_steps=3", "callbacks=[]",
                                     "+trainer.enable_checkpointing=false", f"precision={prec}"))
         return {k: v.clone() for k, v in module.model.state_dict().items()}
 
@@ -154,7 +157,7 @@ def test_compiled_bf16_training_step_equals_the_uncompiled_one(tiny_run):
     """The GPU presets compile (compile=true) and train in bf16: the compiled graph trains the same weights, up to
     bf16 rounding (inductor fuses ops and rounds in other places: measured 0.15-1.1x the bf16-vs-fp32 gap)."""
     def train(*extra: str) -> tuple[dict, object]:
-        _, module, _ = fit(tiny_run("model.depth=1", "model.num_iterations=3", "~callbacks",
+        _, module, _ = fit(tiny_run("model.depth=1", "budget.base_steps=3", "callbacks=[]",
                                     "+trainer.enable_checkpointing=false", *extra))
         return {k: v.clone() for k, v in module.model.state_dict().items()}, module
 
@@ -169,7 +172,7 @@ def test_compiled_bf16_training_step_equals_the_uncompiled_one(tiny_run):
 
 
 def test_30_steps_then_resume_auto_continues_at_step_31_with_the_same_data(tiny_run, tmp_path):
-    steps = ["model.num_iterations=34", "model.save_every=10", "model.eval_every=0", "model.log_every=5"]
+    steps = ["budget.base_steps=34", "budget.save_every=10", "budget.eval_every=0", "budget.log_every=5"]
     full = RecordBatches()
     _, straight, _ = fit(tiny_run(*steps, "run=straight"), full)
 
@@ -191,7 +194,7 @@ def test_30_steps_then_resume_auto_continues_at_step_31_with_the_same_data(tiny_
 def test_run_writes_metrics_checkpoint_export_and_config(tiny_run, precision, caplog):
     from nanochat.export import load_export
 
-    cfg = compose(tiny_run("logger=csv", "model.num_iterations=8", f"precision={precision}", "model.sample_every=8"))
+    cfg = compose(tiny_run("logger=csv", "budget.base_steps=8", f"precision={precision}", "budget.sample_every=8"))
     with caplog.at_level("INFO"):
         run_stage(cfg)
     assert f"precision: {precision} (precision={precision}" in caplog.text  # the decision, said at start
@@ -209,7 +212,7 @@ def test_run_writes_metrics_checkpoint_export_and_config(tiny_run, precision, ca
     assert meta["step"] == 8 and meta["metrics"]["val/bpb"] == pytest.approx(bpb[-1])
     assert tok.vocab_size == model.config.vocab_size and model.config.n_layer == 2
     # init_from starts a new run from those weights
-    cfg2 = compose(tiny_run("run=second", f"init_from={run_dir}", "model.num_iterations=1", "~callbacks",
+    cfg2 = compose(tiny_run("run=second", f"init_from={run_dir}", "budget.base_steps=1", "callbacks=[]",
                             "+trainer.enable_checkpointing=false"))
     _, module2, _, _ = build(cfg2)
     for k, v in model.state_dict().items():
@@ -219,7 +222,7 @@ def test_run_writes_metrics_checkpoint_export_and_config(tiny_run, precision, ca
 # --- bad input ----------------------------------------------------------------------------------
 def test_missing_data_dir_says_how_to_get_data(tiny_run, tmp_path, stage_error):
     line = stage_error(compose(tiny_run(f"data.dir={tmp_path / 'nowhere'}", "data.source=null")))
-    assert str(tmp_path / "nowhere") in line and "nanochat.data download" in line
+    assert str(tmp_path / "nowhere") in line and "nanochat data download" in line
 
 
 def test_batch_that_does_not_divide_names_the_keys(tiny_run, stage_error):
@@ -256,8 +259,8 @@ def test_d4_on_shared_text_lowers_val_bpb(shared_data, tmp_path):
     # fp32 whatever NANOCHAT_PRECISION says: this is about learning from real text, and emulated bf16 (AVX2) would
     # take 17 minutes instead of 40 s; the tiny runs cover bf16 training
     cfg = compose(["stage=base", *common, "model.sequence_len=128", "model.device_batch_size=8", "model.total_batch_size=1024",
-                   "model.num_iterations=60", "model.eval_every=30", "model.eval_tokens=8192", "model.sample_every=0",
-                   "model.save_every=60", "precision=fp32"])
+                   "budget.base_steps=60", "budget.eval_every=30", "budget.eval_tokens=8192", "budget.sample_every=0",
+                   "budget.save_every=60", "precision=fp32"])
     trainer, module, datamodule, ckpt = build(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
     (val,) = [c for c in trainer.callbacks if isinstance(c, ValBPB)]

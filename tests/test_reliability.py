@@ -81,7 +81,7 @@ def _losses(run_dir: Path) -> list[tuple[int, str]]:
 
 # --- SIGKILL, SIGTERM and SIGUSR1 at random moments, then resume: the same weights, the same data --------------
 def test_killed_and_preempted_run_resumes_to_the_bitwise_same_weights_and_data(tiny_run, tmp_path):
-    overrides = tiny_run(f"model.num_iterations={STEPS}", "model.save_every=4", "model.log_every=2", "model.eval_every=0",
+    overrides = tiny_run(f"budget.base_steps={STEPS}", "budget.save_every=4", "budget.log_every=2", "budget.eval_every=0",
                          "logger=csv")
     home = Path(os.environ["NANOCHAT_BASE_DIR"])
     straight_rec, killed_rec = tmp_path / "straight.txt", tmp_path / "killed.txt"
@@ -142,7 +142,7 @@ def test_killed_and_preempted_run_resumes_to_the_bitwise_same_weights_and_data(t
 def test_a_run_that_starts_over_drops_what_a_killed_attempt_logged(tiny_run):
     from nanochat.stages import run_stage
 
-    cfg = compose(tiny_run("model.num_iterations=4", "model.eval_every=0", "logger=csv"))
+    cfg = compose(tiny_run("budget.base_steps=4", "budget.eval_every=0", "logger=csv"))
     logs = Path(cfg.paths.run_dir) / "logs"
     logs.mkdir(parents=True)  # what an attempt killed before its first checkpoint leaves behind
     (logs / "metrics.csv").write_text("epoch,step,train/loss\r\n0,2,9.5\r\n0,4,9.")
@@ -254,7 +254,7 @@ def _all_finite(state: dict) -> bool:
 
 
 def test_nan_loss_at_step_k_stops_there_and_keeps_the_last_good_checkpoint(tiny_run):
-    cfg = compose(tiny_run("model.num_iterations=12", "model.save_every=3", "model.eval_every=0"))
+    cfg = compose(tiny_run("budget.base_steps=12", "budget.save_every=3", "budget.eval_every=0"))
     trainer, module, datamodule, ckpt = build(cfg)
     _poison_step(module, trainer, 8)
     with pytest.raises(NonFiniteError, match=r"^step 8: the loss is NaN or infinite; stopped before the optimizer step"):
@@ -268,11 +268,11 @@ def test_nan_loss_at_step_k_stops_there_and_keeps_the_last_good_checkpoint(tiny_
 
 
 def test_nan_loss_in_skip_mode_skips_that_batch_counts_it_and_finishes(tiny_run, caplog):
-    cfg = compose(tiny_run("model.num_iterations=10", "model.eval_every=0", "module.on_nonfinite=skip", "logger=csv"))
+    cfg = compose(tiny_run("budget.base_steps=10", "budget.eval_every=0", "module.on_nonfinite=skip", "logger=csv"))
     trainer, module, datamodule, ckpt = build(cfg)
     _poison_step(module, trainer, 4)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
-    assert trainer.global_step == 10 and module.nonfinite["skipped"] == 1
+    assert trainer.global_step == 10 and module.stepper.skipped == 1
     assert "step 4: the loss is NaN or infinite; batch skipped (1 so far)" in caplog.text
     run_dir = Path(cfg.paths.run_dir)
     assert _all_finite(torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"])

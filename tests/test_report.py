@@ -195,7 +195,7 @@ def test_base_run_and_eval_stage_write_the_same_core_numbers_into_the_report(tin
     from conftest import write_core_bundle
 
     bundle = write_core_bundle(tmp_path / "bundle")
-    cfg = compose(tiny_run("logger=csv", "run=card", f"mixture.core_bundle={bundle}", "model.core_max_per_task=-1"))
+    cfg = compose(tiny_run("logger=csv", "run=card", f"mixture.core_bundle={bundle}", "budget.core_max_per_task=-1"))
     run_stage(cfg)
     run_dir = Path(cfg.paths.run_dir)
     with open(run_dir / "logs" / "metrics.csv") as f:

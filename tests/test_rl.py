@@ -12,7 +12,7 @@ from test_engine import ScriptedModel
 
 from examples.rl_custom_task import PickDigit, shorter_is_better
 from nanochat.configs import compose
-from nanochat.data.chat_datamodule import sft_pair
+from nanochat.data.conversations import sft_pair
 from nanochat.data.rl_datamodule import PromptGroups
 from nanochat.engine.engine import Engine
 from nanochat.export import load_export, save_export
@@ -163,19 +163,19 @@ def rl_overrides(init_from, *extra):
     target = "examples.rl_custom_task.PickDigit"
     return [
         "stage=rl", "model=d4", "trainer=cpu", "logger=csv", f"init_from={init_from}", "run=digits",
-        "model.depth=2", f"model.sequence_len={SEQ}", "module.head_dim=64",
+        "model.depth=2", f"model.sequence_len={SEQ}",
         f"mixture.rl.train=[{{_target_: {target}, size: 512}}]",
         f"mixture.rl.eval=[{{_target_: {target}, size: 32, split: test}}]",
         "mixture.eval=[]", "callbacks.chat_eval=null", "callbacks.samples=null",
-        "model.rl.examples_per_step=4", "model.rl.num_samples=8", "model.rl.max_new_tokens=4",
-        "model.rl.eval_max_per_task=32", "model.rl.eval_every=0", "module.device_batch_size=4",
+        "budget.rl_questions=4", "budget.rl_samples=8", "budget.rl_max_new_tokens=4",
+        "budget.rl_eval_max_per_task=32", "budget.rl_eval_every=0", "module.device_batch_size=4",
         *extra,
     ]
 
 
 def test_rl_raises_the_reward_of_a_tiny_model_within_bounded_cpu_steps(digit_sft_export, precision):
     # lr 0.2 x base instead of the stage's 0.05: a 655K-parameter model tolerates it, and the test stays short
-    cfg = compose(rl_overrides(digit_sft_export, "model.rl.num_iterations=30", "module.schedule.init_lr_frac=0.2",
+    cfg = compose(rl_overrides(digit_sft_export, "budget.rl_steps=30", "module.schedule.init_lr_frac=0.2",
                                f"precision={precision}"))
     trainer, module, datamodule, _ = build(cfg)
     trainer.fit(module, datamodule=datamodule)
@@ -187,7 +187,7 @@ def test_rl_raises_the_reward_of_a_tiny_model_within_bounded_cpu_steps(digit_sft
     assert totals["samples"] == 30 * 4 * 8 and totals["passes"] == 30 * 4 * 2
     assert 0 < totals["skipped"] < totals["passes"]  # chunks of all-equal rewards were skipped, the rest trained
     # held-out wordings, 8 samples each at temperature 1: pass@1 before the first step and after the last
-    history = trainer.callbacks[[type(c).__name__ for c in trainer.callbacks].index("PassAtK")].history
+    history = next(c.evaluator for c in trainer.callbacks if type(getattr(c, "evaluator", None)).__name__ == "PassAtK").history
     (step0, first), (step1, last) = history[0], history[-1]
     assert (step0, step1) == (0, 30)
     assert first["tasks"][0]["pass"][0] < 0.35 and last["tasks"][0]["pass"][0] > 0.8
@@ -201,8 +201,8 @@ def test_rl_raises_the_reward_of_a_tiny_model_within_bounded_cpu_steps(digit_sft
     assert (Path(cfg.paths.runs_dir) / "digits" / "report" / "rl_curves.png").is_file()
     # stage=eval eval=pass_at_k on the export: the same questions, seeds and metric names as the callback's last run
     target = "examples.rl_custom_task.PickDigit"
-    run_stage(compose(["stage=eval", "eval=pass_at_k", f"ckpt={cfg.paths.run_dir}", "eval.pass_at_k.max_per_task=32",
-                       "eval.pass_at_k.max_new_tokens=4", f"mixture.rl.eval=[{{_target_: {target}, size: 32, split: test}}]",
+    run_stage(compose(["stage=eval", "eval=pass_at_k", f"ckpt={cfg.paths.run_dir}", "evaluators.pass_at_k.max_per_task=32",
+                       "evaluators.pass_at_k.max_new_tokens=4", f"mixture.rl.eval=[{{_target_: {target}, size: 32, split: test}}]",
                        f"precision={precision}"]))
     section = json.loads((Path(cfg.paths.runs_dir) / "digits" / "report" / "rl-eval.json").read_text())
     assert section["metrics"] == pytest.approx(last["metrics"], abs=1e-12)
@@ -210,14 +210,14 @@ def test_rl_raises_the_reward_of_a_tiny_model_within_bounded_cpu_steps(digit_sft
 
 def test_a_resumed_rl_run_ends_with_the_weights_of_an_uninterrupted_one(digit_sft_export, precision):
     def run(name, stop_at=None):
-        cfg = compose(rl_overrides(digit_sft_export, f"run={name}", "model.rl.num_iterations=4", "logger=none",
-                                   "callbacks.checkpoint.every_n_train_steps=2", "model.rl.eval_max_per_task=4",
+        cfg = compose(rl_overrides(digit_sft_export, f"run={name}", "budget.rl_steps=4", "logger=none",
+                                   "callbacks.checkpoint.every_n_train_steps=2", "budget.rl_eval_max_per_task=4",
                                    f"precision={precision}"))
         trainer, module, datamodule, ckpt = build(cfg)
         if stop_at:
             trainer.fit_loop.epoch_loop.max_steps = stop_at  # as if killed after the checkpoint at stop_at
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
-        pass_at_k = next(c for c in trainer.callbacks if type(c).__name__ == "PassAtK")
+        pass_at_k = next(c.evaluator for c in trainer.callbacks if type(getattr(c, "evaluator", None)).__name__ == "PassAtK")
         return module, pass_at_k, Path(cfg.paths.run_dir)
 
     whole, whole_evals, _ = run("whole")
@@ -237,7 +237,7 @@ def test_a_resumed_rl_run_ends_with_the_weights_of_an_uninterrupted_one(digit_sf
 
 
 def test_bad_rl_settings_are_one_line(digit_sft_export, stage_error, tmp_path):
-    err = stage_error(compose(rl_overrides(digit_sft_export, "model.rl.num_samples=1")))
+    err = stage_error(compose(rl_overrides(digit_sft_export, "budget.rl_samples=1")))
     assert "module.num_samples=1" in err
     chat = tmp_path / "chat.jsonl"  # conversations with nothing to score them by
     chat.write_text(json.dumps([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]) + "\n")
@@ -245,7 +245,7 @@ def test_bad_rl_settings_are_one_line(digit_sft_export, stage_error, tmp_path):
     assert "task 'customjson' has neither `reward` nor `evaluate`" in err
     err = stage_error(compose(rl_overrides(digit_sft_export, "datamodule.reward=3")))
     assert "datamodule.reward must be a callable" in err
-    err = stage_error(compose(rl_overrides(digit_sft_export, "model.rl.examples_per_step=0")))
+    err = stage_error(compose(rl_overrides(digit_sft_export, "budget.rl_questions=0")))
     assert "examples_per_step=0" in err
     broken = "{_target_: builtins.divmod, _partial_: true}"  # (conversation, completion) -> TypeError
     err = stage_error(compose(rl_overrides(digit_sft_export, f"datamodule.reward={broken}")))
@@ -261,7 +261,7 @@ def test_two_ranks_split_the_questions_and_take_the_same_step_as_one_process(dig
     import sys
 
     repo = Path(__file__).resolve().parents[1]
-    args = rl_overrides(digit_sft_export, "model.rl.num_iterations=3", "model.rl.eval_max_per_task=8",
+    args = rl_overrides(digit_sft_export, "budget.rl_steps=3", "budget.rl_eval_max_per_task=8",
                         "callbacks.checkpoint.every_n_train_steps=0")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for ranks in (1, 2):

@@ -32,6 +32,7 @@ from nanochat.models.components import GPTConfig  # noqa: E402
 from nanochat.serving.api import create_app  # noqa: E402
 from nanochat.serving.generation import Finish, GenerationQueue, QueueFull, TextDelta, ToolUse, generate_events  # noqa: E402
 from nanochat.serving.limits import RequestError, validate_chat  # noqa: E402
+from nanochat.settings import ServerLimits  # noqa: E402
 
 pytestmark = [  # gradio's queue calls pandas APIs that pandas 3 deprecates; not ours to fix
     pytest.mark.filterwarnings("ignore:.*no_silent_downcasting.*"),
@@ -380,7 +381,7 @@ def test_disconnected_client_stops_generation_and_full_queue_is_503(scripted, to
     engine, model, say = scripted
     say("Hello world", end=False)  # never ends by itself
     model.delay = 0.005
-    app = create_app(engine, tok, max_waiting=0)
+    app = create_app(engine, tok, limits=ServerLimits(max_waiting=0))
     body = {"messages": HI, "max_tokens": 500, "stream": True}
     with live_server(app) as url, httpx.Client(base_url=url, timeout=30) as client:
         with client.stream("POST", "/v1/chat/completions", json=body) as r:
@@ -447,8 +448,8 @@ def test_ui_requires_the_api_key_when_one_is_set(engine, tok):
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_cli_one_shot_and_interactive_commands(export_dir, precision):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
-    cmd = [sys.executable, "-m", "nanochat.chat", f"ckpt={export_dir}", "max_tokens=12", f"precision={precision}"]
-    one_shot = subprocess.Popen([*cmd, "-p", "Hello there", "temperature=0"], env=env, stdout=subprocess.PIPE,
+    cmd = [sys.executable, "-m", "nanochat", "chat", str(export_dir), "--max-tokens", "12", "--precision", precision]
+    one_shot = subprocess.Popen([*cmd, "-p", "Hello there", "--temperature", "0"], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
     script = "Hello\n/temperature 5\n/temperature 0\n/topk 10\nAgain\n/clear\n/bogus\nOnce more\n/quit\nnever read\n"
     interactive = subprocess.run(cmd, input=script, env=env, capture_output=True, text=True, timeout=60)
@@ -461,7 +462,7 @@ def test_cli_one_shot_and_interactive_commands(export_dir, precision):
     assert lines.count("Assistant: ") == 3
     assert "error: temperature must be in 0..2" in lines and "temperature = 0" in lines and "top-k = 10" in lines
     assert "(conversation cleared)" in lines and "unknown command /bogus" in lines
-    missing = subprocess.run([sys.executable, "-m", "nanochat.chat", "ckpt=/no/such/dir", "-p", "hi"], env=env,
+    missing = subprocess.run([sys.executable, "-m", "nanochat", "chat", "/no/such/dir", "-p", "hi"], env=env,
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and missing.stderr.startswith("error: ") and missing.stderr.count("\n") == 1
 
@@ -469,7 +470,7 @@ def test_cli_one_shot_and_interactive_commands(export_dir, precision):
 def test_cli_session_keeps_the_conversation_with_tool_tokens(scripted, tok):
     import io
 
-    from nanochat.serving.chat_cli import ChatSession, normalize_argv, repl
+    from nanochat.serving.chat_cli import ChatSession, parse_args, repl
 
     engine, model, say = scripted
     calculator_script(tok, say)
@@ -480,7 +481,8 @@ def test_cli_session_keeps_the_conversation_with_tool_tokens(scripted, tok):
     second_prompt = model.prompts[1]
     assert tok.token_id("<|python_start|>") in second_prompt and tok.token_id("<|output_start|>") in second_prompt
     assert session.messages == []
-    assert normalize_argv(["ckpt=x", "-p", "a=b", "top_k=3", "--seed", "1"]) == ["--ckpt", "x", "-p", "a=b", "--top-k", "3", "--seed", "1"]
+    args = parse_args(["runs/x", "-p", "a=b", "--top-k", "3", "--seed", "1"])
+    assert (args.ckpt, args.prompt, args.top_k, args.seed, args.max_tokens) == ("runs/x", "a=b", 3, 1, 512)
 
 
 def test_cli_internal_failure_is_one_line_and_exit_1(export_dir, monkeypatch, capsys):
@@ -493,14 +495,14 @@ def test_cli_internal_failure_is_one_line_and_exit_1(export_dir, monkeypatch, ca
     monkeypatch.setattr(serving, "load_engine", broken)
     monkeypatch.delenv("NANOCHAT_TRACEBACK", raising=False)
     with pytest.raises(SystemExit) as exit_info:
-        main([f"ckpt={export_dir}", "-p", "hi"])
+        main([str(export_dir), "-p", "hi"])
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
     assert err == ("error: internal error (RuntimeError: CUDA error: an illegal memory access was encountered); "
                    "NANOCHAT_TRACEBACK=1 shows the traceback\n")
     monkeypatch.setenv("NANOCHAT_TRACEBACK", "1")
     with pytest.raises(SystemExit):
-        main([f"ckpt={export_dir}", "-p", "hi"])
+        main([str(export_dir), "-p", "hi"])
     assert "Traceback (most recent call last)" in capsys.readouterr().err
 
 
@@ -539,7 +541,7 @@ def test_an_export_missing_weights_is_one_line_and_exit_2(export_dir, tmp_path, 
     del state["lm_head.weight"]
     save_file(state, str(broken / "model.safetensors"))
     with pytest.raises(SystemExit) as exit_info:
-        main([f"ckpt={broken}", "-p", "hi"])
+        main([str(broken), "-p", "hi"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == (f"error: {broken / 'model.safetensors'} does not hold this model's weights "
                                        "(missing ['lm_head.weight'], unexpected []); re-export it\n")

@@ -15,6 +15,7 @@ from torch import nn
 from conftest import dtype_of, random_gpt
 
 from nanochat.engine.engine import Engine
+from nanochat.engine.batching import BatchDecoder
 from nanochat.models.components import GPT, GPTConfig
 from nanochat.precision import cast_weights
 from nanochat.serving.generation import (
@@ -100,7 +101,7 @@ def test_batched_rows_get_exactly_the_tokens_they_get_alone(gpt, serving_tokeniz
     reqs = requests(serving_tokenizer, sampled)
     alone = [list(engine.generate(**r)) for r in reqs]
     assert len({tuple(c[0] for c, _ in a) for a in alone}) == len(reqs)  # varied replies, not one repeated token
-    decoder = engine.batch_decoder()
+    decoder = BatchDecoder(engine)
     batched = run_batched(decoder, reqs)
     assert comparable([batched[i] for i in range(len(reqs))], reqs, precision) == comparable(alone, reqs, precision)
     assert [len(batched[i]) for i in range(len(reqs))] == [r["max_tokens"] for r in reqs]  # no stop token: full length
@@ -113,7 +114,7 @@ def test_a_removed_generation_frees_its_rows_and_the_others_continue_exactly(gpt
     reqs = requests(serving_tokenizer, sampled=True)
     alone = [list(engine.generate(**r)) for r in reqs]
     model.shapes.clear()
-    decoder = engine.batch_decoder()
+    decoder = BatchDecoder(engine)
     batched = run_batched(decoder, reqs, remove_at={2: 6})  # request 2 (3 rows, in the middle of the batch) leaves
     kept = [0, 1, 3, 4]
     assert comparable([batched[i] for i in kept], [reqs[i] for i in kept], precision) == comparable(
@@ -165,7 +166,7 @@ def test_tool_call_forcing_works_for_a_batched_row(serving_tokenizer):
     assert [c[0] for c, _ in alone_a] == call + forced + answer + end
     assert [m[0] for _, m in alone_a] == [1] * len(call) + [0] * len(forced) + [1] * len(answer + end)
     model.inputs.clear()
-    decoder = engine.batch_decoder()
+    decoder = BatchDecoder(engine)
     batched = run_batched(decoder, [b, a])
     assert batched[0] == alone_b and batched[1] == alone_a
     # A's forced tokens were fed back to the model as its input, in steps shared with B

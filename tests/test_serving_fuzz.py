@@ -39,12 +39,13 @@ from hypothesis import strategies as st  # noqa: E402
 
 from common import serve_process  # noqa: E402  (bench/common.py, on pytest's pythonpath)
 from conftest import PRECISIONS, random_gpt  # noqa: E402
+from nanochat.settings import ServerLimits  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "fuzz-s3cret-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 HI = [{"role": "user", "content": "Hello there"}]
-BODY_LIMIT = 1_000_000  # serve.yaml's max_body_bytes
+BODY_LIMIT = ServerLimits.max_body_bytes
 SEND_TIMEOUT = 1.0  # short timeouts so the slow-client tests take seconds
 BODY_TIMEOUT = 1.0
 RSS_GROWTH_LIMIT_MB = 40  # the server's RSS may grow at most this much over the fuzzing (allocator slack)
@@ -117,8 +118,8 @@ class Server:
 def server(export_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("fuzz-log") / "serve.log"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NANOCHAT_API_KEY": KEY}
-    overrides = ["model_name=fuzz", "max_waiting=8", "sampling.max_tokens=4", f"send_timeout={SEND_TIMEOUT}",
-                 f"body_timeout={BODY_TIMEOUT}"]  # no host=: the default must be localhost
+    overrides = ["model_name=fuzz", "limits.max_waiting=8", "sampling.max_tokens=4", f"limits.send_timeout={SEND_TIMEOUT}",
+                 f"limits.body_timeout={BODY_TIMEOUT}"]  # no host=: the default must be localhost
     with serve_process(export_dir, overrides, env, log) as (proc, port):
         yield Server(proc, port, log)
 
@@ -563,19 +564,26 @@ def test_the_server_log_holds_no_traceback(server):
 
 # --- in-process: readiness states and KV caches -------------------------------------------------
 
-class GatedEngine:
-    """The real engine, except that each step waits for `gate`: while it is closed the worker looks stuck."""
+class GatedModel(torch.nn.Module):
+    """The real model, except that each forward waits for `gate` (or fails): while it is closed the worker looks stuck."""
 
-    def __init__(self, engine, fail: bool = False):
-        self.engine, self.fail, self.gate = engine, fail, threading.Event()
-        self.max_context = engine.max_context
+    def __init__(self, model, fail: bool = False):
+        super().__init__()
+        self.model, self.fail, self.gate = model, fail, threading.Event()
+        self.config, self.rotary_len = model.config, model.rotary_len
 
-    def generate(self, *args, **kwargs):
+    def forward(self, *args, **kwargs):
         if self.fail:
             raise RuntimeError("CUDA out of memory (pretend)")
-        for step in self.engine.generate(*args, **kwargs):
-            assert self.gate.wait(20)
-            yield step
+        assert self.gate.wait(20)
+        return self.model(*args, **kwargs)
+
+
+def gated_engine(engine, fail: bool = False):
+    from nanochat.engine.engine import Engine
+
+    model = GatedModel(engine.model, fail)
+    return Engine(model, engine.tokenizer, use_tools=engine.use_tools, dtype=engine.dtype), model
 
 
 def test_a_stream_whose_sends_stall_is_abandoned_and_its_generation_cancelled(engine, tok):
@@ -621,8 +629,8 @@ def test_health_is_503_with_a_reason_until_ready_and_when_stuck_or_stopped(engin
 
     from nanochat.serving.api import create_app
 
-    gated = GatedEngine(engine)
-    app = create_app(gated, tok, "gated", stall_timeout=0.3)
+    gated_eng, gated = gated_engine(engine)
+    app = create_app(gated_eng, tok, "gated", limits=ServerLimits(stall_timeout=0.3))
     with TestClient(app) as c:
         time.sleep(0.4)  # longer than stall_timeout: still "warming up", which comes first
         r = c.get("/health")
@@ -633,7 +641,7 @@ def test_health_is_503_with_a_reason_until_ready_and_when_stuck_or_stopped(engin
         while c.get("/health").status_code != 200:
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        gated.gate.clear()  # the next generation hangs after its first step
+        gated.gate.clear()  # the next generation hangs in its prefill
         answer = {}
         thread = threading.Thread(target=lambda: answer.update(r=c.post("/v1/chat/completions", json={"messages": HI, "max_tokens": 3})))
         thread.start()
@@ -648,7 +656,7 @@ def test_health_is_503_with_a_reason_until_ready_and_when_stuck_or_stopped(engin
         r = c.get("/health")
         assert r.status_code == 503 and r.json()["reason"] == "the generation worker is shut down"
 
-    with TestClient(create_app(GatedEngine(engine, fail=True), tok, "broken")) as c:
+    with TestClient(create_app(gated_engine(engine, fail=True)[0], tok, "broken")) as c:
         deadline = time.monotonic() + 10
         while "failed" not in (reason := c.get("/health").json().get("reason", "")):
             assert time.monotonic() < deadline

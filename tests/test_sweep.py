@@ -24,7 +24,7 @@ def train(tmp_path, *overrides):
 
 def depth_sweep(tiny_run, *extra, **values):
     """tiny_run's seconds-long base run over depths 2 and 3, 4 steps each, val bpb only at the start and end."""
-    swap = {"model.depth": "2,3", "model.num_iterations": "4", "model.eval_every": "0", "model.save_every": "4",
+    swap = {"model.depth": "2,3", "budget.base_steps": "4", "budget.eval_every": "0", "budget.save_every": "4",
             **{k.replace("__", "."): v for k, v in values.items()}}
     return [f"{k}={swap[k]}" if (k := o.split("=", 1)[0]) in swap else o for o in tiny_run(*extra)]
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from nanochat.engine.calculator import calculate
-from nanochat.engine.engine import Engine, _Row
+from nanochat.engine.engine import Engine, Row
 from nanochat.engine.sandbox import run_code
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -243,7 +243,7 @@ def test_attacks_through_the_engine_force_nothing_and_never_raise():
     start_id, end_id = tokenizer.token_id("<|python_start|>"), tokenizer.token_id("<|python_end|>")
 
     def call(expression: str) -> list[int]:
-        row = _Row()
+        row = Row()
         for token in [start_id, *tokenizer.encode(expression), end_id]:
             engine._advance_row(row, token)
         assert row.expression is None and not row.done

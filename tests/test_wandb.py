@@ -93,10 +93,10 @@ def wandb_points(records) -> list:
 
 
 def test_offline_run_logs_metrics_config_report_and_resumes(wandb_pb, no_wandb_login, tiny_run, caplog):
-    common = ("logger=wandb", "run=wb", "model.eval_every=2", "model.save_every=2")
+    common = ("logger=wandb", "run=wb", "budget.eval_every=2", "budget.save_every=2")
     with caplog.at_level(logging.INFO, logger="nanochat.loggers"):
-        run_stage(compose(tiny_run(*common, "model.num_iterations=2")))
-        cfg = compose(tiny_run(*common, "model.num_iterations=4"))  # resume=auto continues from step 2
+        run_stage(compose(tiny_run(*common, "budget.base_steps=2")))
+        cfg = compose(tiny_run(*common, "budget.base_steps=4"))  # resume=auto continues from step 2
         run_stage(cfg)
     run_dir = Path(cfg.paths.run_dir)
     run_id = (run_dir / "wandb_id").read_text().strip()

@@ -1,6 +1,10 @@
-"""Hydra/OmegaConf glue: the resolvers the YAML uses and `compose()` for tests and notebooks.
+"""Hydra/OmegaConf glue: where the configs are, the resolvers and typed schemas the YAML uses, and `compose()`.
 
-Kept free of torch and lightning imports so `python train.py --help` stays fast.
+The configs ship inside the package (`nanochat/conf`, the top-level `conf/` of a checkout), so an installed
+`nanochat` trains from any directory. Typed schemas (dataclasses registered under `schema/`) are the one source of
+the optimizer's, schedule's, horizon's, sampling's and server limits' defaults: the YAML selects them and
+overrides values, Hydra rejects unknown keys and wrong types, and each dataclass checks its ranges when built.
+Kept free of torch and lightning imports so `nanochat train --help` stays fast.
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
 def _lightning_precision(requested: str, device_type: str) -> str:
@@ -39,6 +43,20 @@ def register_resolvers() -> None:
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
+    register_schemas()
+
+
+def register_schemas() -> None:
+    """The typed schemas, as `schema/<name>` configs the YAML puts where it needs them."""
+    from hydra.core.config_store import ConfigStore
+
+    from nanochat.settings import HorizonConfig, OptimizerConfig, SamplingConfig, ScheduleConfig, ServerLimits
+
+    store = ConfigStore.instance()
+    schemas = {"optimizer": OptimizerConfig, "schedule": ScheduleConfig, "horizon": HorizonConfig,
+               "sampling": SamplingConfig, "server_limits": ServerLimits}
+    for name, node in schemas.items():
+        store.store(group="schema", name=name, node=node)
 
 
 def override_key(override: str) -> str:
@@ -47,7 +65,7 @@ def override_key(override: str) -> str:
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "train"):
-    """The config `train.py` would run with, for the given command-line overrides (no run dir is created)."""
+    """The config `nanochat train` would run with, for the given command-line overrides (no run dir is created)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 

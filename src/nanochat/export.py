@@ -119,7 +119,7 @@ def stage_tokenizer(tokenizer_dir: str | Path | None, init_from: str | Path | No
         if not here:
             raise UserError(
                 f"no tokenizer in {tokenizer_dir}; train it for this data and vocabulary first with "
-                f"`python train.py stage=tokenizer` plus the same data=/model= overrides as this run"
+                f"`nanochat train stage=tokenizer` plus the same data=/model= overrides as this run"
             )
         return Tokenizer.load(tokenizer_dir)
     export = find_export(init_from)

@@ -1,6 +1,6 @@
 """Depth sweeps: a Hydra callback that records each multirun job and draws the sweep's scaling-law summary.
 
-    python train.py -m stage=base model=d4,d6,d8      ->  <home>/sweeps/<date>/<time>/
+    nanochat train -m stage=base model=d4,d6,d8      ->  <home>/sweeps/<date>/<time>/
       sweep_plan.json                  every job of the sweep and its run dir, written before any job starts
       <run>-<num>/sweep_result.json    one job: status, depth, params, training FLOPs, tokens, val/bpb, core/score
       sweep_summary.csv, .png          val bpb (and CORE) against training FLOPs and against parameters

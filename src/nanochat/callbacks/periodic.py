@@ -50,52 +50,39 @@ class Periodic(L.Callback):
         self._run_once(trainer, pl_module)
 
 
-class Evaluator(Periodic):
-    """A periodic evaluation that also runs outside training (`stage=eval`): `evaluate(model, tokenizer, rank,
-    world_size, reduce)` keeps its result as `latest`, whose "metrics" are logged; `report()` is its report-card
-    part. A subclass says how to load its data, compute a result, log it, and table it."""
+class EvalCallback(Periodic):
+    """Runs an evaluator of nanochat.eval during training: every `every_n_steps` optimizer steps (0: never), after
+    the last step, and at the start when `at_start`; logs its metrics at the step. Its results survive a resume
+    (the evaluator's history is in the checkpoint), so the report of a resumed run shows them all."""
 
-    latest: dict | None = None
+    def __init__(self, evaluator, every_n_steps: int = 0, at_start: bool = False):
+        super().__init__(every_n_steps)
+        self.evaluator, self.at_start = evaluator, at_start
 
-    def load(self):
-        """The evaluation data, loaded once; None when there is none and the evaluation is optional."""
-        raise NotImplementedError
-
-    def compute(self, model, tokenizer, data, rank: int, world_size: int, reduce, show_progress: bool) -> dict:
-        """{"metrics": {...}, ...} on `data` (what `load` returned), examples strided over ranks and `reduce`d."""
-        raise NotImplementedError
-
-    def log_latest(self, prefix: str = "", tasks: bool = True) -> None:
-        raise NotImplementedError
-
-    def tables(self) -> list[dict]:
-        raise NotImplementedError
-
-    def note(self) -> str:
-        """One line on how the numbers were obtained (examples, samples), for the report."""
-        raise NotImplementedError
-
-    def evaluate(self, model, tokenizer, rank: int = 0, world_size: int = 1, reduce=None, show_progress=False) -> dict:
-        self.latest = self.compute(model, tokenizer, self.load(), rank, world_size, reduce, show_progress)
-        return self.latest
-
-    def report(self) -> dict:
-        if self.latest is None:
-            return {}
-        return {"tables": self.tables(), "metrics": dict(self.latest["metrics"]), "notes": [self.note()]}
+    @property
+    def state_key(self) -> str:  # one checkpoint entry per evaluator, though every one is an EvalCallback
+        return f"EvalCallback[{type(self.evaluator).__name__}]"
 
     def setup(self, trainer, pl_module, stage):
-        self.load()  # missing data shows at the start of the run, not after it
+        self.evaluator.load()  # missing data shows at the start of the run, not after it
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.load() is None:
+        if self.evaluator.load() is None:
             return
         reduce = lambda t: trainer.strategy.reduce(t, reduce_op="sum")  # noqa: E731
         with evaluating(trainer, pl_module):
-            result = self.evaluate(pl_module.model, pl_module.tokenizer, trainer.global_rank, trainer.world_size, reduce)
+            result = self.evaluator.evaluate(pl_module.model, pl_module.tokenizer, trainer.global_rank,
+                                             trainer.world_size, reduce, step=trainer.global_step)
         log_scalars(trainer, result["metrics"])
         if trainer.is_global_zero:
-            self.log_latest(f"step {trainer.global_step}: ")
+            self.evaluator.log_latest(f"step {trainer.global_step}: ")
+
+    def state_dict(self) -> dict:
+        return {**self.evaluator.state_dict(), "last_step": self.last_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.evaluator.load_state_dict(state)
+        self.last_step = state.get("last_step", -1)
 
 
 @contextmanager
@@ -109,6 +96,5 @@ def evaluating(trainer: L.Trainer, pl_module: L.LightningModule):
             yield
     finally:
         pl_module.train(was_training)
-        if hasattr(pl_module, "excluded_seconds"):
-            pl_module.excluded_seconds += time.perf_counter() - t0
+        pl_module.meter.excluded_seconds += time.perf_counter() - t0
 

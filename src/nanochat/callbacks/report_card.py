@@ -16,7 +16,7 @@ import lightning as L
 import torch
 
 from nanochat.callbacks.val_bpb import ValBPB
-from nanochat.callbacks.periodic import Evaluator
+from nanochat.callbacks.periodic import EvalCallback
 from nanochat.loggers import log_report_artifact
 from nanochat.report import plot_curves, start_run, write_section
 
@@ -71,7 +71,7 @@ class ReportCard(L.Callback):
         if bpbs:
             section["metrics"]["val/bpb (min)"] = min(bpbs)
         for callback in trainer.callbacks:
-            extra = callback.report() if isinstance(callback, Evaluator) else {}
+            extra = callback.evaluator.report() if isinstance(callback, EvalCallback) else {}
             section["tables"] += extra.get("tables", [])
             section["metrics"].update(extra.get("metrics", {}))
             section["notes"] += extra.get("notes", [])

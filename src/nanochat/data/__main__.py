@@ -1,9 +1,9 @@
 """Pretraining data command line.
 
-    python -m nanochat.data download fineweb-edu -n 8 [--workers 4] [--out DIR]
-    python -m nanochat.data fetch identity|words [--out DIR] [--url URL]   (single files for the chat mixtures)
-    python -m nanochat.data fetch eval_bundle [--out DIR] [--url URL]      (CORE evaluation bundle -> DIR/eval_bundle/)
-    python -m nanochat.data prepare <files or dirs>... --out DIR [--gutenberg] [--val-fraction 0.01]
+    nanochat data download fineweb-edu -n 8 [--workers 4] [--out DIR]
+    nanochat data fetch identity|words [--out DIR] [--url URL]   (single files for the chat mixtures)
+    nanochat data fetch eval_bundle [--out DIR] [--url URL]      (CORE evaluation bundle -> DIR/eval_bundle/)
+    nanochat data prepare <files or dirs>... --out DIR [--gutenberg] [--val-fraction 0.01]
         [--shard-chars 250000000] [--seed 42] [--overwrite] [--quiet]
 """
 
@@ -66,7 +66,7 @@ def cmd_prepare(args) -> None:
 
 @exit_on_error
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m nanochat.data", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="nanochat data", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     dl = sub.add_parser("download", help="download published pretraining shards (resumable)")

@@ -5,7 +5,7 @@ Each shard is fetched into `<name>.part`, checked to be readable parquet and the
 `shard_XXXXX.parquet` on disk is always complete. An interrupted transfer keeps its `.part` file and the
 next attempt (or the next run) continues it with an HTTP Range request. Only the standard library does HTTP.
 
-The CORE bundle (`ensure_eval_bundle`, or `python -m nanochat.data fetch eval_bundle`) travels the same way as
+The CORE bundle (`ensure_eval_bundle`, or `nanochat data fetch eval_bundle`) travels the same way as
 a zip, is checked (CRCs of every member), extracted into a staging directory beside the target and renamed
 into place, so `<home>/eval_bundle/` is either absent or complete (core.yaml, eval_meta_data.csv, eval_data/).
 """
@@ -361,6 +361,6 @@ def ensure_eval_bundle(out_dir: str | Path | None = None, url: str | None = None
     """The CORE evaluation bundle directory (core.yaml, eval_meta_data.csv, eval_data/), downloading it if needed.
 
     It lands in `<out_dir>/eval_bundle` (default <home>/eval_bundle); the command line equivalent is
-    `python -m nanochat.data fetch eval_bundle [--out DIR] [--url URL]`. kwargs go to download_file.
+    `nanochat data fetch eval_bundle [--out DIR] [--url URL]`. kwargs go to download_file.
     """
     return download_file("eval_bundle", out_dir, url=url, **kwargs)

@@ -1,12 +1,11 @@
 """PretrainDataModule: shards on disk -> the TokenStream -> (accum, device_batch, seq_len + 1) training batches.
 
-It owns the data position (see StreamDataModule, shared with the chat stages' data modules).
+It owns the data position through a StreamState (nanochat.data.stream_state), as the chat stages' DataModules do.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +15,8 @@ from torch.utils.data import DataLoader
 
 from nanochat.data.builtin import resolve_source
 from nanochat.data.shards import MANIFEST_NAME, check_shard, list_shards, prepare, split_shards
-from nanochat.data.stream import FAULT_KINDS, TokenStream, resume_positions
+from nanochat.data.stream import TokenStream
+from nanochat.data.stream_state import StreamState, make_loader, rank_and_world, val_rows
 from nanochat.errors import UserError
 from nanochat.models.horizon import grad_accum_steps
 
@@ -42,99 +42,7 @@ def ensure_shards(directory: str | Path, source=None, **prepare_kwargs) -> list[
     return list_shards(directory)
 
 
-class StreamDataModule(L.LightningDataModule):
-    """What the pretraining and midtraining/SFT data modules share: ranks and reader slots, and the data position.
-
-    A stream yields `{"state": {...}, ...}` items; `on_before_batch_transfer` records the state of the batch
-    Lightning hands to the training step (not of the one being prefetched) and `training_batch` turns the
-    item into what the module trains on. `state_dict` is therefore exactly "what has been trained on".
-    """
-
-    def __init__(self, *, sequence_len: int, device_batch_size: int, num_workers: int = 1):
-        super().__init__()
-        self.seq_len, self.device_batch_size = sequence_len, device_batch_size
-        self.num_workers = num_workers
-        self._slots: dict[int, dict] = {}  # reader slot -> position after the last batch trained on
-        self._faults: dict[int, dict[str, int]] = {}  # reader slot -> data it skipped up to that position
-        self._skipped_shards = 0  # shards the training stream left out of its plan
-        self._next_slot = 0
-        self._loaded: dict = {}
-
-    @property
-    def num_slots(self) -> int:
-        return max(1, self.num_workers)
-
-    @property
-    def rank_and_world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-
-    @property
-    def data_faults(self) -> dict[str, int]:
-        """What the stream skipped so far in this run, resumes included (on_bad_data=skip), by kind; only kinds that
-        occurred. Counted by rank 0's readers."""
-        total = sum((Counter(c) for c in self._faults.values()), Counter(skipped_shards=self._skipped_shards))
-        kinds = list(FAULT_KINDS) + sorted(set(total) - set(FAULT_KINDS))
-        return {k: total[k] for k in kinds if total[k]}
-
-    def start_positions(self) -> dict:
-        rank, world = self.rank_and_world
-        return resume_positions(self._loaded, rank, self.num_slots, world * self.num_slots)
-
-    def loader(self, stream) -> DataLoader:
-        on_cuda = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
-        return DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=on_cuda)
-
-    def training_batch(self, item: dict):
-        """Packed rows (set `grad_accum` in `setup`) as the (accum, B, T + 1) tensor one training_step consumes."""
-        return item["tokens"].view(self.grad_accum, self.device_batch_size, self.seq_len + 1)
-
-    def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        if not isinstance(batch, dict):
-            return batch
-        state = dict(batch["state"])
-        slot = state.pop("slot")
-        skipped = state.pop("skipped", 0)
-        # The chat streams carry only `skipped`: conversations with nothing to train on.
-        self._faults[slot] = state.pop("faults", None) or ({"skipped_conversations": skipped} if skipped else {})
-        self._slots[slot] = state
-        self._next_slot = (slot + 1) % self.num_slots
-        return self.training_batch(batch)
-
-    def state_dict(self) -> dict:
-        if not self._slots:
-            return dict(self._loaded)
-        stride = self.rank_and_world[1] * self.num_slots  # readers across all ranks, as TokenStream.stride
-        return {"slots": dict(self._slots), "next_slot": self._next_slot, "num_slots": self.num_slots, "stride": stride,
-                "faults": dict(self._faults)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._loaded = dict(state)
-        self._slots = {int(k): dict(v) for k, v in state.get("slots", {}).items()}
-        self._next_slot = state.get("next_slot", 0)
-        self._faults = {int(k): dict(v) for k, v in state.get("faults", {}).items()}  # absent in older checkpoints
-
-    # --- validation tokens ---------------------------------------------------------------------
-    def val_stream(self, rows: int):
-        """A finite stream of this rank's share of the held-out data, `rows` packed rows per item."""
-        raise NotImplementedError
-
-    def val_batches(self, max_tokens: int, batch_size: int | None = None) -> Iterator[torch.Tensor]:
-        """The same fixed validation rows every call: (B, seq_len + 1) batches, this rank's share of `max_tokens`."""
-        world = self.rank_and_world[1]
-        rows = batch_size or self.device_batch_size
-        budget = max(1, max_tokens // world)
-        seen = 0
-        for item in self.val_stream(rows):
-            if seen >= budget:
-                return
-            seen += item["tokens"][:, :-1].numel()
-            yield item["tokens"]
-        if seen == 0:
-            raise UserError(f"the validation data has fewer than {rows * (self.seq_len + 1)} tokens for one batch of {rows} rows")
-
-
-class PretrainDataModule(StreamDataModule):
+class PretrainDataModule(L.LightningDataModule):
     def __init__(
         self,
         *,
@@ -152,7 +60,9 @@ class PretrainDataModule(StreamDataModule):
         tokenizer_batch: int = 128,
         on_bad_data: str = "skip",
     ):
-        super().__init__(sequence_len=sequence_len, device_batch_size=device_batch_size, num_workers=num_workers)
+        super().__init__()
+        self.seq_len, self.device_batch_size, self.num_workers = sequence_len, device_batch_size, num_workers
+        self.stream_state = StreamState(num_workers)
         self.dir = Path(dir)
         self.tokenizer_dir = tokenizer_dir
         self.source = source
@@ -173,7 +83,7 @@ class PretrainDataModule(StreamDataModule):
         for f in self.val_files + (self.train_files if self.on_bad_data == "fail" else []):
             check_shard(f)
         self.tokenizer = Tokenizer.load(self.tokenizer_dir)
-        rank, world = self.rank_and_world
+        rank, world = rank_and_world(self.trainer)
         self.grad_accum = grad_accum_steps(self.total_batch_size, self.device_batch_size, self.seq_len, world)
         if rank == 0:
             log.info(
@@ -184,22 +94,34 @@ class PretrainDataModule(StreamDataModule):
 
     # --- training stream -----------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
-        rank, world = self.rank_and_world
-        stream = TokenStream(
-            self.train_files,
-            self.tokenizer,
-            rows=self.grad_accum * self.device_batch_size,
-            seq_len=self.seq_len,
-            rank=rank,
-            world_size=world,
-            num_slots=self.num_slots,
-            start=self.start_positions(),
-            **self.stream_kwargs,
-        )
-        self._skipped_shards = len(stream.skipped_shards)
-        return self.loader(stream)
+        rank, world = rank_and_world(self.trainer)
+        slots = self.stream_state.num_slots
+        stream = TokenStream(self.train_files, self.tokenizer, rows=self.grad_accum * self.device_batch_size,
+                             seq_len=self.seq_len, rank=rank, world_size=world, num_slots=slots,
+                             start=self.stream_state.start_positions(rank, world), **self.stream_kwargs)
+        self.stream_state.skipped_shards = len(stream.skipped_shards)
+        return make_loader(self.trainer, stream, self.num_workers)
 
-    def val_stream(self, rows: int) -> TokenStream:
-        rank, world = self.rank_and_world
-        return TokenStream(self.val_files, self.tokenizer, rows=rows, seq_len=self.seq_len, rank=rank, world_size=world,
-                           infinite=False, **self.stream_kwargs)
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        if not isinstance(batch, dict):
+            return batch
+        item = self.stream_state.record(batch)
+        return item["tokens"].view(self.grad_accum, self.device_batch_size, self.seq_len + 1)  # one step's micro-batches
+
+    def state_dict(self) -> dict:
+        return self.stream_state.state_dict(rank_and_world(self.trainer)[1])
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream_state.load_state_dict(state)
+
+    @property
+    def data_faults(self) -> dict[str, int]:
+        return self.stream_state.data_faults
+
+    def val_batches(self, max_tokens: int, batch_size: int | None = None) -> Iterator[torch.Tensor]:
+        """The same fixed validation rows every call: (B, seq_len + 1) batches, this rank's share of `max_tokens`."""
+        rank, world = rank_and_world(self.trainer)
+        rows = batch_size or self.device_batch_size
+        stream = TokenStream(self.val_files, self.tokenizer, rows=rows, seq_len=self.seq_len, rank=rank, world_size=world,
+                             infinite=False, **self.stream_kwargs)
+        return val_rows(stream, max_tokens, world, rows, self.seq_len)

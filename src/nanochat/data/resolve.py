@@ -4,8 +4,8 @@ Two sources, resolved separately, each in this order:
   pretraining text   local (NANOCHAT_PRETRAIN_TEXT, ../shared/data/pretrain_text) -> FineWeb-Edu from the hub
                      (downloaded by a first `data` step, or already cached) -> the built-in starter corpus
   chat conversations local (../shared/data: mixture=shared) -> the hub (mixture=hub) -> built-in
-The built-in starter corpus is allowed only where the experiment says so (`pipeline.builtin: true`, the CPU
-demo presets); elsewhere a missing source is an error naming what to fetch. A source you choose yourself on
+The built-in starter corpus is allowed only where the experiment says so (`pipeline.data: auto_or_builtin`, the
+CPU demo presets); elsewhere a missing source is an error naming what to fetch. A source you choose yourself on
 the command line (data=..., mixture=...) is used as given. The hub is probed (one TCP connection, no data)
 only when nothing local was found, and never when HF_HUB_OFFLINE is set.
 """
@@ -43,11 +43,11 @@ def _chosen(forwarded: list[str], key: str) -> bool:
 def resolve_sources(cfg, forwarded: list[str]) -> tuple[list[str], list[list[str]], list[str]]:
     """(overrides for every step, commands a first `data` step runs, lines to print)."""
     mode = cfg.pipeline.data
-    if mode not in ("auto", "builtin", "configured"):
-        raise UserError(f"pipeline.data={mode} is not one of auto, builtin, configured")
+    if mode not in ("auto", "auto_or_builtin", "builtin", "configured"):
+        raise UserError(f"pipeline.data={mode} is not one of auto, auto_or_builtin, builtin, configured")
     if mode == "configured":
         return [], [], ["data: as configured (pipeline.data=configured)"]
-    allow_builtin = bool(cfg.pipeline.builtin) or mode == "builtin"
+    allow_builtin = mode in ("auto_or_builtin", "builtin")
     hub = None  # probed at most once, and only if needed
 
     def online() -> bool:
@@ -72,7 +72,7 @@ def resolve_sources(cfg, forwarded: list[str]) -> tuple[list[str], list[list[str
         lines.append(f"pretraining text: {shared / 'pretrain_text'}")
     elif online():
         overrides.append("data=fineweb_edu")
-        prep.append(["-m", "nanochat.data", "download", "fineweb-edu", "-n", str(cfg.pipeline.shards)])
+        prep.append(["-m", "nanochat", "data", "download", "fineweb-edu", "-n", str(cfg.pipeline.shards)])
         lines.append(f"pretraining text: FineWeb-Edu from the hub ({cfg.pipeline.shards} shards, skipping those already here)")
     elif len(list(fineweb.glob("*.parquet"))) >= 2:
         overrides.append("data=fineweb_edu")
@@ -81,7 +81,7 @@ def resolve_sources(cfg, forwarded: list[str]) -> tuple[list[str], list[list[str
         overrides.append("data=builtin")
     else:
         raise UserError("no pretraining text on this machine and the hub is unreachable: set NANOCHAT_PRETRAIN_TEXT=<dir of "
-                        ".txt/.jsonl/.parquet>, or fetch FineWeb-Edu (python -m nanochat.data download fineweb-edu -n "
+                        ".txt/.jsonl/.parquet>, or fetch FineWeb-Edu (nanochat data download fineweb-edu -n "
                         f"{cfg.pipeline.shards}) where there is network")
     # Chat conversations (midtraining, SFT, RL, chat evaluation).
     if _chosen(forwarded, "mixture"):
@@ -93,7 +93,7 @@ def resolve_sources(cfg, forwarded: list[str]) -> tuple[list[str], list[list[str
         lines.append(f"chat data: {shared} (mixture=shared)")
     elif online():
         overrides.append("mixture=hub")
-        prep += [["-m", "nanochat.data", "fetch", name] for name in ("identity", "words", "eval_bundle")]
+        prep += [["-m", "nanochat", "data", "fetch", name] for name in ("identity", "words", "eval_bundle")]
         lines.append("chat data: SmolTalk, MMLU, GSM8K, ARC, HumanEval from the hub (mixture=hub)")
     elif allow_builtin:
         overrides.append("mixture=builtin")

@@ -24,8 +24,8 @@ ROW_GROUP_DOCS = 1024
 ZSTD_LEVEL = 3
 MANIFEST_NAME = "manifest.json"
 FILL_HINT = (
-    "fill it with `python -m nanochat.data download fineweb-edu -n 8` "
-    "or `python -m nanochat.data prepare <files or dirs> --out <dir>`"
+    "fill it with `nanochat data download fineweb-edu -n 8` "
+    "or `nanochat data prepare <files or dirs> --out <dir>`"
 )
 SPLIT_RULE = (
     "a document goes to validation when blake2b-64(utf-8 text) / 2**64 < val_fraction "
@@ -82,7 +82,7 @@ def split_shards(files: list[Path]) -> tuple[list[Path], list[Path]]:
         where = f" ({files[0]})" if files else ""
         raise UserError(
             f"need at least 2 shards (training + the last one for validation) but found {len(files)}{where}; "
-            "download more with `python -m nanochat.data download fineweb-edu -n 8` or re-run prepare"
+            "download more with `nanochat data download fineweb-edu -n 8` or re-run prepare"
         )
     return files[:-1], files[-1:]
 

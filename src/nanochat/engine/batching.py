@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nanochat.engine.engine import Engine, _Row
+from nanochat.engine.engine import Engine, Row
 from nanochat.engine.kv_cache import KVCache, RowKVCache
 
 
@@ -27,7 +27,7 @@ from nanochat.engine.kv_cache import KVCache, RowKVCache
 class Generation:
     """One request's rows in the batch."""
 
-    rows: list[_Row]
+    rows: list[Row]
     rng: torch.Generator
     temperature: float
     top_k: int | None
@@ -58,7 +58,7 @@ class BatchDecoder:
         engine = self.engine
         engine.check(tokens, max_tokens)
         device = engine.device
-        gen = Generation([_Row() for _ in range(num_samples)], torch.Generator(device=device).manual_seed(seed),
+        gen = Generation([Row() for _ in range(num_samples)], torch.Generator(device=device).manual_seed(seed),
                          temperature, top_k, max_tokens)
         prefill = KVCache.for_model(self.model, 1, len(tokens), self.dtype)
         logits = engine.forward(torch.tensor([tokens], device=device), self.dtype, kv_cache=prefill, last_only=True)

@@ -41,7 +41,7 @@ def sample_next(logits: torch.Tensor, rng: torch.Generator, temperature: float, 
 
 
 @dataclass
-class _Row:
+class Row:
     forced: deque = field(default_factory=deque)  # tool output tokens waiting to be emitted
     expression: list[int] | None = None  # tokens of a tool call being collected
     done: bool = False
@@ -90,7 +90,7 @@ class Engine:
         self.check(tokens, max_tokens)
         device = self.device
         rng = torch.Generator(device=device).manual_seed(seed)
-        rows = [_Row() for _ in range(num_samples)]
+        rows = [Row() for _ in range(num_samples)]
         dtype = self.compute_dtype()
         # One row decodes in the cache it prefilled: no replica to allocate and copy the prompt into, and no
         # one-row prefill cache held alongside the decode cache for the whole generation.
@@ -116,7 +116,7 @@ class Engine:
         if len(tokens) + max_tokens > self.max_context:
             raise UserError(f"prompt of {len(tokens)} tokens + max_tokens={max_tokens} exceeds the context of {self.max_context}")
 
-    def next_column(self, rows: list[_Row], logits: torch.Tensor, rng: torch.Generator, temperature: float,
+    def next_column(self, rows: list[Row], logits: torch.Tensor, rng: torch.Generator, temperature: float,
                     top_k: int | None) -> tuple[list[int], list[int]]:
         """One step of one generation's rows: sample from (rows, vocab) logits, or take a row's forced tool output
         (mask 0), and advance each row's tool-use state. Shared by `generate` and the server's BatchDecoder."""
@@ -129,13 +129,7 @@ class Engine:
             self._advance_row(row, token)
         return column, masks
 
-    def batch_decoder(self):
-        """A BatchDecoder on this engine: generations that join and leave while sharing decode steps (serving)."""
-        from nanochat.engine.batching import BatchDecoder
-
-        return BatchDecoder(self)
-
-    def _advance_row(self, row: _Row, token: int) -> None:
+    def _advance_row(self, row: Row, token: int) -> None:
         if token in self.stop_ids:
             row.done = True
         if not self.use_tools:

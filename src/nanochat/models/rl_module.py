@@ -22,13 +22,16 @@ import logging
 import math
 import time
 
+import lightning as L
 import torch
 
 from nanochat.callbacks.periodic import log_scalars
-from nanochat.data.chat_datamodule import sft_pair
+from nanochat.data.conversations import sft_pair
 from nanochat.engine.engine import Engine
 from nanochat.errors import UserError
-from nanochat.models.chat_module import ChatModule
+from nanochat.models import stage_parts
+from nanochat.optim import build_optimizer
+from nanochat.settings import HorizonConfig, OptimizerConfig, ScheduleConfig
 
 log = logging.getLogger(__name__)
 
@@ -69,18 +72,46 @@ def rollout(engine: Engine, prompt_ids: list[int], num_samples: int, chunk: int,
     return sequences, masks, completions
 
 
-class RLModule(ChatModule):
-    def __init__(self, *, num_samples: int = 16, device_batch_size: int = 8, max_new_tokens: int = 256,
-                 temperature: float = 1.0, top_k: int | None = 50, normalize_std: bool = False, **kwargs):
+class RLModule(L.LightningModule):
+    def __init__(self, *, stage: str, init_from: str | None, tokenizer_dir: str | None = None, num_samples: int = 16,
+                 device_batch_size: int = 8, max_new_tokens: int = 256, temperature: float = 1.0,
+                 top_k: int | None = 50, normalize_std: bool = False, optimizer: OptimizerConfig | None = None,
+                 schedule: ScheduleConfig | None = None, horizon: HorizonConfig | None = None, log_every: int = 1,
+                 on_nonfinite: str = "stop"):
+        if not init_from:
+            raise UserError(f"stage={stage} starts from an earlier stage's model: set init_from=<run dir or export dir>")
         if num_samples < 2:
             raise UserError(f"module.num_samples={num_samples}: the group-mean baseline needs at least 2 samples per question")
         if device_batch_size < 1 or max_new_tokens < 1:
             raise UserError(f"module.device_batch_size={device_batch_size} and module.max_new_tokens={max_new_tokens} must be positive")
-        super().__init__(**kwargs)
+        super().__init__()
+        self.automatic_optimization = False
+        self.tokenizer_dir = tokenizer_dir
+        self.tokenizer, self.model, self.parent = stage_parts.build_gpt(depth=None, tokenizer_dir=tokenizer_dir,
+                                                                        init_from=init_from)
+        self.config = self.model.config
+        self.optimizer_config = optimizer or OptimizerConfig()
+        self.stepper = stage_parts.OptimizerStep(schedule or ScheduleConfig(), on_nonfinite)
+        self.horizon = horizon or HorizonConfig()
+        self.num_iterations = self.horizon.num_iterations if self.horizon.num_iterations > 0 else None
+        self.log_every = log_every
+        self.meter = stage_parts.Meter()
         self.num_samples, self.chunk, self.max_new_tokens = num_samples, device_batch_size, max_new_tokens
         self.temperature, self.top_k, self.normalize_std = temperature, top_k, normalize_std
         self.reward_history: list[tuple[int, float]] = []  # (steps done, mean reward of the interval), all ranks
         self.rollout_totals = {"samples": 0, "tokens": 0, "seconds": 0.0, "passes": 0, "skipped": 0}
+
+    def fit_horizon(self, datamodule) -> int:
+        """`epochs` passes over the questions, unless horizon.num_iterations set the number of steps."""
+        if self.num_iterations is None:
+            self.num_iterations = max(1, math.ceil(self.horizon.epochs * datamodule.steps_per_epoch()))
+        return self.num_iterations
+
+    def configure_optimizers(self):
+        return build_optimizer(self.model, self.optimizer_config)
+
+    def on_fit_start(self) -> None:
+        stage_parts.start_fit(self)
 
     def training_step(self, batch: list, batch_idx: int) -> None:
         opt = self.optimizers()
@@ -89,23 +120,23 @@ class RLModule(ChatModule):
         pad_id = self.tokenizer.token_id("<|assistant_end|>")
         chunks = math.ceil(self.num_samples / self.chunk)
         passes, done_passes = chunks * len(batch), 0  # forward/backward passes of this step, on every rank
-        m = self._rl_meter
+        m = self.meter.sums
         for prompt in batch:
             prompt_ids = self.tokenizer.render_for_completion(prompt.conversation)
             t0 = time.perf_counter()
             sequences, masks, completions = rollout(engine, prompt_ids, self.num_samples, self.chunk, self.max_new_tokens,
                                                     self.temperature, self.top_k, seed=seed_for(step, prompt.index))
-            m["rollout_seconds"] += time.perf_counter() - t0
+            self.meter.add(rollout_seconds=time.perf_counter() - t0)
             rewards = torch.tensor([score(prompt, self.tokenizer.decode(c)) for c in completions])
             advantages = group_advantages(rewards, self.normalize_std).to(self.device)
             for start in range(0, self.num_samples, self.chunk):
                 done_passes += 1
                 last = done_passes == passes
                 chunk_advantages = advantages[start:start + self.chunk]
-                m["passes"] += 1
+                self.meter.add(passes=1)
                 rows = list(zip(sequences[start:start + self.chunk], masks[start:start + self.chunk]))
                 if not chunk_advantages.any():  # its gradient is exactly zero
-                    m["skipped"] += 1
+                    self.meter.add(skipped=1)
                     if not last:
                         continue
                     # the step's last backward carries DDP's all-reduce on every rank: one masked token is enough
@@ -114,65 +145,51 @@ class RLModule(ChatModule):
                 with opt.toggle_model(sync_grad=last):  # DDP all-reduces on the last pass only
                     loss = policy_gradient_loss(self.model, inputs, targets, chunk_advantages, chunks * len(batch))
                     self.manual_backward(loss)
-                m["loss"] += loss.item()
-            m["reward"] += rewards.sum().item()
-            m["solved"] += float(rewards.max().item() > 0)
-            m["samples"] += self.num_samples
-            m["questions"] += 1
-            m["generated"] += sum(len(c) for c in completions)
-        if not self.step_is_finite(opt, step, None):
+                self.meter.add(loss=loss.item())
+            self.meter.add(reward=rewards.sum().item(), solved=float(rewards.max().item() > 0), samples=self.num_samples,
+                           questions=1, generated=sum(len(c) for c in completions))
+        if not self.stepper.finite(self, opt, step, None):
             return
-        lrm = self.optimizer_step(opt, step)
-        self._meter_loss_steps += 1
-        self._meter_steps += 1
+        lrm = self.stepper(opt, step, self.num_iterations, self.device.type)
+        m["loss_steps"] = m.get("loss_steps", 0) + 1
+        self.meter.steps += 1
         done = step + 1
         if done % self.log_every == 0 or done == self.num_iterations:
             self._log_rl(done, lrm)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:  # the report of a resumed run covers the whole run
-        super().on_save_checkpoint(checkpoint)
+        stage_parts.save_state(self, checkpoint)
         checkpoint["rl"] = {"reward_history": self.reward_history, "rollout_totals": self.rollout_totals,
-                            "seconds": self.totals["seconds"]}
+                            "seconds": self.meter.totals["seconds"]}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        super().on_load_checkpoint(checkpoint)
+        stage_parts.load_state(self, checkpoint)
         state = checkpoint.get("rl", {})
         self.reward_history = [tuple(x) for x in state.get("reward_history", [])]
         self.rollout_totals.update(state.get("rollout_totals", {}))
-        self.totals["seconds"] = state.get("seconds", 0.0)
+        self.meter.totals["seconds"] = state.get("seconds", 0.0)
 
     # --- metrics ----------------------------------------------------------------------------------
-    def meter_state(self) -> dict:
-        return {**super().meter_state(), "rl": dict(self._rl_meter)}
-
-    def restore_meter(self, state: dict | None) -> None:
-        super().restore_meter(state)
-        if state:
-            self._rl_meter.update(state.get("rl", {}))
-
-    def _reset_meter(self) -> None:
-        super()._reset_meter()
-        self._rl_meter = dict.fromkeys(("loss", "reward", "solved", "samples", "questions", "generated", "passes", "skipped",
-                                        "rollout_seconds"), 0.0)
-
     def _log_rl(self, done: int, lrm: float) -> None:
-        m = self._rl_meter
+        m = self.meter.sums
         keys = ("loss", "reward", "solved", "samples", "questions", "generated", "passes", "skipped")
-        summed = torch.tensor([m[k] for k in keys], dtype=torch.float64, device=self.device)
+        summed = torch.tensor([m.get(k, 0.0) for k in keys], dtype=torch.float64, device=self.device)
         summed = dict(zip(keys, self.trainer.strategy.reduce(summed, reduce_op="sum").tolist()))
         world = self.trainer.world_size
-        seconds = max(time.perf_counter() - self._meter_t0 - self.excluded_seconds, 1e-9)
+        seconds = self.meter.seconds()
+        steps = self.meter.steps
         reward = summed["reward"] / summed["samples"]
-        tok_per_s = summed["generated"] / max(m["rollout_seconds"], 1e-9)  # ranks sample in parallel
+        rollout_seconds = m.get("rollout_seconds", 0.0)
+        tok_per_s = summed["generated"] / max(rollout_seconds, 1e-9)  # ranks sample in parallel
         metrics = {
             "rl/reward": reward,
             "rl/solved": summed["solved"] / summed["questions"],
             "rl/seq_len": summed["generated"] / summed["samples"],
-            "train/loss": summed["loss"] / (self._meter_loss_steps * world),
+            "train/loss": summed["loss"] / (m["loss_steps"] * world),
             "train/lrm": lrm,
             "train/lr": lrm * self.optimizers().optimizer.param_groups[0]["initial_lr"],
             "perf/rollout_tok_per_s": tok_per_s,
-            "perf/step_seconds": seconds / self._meter_steps,
+            "perf/step_seconds": seconds / steps,
         }
         log_scalars(self.trainer, metrics)
         self.reward_history.append((done, reward))
@@ -181,19 +198,23 @@ class RLModule(ChatModule):
         t["tokens"] += int(summed["generated"])
         t["passes"] += int(summed["passes"])
         t["skipped"] += int(summed["skipped"])
-        t["seconds"] += m["rollout_seconds"]
-        self.totals["seconds"] += seconds
+        t["seconds"] += rollout_seconds
+        self.meter.totals["seconds"] += seconds
         if self.trainer.is_global_zero:
-            eta = (self.num_iterations - done) * seconds / self._meter_steps
+            eta = (self.num_iterations - done) * seconds / steps
             log.info(
                 f"step {done:5d}/{self.num_iterations} | reward {reward:.4f} | solved {metrics['rl/solved']:.3f} | "
                 f"len {metrics['rl/seq_len']:.0f} | lrm {lrm:.3f} | rollouts {tok_per_s:,.0f} tok/s | "
-                f"{seconds / self._meter_steps:.1f} s/step | eta {eta / 60:.1f} min"
+                f"{seconds / steps:.1f} s/step | eta {eta / 60:.1f} min"
             )
-        self._reset_meter()
+        self.meter.reset()
 
     def describe(self) -> str:
-        return (super().describe() + f"\nrollouts: {self.num_samples} samples per question, {self.chunk} per forward, "
+        parent = self.parent or {}
+        return (f"model {self.config.summary()}, {self.model.num_params():,} params, "
+                f"from {parent.get('stage', '?')} step {parent.get('step', '?')} in {parent.get('export')}\n"
+                f"horizon: {self.num_iterations:,} steps, lr x {self.stepper.schedule.init_lr_frac}\n"
+                f"rollouts: {self.num_samples} samples per question, {self.chunk} per forward, "
                 f"temperature {self.temperature}, top-k {self.top_k}, at most {self.max_new_tokens} new tokens; "
                 f"advantage {self.advantage_rule()}")
 
@@ -201,7 +222,7 @@ class RLModule(ChatModule):
         return "reward - group mean" + (" / group std" if self.normalize_std else "")
 
     def report_items(self) -> dict:
-        items = {k: v for k, v in super().report_items().items()
+        items = {k: v for k, v in stage_parts.common_report_items(self).items()
                  if k in ("model", "parameters", "optimizer steps", "learning rates", "started from")}
         t = self.rollout_totals
         datamodule = self.trainer.datamodule
@@ -217,7 +238,7 @@ class RLModule(ChatModule):
             "tokens generated": t["tokens"],
             "rollout throughput": f"{t['tokens'] / max(t['seconds'], 1e-9):,.0f} tok/s (rank 0's sampling time)",
             "update passes": f"{t['passes']:,} of up to {self.chunk} samples, {t['skipped']:,} skipped (all advantages 0)",
-            "training time": f"{self.totals['seconds']:.1f} s (evaluation excluded)",
+            "training time": f"{self.meter.totals['seconds']:.1f} s (evaluation excluded)",
         })
         h = self.reward_history
         if h:
@@ -226,6 +247,9 @@ class RLModule(ChatModule):
                 return f"step {hi}" if lo == hi else f"steps {lo}-{hi}"
             items["mean reward"] = f"{h[0][1]:.4f} ({steps(0)}) -> {h[-1][1]:.4f} ({steps(len(h) - 1)})"
         return items
+
+    def export_meta(self) -> dict:
+        return stage_parts.export_meta(self, None)
 
 
 def score(prompt, completion: str) -> float:

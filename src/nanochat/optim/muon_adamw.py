@@ -11,9 +11,12 @@ import torch
 from torch.optim.adamw import adamw as adamw_functional
 
 from nanochat.optim.muon import muon_direction, muon_lr_scale, ns_dtype
+from nanochat.settings import OptimizerConfig
 
-MUON_DEFAULTS = dict(lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, ns_dtype="auto", weight_decay=0.0)
-ADAMW_DEFAULTS = dict(lr=0.004, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0)
+_DEFAULT = OptimizerConfig()  # a group leaves out what it keeps at the project's defaults; its lr it must give
+MUON_DEFAULTS = dict(momentum=_DEFAULT.muon_momentum, nesterov=True, ns_steps=_DEFAULT.ns_steps, ns_dtype=_DEFAULT.ns_dtype,
+                     weight_decay=_DEFAULT.muon_weight_decay)
+ADAMW_DEFAULTS = dict(betas=tuple(_DEFAULT.betas), eps=_DEFAULT.eps, weight_decay=_DEFAULT.adamw_weight_decay)
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -24,6 +27,8 @@ class MuonAdamW(torch.optim.Optimizer):
             if kind not in ("muon", "adamw"):
                 raise ValueError(f"param group kind must be 'muon' or 'adamw', got {kind!r}")
             group = {**(MUON_DEFAULTS if kind == "muon" else ADAMW_DEFAULTS), **group}
+            if "lr" not in group:
+                raise ValueError(f"param group {len(groups)} ({kind}) has no lr")
             if kind == "muon" and any(p.ndim != 2 for p in group["params"]):
                 raise ValueError("Muon groups take 2-D weight matrices only")
             if kind == "muon" and group["ns_dtype"] not in ("auto", "bfloat16", "float32"):

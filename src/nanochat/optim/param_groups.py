@@ -5,36 +5,24 @@ from __future__ import annotations
 from torch import nn
 
 from nanochat.optim.muon_adamw import MuonAdamW
+from nanochat.settings import OptimizerConfig
 
 
-def build_optimizer(
-    model: nn.Module,
-    *,
-    matrix_lr: float = 0.02,
-    embedding_lr: float = 0.2,
-    unembedding_lr: float = 0.004,
-    betas: tuple[float, float] = (0.8, 0.95),
-    eps: float = 1e-10,
-    adamw_weight_decay: float = 0.0,
-    muon_weight_decay: float = 0.0,
-    muon_momentum: float = 0.95,
-    ns_steps: int = 5,
-    ns_dtype: str = "auto",
-) -> MuonAdamW:
+def build_optimizer(model: nn.Module, config: OptimizerConfig | None = None) -> MuonAdamW:
     """Muon for every matrix inside the transformer blocks; AdamW for the embedding and the lm_head.
 
     The AdamW learning rates were tuned at width 768 and scale as (width/768)^-0.5 (nanochat's rule);
     Muon's lr needs no width scaling because its update is orthogonalised.
     """
+    c = config or OptimizerConfig()
     roles = model.param_roles()
-    width = model.config.n_embd
-    dmodel_scale = (width / 768) ** -0.5
-    adamw = dict(kind="adamw", betas=tuple(betas), eps=eps, weight_decay=adamw_weight_decay)
+    dmodel_scale = (model.config.n_embd / 768) ** -0.5
+    adamw = dict(kind="adamw", betas=tuple(c.betas), eps=c.eps, weight_decay=c.adamw_weight_decay)
     groups = [
-        dict(params=roles["matrix"], kind="muon", lr=matrix_lr, momentum=muon_momentum, nesterov=True,
-             ns_steps=ns_steps, ns_dtype=ns_dtype, weight_decay=muon_weight_decay),
-        dict(params=roles["embedding"], lr=embedding_lr * dmodel_scale, **adamw),
-        dict(params=roles["unembedding"], lr=unembedding_lr * dmodel_scale, **adamw),
+        dict(params=roles["matrix"], kind="muon", lr=c.matrix_lr, momentum=c.muon_momentum, nesterov=True,
+             ns_steps=c.ns_steps, ns_dtype=c.ns_dtype, weight_decay=c.muon_weight_decay),
+        dict(params=roles["embedding"], lr=c.embedding_lr * dmodel_scale, **adamw),
+        dict(params=roles["unembedding"], lr=c.unembedding_lr * dmodel_scale, **adamw),
     ]
     check_partition(model, groups)
     return MuonAdamW(groups)

@@ -1,7 +1,7 @@
 """Serving a chat model: request limits, generation, the OpenAI-compatible API, the web UI and the CLI.
 
 Kept import-light: torch, FastAPI and Gradio load only in the modules (and functions) that need them, so
-`python serve.py --help` and `python -m nanochat.chat --help` answer at once.
+`nanochat serve --help` and `nanochat chat --help` answer at once.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ import logging
 import secrets
 import time
 from contextlib import asynccontextmanager
+from dataclasses import asdict
 
 import h11
 from fastapi import Depends, FastAPI, Request
@@ -34,13 +35,10 @@ from starlette.requests import ClientDisconnect
 
 from nanochat.serving.generation import Finish, GenerationQueue, QueueFull, TextDelta
 from nanochat.serving.limits import RequestError, shown, validate_chat
+from nanochat.settings import SamplingConfig, ServerLimits
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 1_000_000  # a valid request needs at most ~400 kB (32,000 characters as \u escapes)
-BODY_TIMEOUT = 30.0  # seconds for the whole request body to arrive
-SEND_TIMEOUT = 30.0  # seconds a streaming client may leave its socket full (not reading) before it is dropped
-STALL_TIMEOUT = 120.0  # seconds without a decoding step before /health calls the generation worker stuck
 CHAT_PATH = "/v1/chat/completions"
 ROUTES = {CHAT_PATH: {"POST"}, "/v1/models": {"GET"}}
 
@@ -79,7 +77,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def read_json_body(request: Request, limit: int, timeout: float = BODY_TIMEOUT) -> dict:
+async def read_json_body(request: Request, limit: int, timeout: float) -> dict:
     """The request's JSON object: at most `limit` bytes (413 beyond, whatever Content-Length says), arriving
     within `timeout` seconds (408 after; a client trickling its body in must not keep a task forever)."""
     declared = request.headers.get("content-length", "")
@@ -155,7 +153,7 @@ class ChatCompletions:
     """Turns an OpenAI request body into a validated request on the queue, and events into OpenAI responses."""
 
     def __init__(self, queue: GenerationQueue, tokenizer, model_name: str, max_context: int,
-                 defaults: dict, max_body_bytes: int, body_timeout: float = BODY_TIMEOUT, send_timeout: float = SEND_TIMEOUT):
+                 defaults: dict, max_body_bytes: int, body_timeout: float, send_timeout: float):
         self.queue, self.tokenizer, self.model_name = queue, tokenizer, model_name
         self.max_context, self.defaults, self.max_body_bytes = max_context, defaults, max_body_bytes
         self.body_timeout, self.send_timeout = body_timeout, send_timeout
@@ -184,7 +182,7 @@ class ChatCompletions:
             request = validate_chat(
                 body["messages"], setting("temperature"), setting("top_k"), body.get(limit_name), setting("n"),
                 body.get("seed"), body.get("stop"), tokenizer=self.tokenizer, max_context=self.max_context,
-                default_max_tokens=self.defaults.get("max_tokens", 512),
+                default_max_tokens=self.defaults["max_tokens"],
             )
         except RequestError as e:
             if e.field == "max_tokens":
@@ -314,11 +312,12 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(500, "internal server error")
 
 
-def create_app(engine, tokenizer, model_name: str = "nanochat", *, api_key: str | None = None, max_waiting: int = 16,
-               max_batch: int = 16, max_body_bytes: int = MAX_BODY_BYTES, defaults: dict | None = None,
-               body_timeout: float = BODY_TIMEOUT, send_timeout: float = SEND_TIMEOUT, stall_timeout: float = STALL_TIMEOUT) -> FastAPI:
-    """The API app. The engine is shared through one GenerationQueue (`app.state.queue`), which the web UI reuses."""
-    queue = GenerationQueue(engine, tokenizer, max_waiting=max_waiting, max_batch=max_batch)
+def create_app(engine, tokenizer, model_name: str = "nanochat", *, api_key: str | None = None,
+               limits: ServerLimits | None = None, sampling: SamplingConfig | None = None) -> FastAPI:
+    """The API app. The engine is shared through one GenerationQueue (`app.state.queue`), which the web UI reuses;
+    `sampling` fills in what a request leaves out."""
+    limits = limits or ServerLimits()
+    queue = GenerationQueue(engine, tokenizer, max_waiting=limits.max_waiting, max_batch=limits.max_batch)
     queue.warm_up()  # runs while uvicorn starts; /health is 503 until it is done
 
     @asynccontextmanager
@@ -329,12 +328,13 @@ def create_app(engine, tokenizer, model_name: str = "nanochat", *, api_key: str 
     app = FastAPI(title="nanochat", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.queue, app.state.tokenizer, app.state.model_name = queue, tokenizer, model_name
     app.state.max_context = engine.max_context
-    app.state.defaults = {"temperature": 0.6, "top_k": 50, "max_tokens": 512, "n": 1, **(defaults or {})}
+    app.state.sampling = sampling or SamplingConfig()
+    app.state.defaults = {**asdict(app.state.sampling), "n": 1}
     install_error_handlers(app)
     app.add_middleware(AlreadyAnswered)
     guard = [Depends(bearer_guard(api_key))]
-    completions = ChatCompletions(queue, tokenizer, model_name, engine.max_context, app.state.defaults, max_body_bytes,
-                                  body_timeout, send_timeout)
+    completions = ChatCompletions(queue, tokenizer, model_name, engine.max_context, app.state.defaults,
+                                  limits.max_body_bytes, limits.body_timeout, limits.send_timeout)
     created = int(time.time())
     model_card = {"id": model_name, "object": "model", "created": created, "owned_by": "nanochat"}
 
@@ -355,10 +355,10 @@ def create_app(engine, tokenizer, model_name: str = "nanochat", *, api_key: str 
     @app.get("/health")
     async def health():
         """Readiness for a load balancer (no API key needed; it reveals only the model name and the load)."""
-        problem = queue.problem(stall_timeout)
+        problem = queue.problem(limits.stall_timeout)
         body = {"status": "ok" if problem is None else "unavailable", "ready": problem is None, "model": model_name,
                 "generating": queue.generating, "pending": queue.pending,
-                "free": max(0, max_waiting + 1 - queue.pending), "max_waiting": max_waiting}
+                "free": max(0, limits.max_waiting + 1 - queue.pending), "max_waiting": limits.max_waiting}
         if problem is None:
             return body
         return JSONResponse({**body, "reason": problem}, status_code=503, headers={"Retry-After": "1"})

@@ -1,10 +1,10 @@
-"""Chat in the terminal: `python -m nanochat.chat ckpt=<run or export dir> [-p "prompt"]`.
+"""Chat in the terminal: `nanochat chat <run or export dir> [-p "prompt"]`.
 
 Interactive mode keeps the whole conversation (re-rendered each turn, calculator calls included as the
 tool tokens the model was trained on) and streams each reply as it is generated. Commands:
 /clear (start over), /temperature <v>, /topk <k>, /help, /quit (also `quit`, `exit`, Ctrl-D). Ctrl-C stops
 the reply being generated and keeps what was written so far. `-p "prompt"` answers once and prints only the
-reply, for scripts. Options may be written `--top-k 40` or Hydra-style `top_k=40`.
+reply, for scripts.
 """
 
 from __future__ import annotations
@@ -15,46 +15,32 @@ import sys
 from nanochat.errors import UserError, exit_on_error
 from nanochat.serving.generation import TextDelta, ToolUse, generate_events, tool_marker
 from nanochat.serving.limits import MAX_TEMPERATURE, RequestError, validate_chat
+from nanochat.settings import SamplingConfig
 
-VALUE_OPTIONS = {"ckpt", "prompt", "temperature", "top_k", "max_tokens", "device", "precision", "seed"}
 HELP = "commands: /clear  /temperature <0..2>  /topk <k>  /help  /quit"
 
 
-def normalize_argv(argv: list[str]) -> list[str]:
-    """Rewrite `key=value` (Hydra style, like serve.py) as `--key value`; a value after -p is left alone."""
-    out, takes_value = [], False
-    for arg in argv:
-        key, eq, value = arg.partition("=")
-        key = key.replace("-", "_")
-        if not takes_value and eq and not arg.startswith("-") and key in VALUE_OPTIONS:
-            out += [f"--{key.replace('_', '-')}", value]
-            continue
-        out.append(arg)
-        takes_value = not takes_value and not eq and arg.lstrip("-").replace("-", "_") in VALUE_OPTIONS | {"p"}
-    return out
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m nanochat.chat", description=__doc__.split("\n")[0],
-                                     epilog=HELP)
-    parser.add_argument("--ckpt", help="a stage run dir (holding export/) or an export dir")
+    parser = argparse.ArgumentParser(prog="nanochat chat", description=__doc__.split("\n")[0], epilog=HELP)
+    parser.add_argument("ckpt", help="a stage run dir (holding export/) or an export dir")
     parser.add_argument("-p", "--prompt", help="answer this one prompt, print only the reply, and exit")
-    parser.add_argument("--temperature", type=float, default=0.6)
-    parser.add_argument("--top-k", "--top_k", dest="top_k", type=int, default=50)
-    parser.add_argument("--max-tokens", "--max_tokens", dest="max_tokens", type=int, default=256,
+    parser.add_argument("--temperature", type=float, default=SamplingConfig.temperature)
+    parser.add_argument("--top-k", dest="top_k", type=int, default=SamplingConfig.top_k)
+    parser.add_argument("--max-tokens", dest="max_tokens", type=int, default=SamplingConfig.max_tokens,
                         help="most new tokens per reply (fewer when the context is nearly full)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     parser.add_argument("--precision", default="auto", help="auto | fp32 | bf16 (auto: NANOCHAT_PRECISION if set, "
                         "else bf16 where the device runs it natively)")
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: a new one per reply)")
     parser.add_argument("--no-tools", dest="tools", action="store_false", help="do not run calculator calls")
-    return parser.parse_args(normalize_argv(list(sys.argv[1:] if argv is None else argv)))
+    return parser.parse_args(argv)
 
 
 class ChatSession:
     """A conversation with the engine: messages in the chat format, settings, and one streamed reply at a time."""
 
-    def __init__(self, engine, tokenizer, temperature=0.6, top_k=50, max_tokens=256, seed=None):
+    def __init__(self, engine, tokenizer, temperature=SamplingConfig.temperature, top_k=SamplingConfig.top_k,
+                 max_tokens=SamplingConfig.max_tokens, seed=None):
         self.engine, self.tokenizer = engine, tokenizer
         self.temperature, self.top_k, self.max_tokens, self.seed = temperature, top_k, max_tokens, seed
         self.messages: list[dict] = []
@@ -147,8 +133,6 @@ def repl(session: ChatSession, stdin=None, out=None) -> None:
 @exit_on_error
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.ckpt is None:
-        raise UserError("no model given: pass ckpt=<run dir or export dir> (or --ckpt)")
     from nanochat.serving import load_engine
 
     if hasattr(sys.stdout, "reconfigure"):

@@ -32,7 +32,9 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from nanochat.engine.batching import BatchDecoder
 from nanochat.serving.limits import ChatRequest
+from nanochat.settings import ServerLimits
 
 log = logging.getLogger(__name__)
 REPLACEMENT_CHAR = "\ufffd"
@@ -261,46 +263,6 @@ class Job:
             self.cancel()
 
 
-class _OneAtATime:
-    """The decoder interface (see nanochat.engine.batching.BatchDecoder) over a plain `engine.generate`, for an
-    engine without `batch_decoder` (a wrapper, a stand-in): one generation at a time. A generation learns that
-    it ended when its iterator runs out: `step` then gives it the column None."""
-
-    class Handle:
-        def __init__(self, steps: Iterator):
-            self.steps, self.finished = steps, False
-
-    def __init__(self, engine):
-        self.engine, self.running, self.rows = engine, None, 0
-
-    def add(self, tokens, num_samples, max_tokens, temperature, top_k, seed):
-        handle = self.Handle(self.engine.generate(tokens, num_samples=num_samples, max_tokens=max_tokens,
-                                                  temperature=temperature, top_k=top_k, seed=seed))
-        self.running, self.rows = handle, num_samples
-        try:
-            return (handle, *self._next(handle))
-        except BaseException:
-            self.remove(handle)
-            raise
-
-    def step(self) -> list:
-        handle = self.running
-        return [] if handle is None else [(handle, *self._next(handle))]
-
-    def _next(self, handle) -> tuple:
-        try:
-            return next(handle.steps)
-        except StopIteration:
-            handle.finished = True
-            self.remove(handle)
-            return None, None
-
-    def remove(self, handle) -> None:
-        if self.running is handle:
-            handle.steps.close()  # frees its KV cache now
-            self.running, self.rows = None, 0
-
-
 class GenerationQueue:
     """Owns the one engine for a server: a single worker thread decodes up to `max_batch` rows (the choices of
     the requests in the batch) together, one forward per step for all of them. Requests join the batch between
@@ -308,7 +270,8 @@ class GenerationQueue:
     empty) and leave it when they finish or are cancelled; the rest wait in FIFO order. At most `max_waiting`
     + 1 requests are accepted at once, running or waiting (`QueueFull` beyond)."""
 
-    def __init__(self, engine, tokenizer, max_waiting: int = 16, max_batch: int = 16):
+    def __init__(self, engine, tokenizer, max_waiting: int = ServerLimits.max_waiting,
+                 max_batch: int = ServerLimits.max_batch):
         self.engine, self.tokenizer, self.max_waiting, self.max_batch = engine, tokenizer, max_waiting, max_batch
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nanochat-engine")
         self._lock = threading.Lock()
@@ -382,9 +345,8 @@ class GenerationQueue:
     # --- the worker thread ------------------------------------------------------------------------
     def _work(self) -> None:
         """Admit waiting requests while the batch has room, run a step for the batch, repeat; return when idle."""
-        batched = hasattr(self.engine, "batch_decoder")
-        self._decoder = self.engine.batch_decoder() if batched else _OneAtATime(self.engine)
-        limit = self.max_batch if batched else 1
+        self._decoder = BatchDecoder(self.engine)
+        limit = self.max_batch
         try:
             while True:
                 if (job := self._take(limit)) is not None:
@@ -448,13 +410,13 @@ class GenerationQueue:
         for gen, column, _masks in outputs:
             self._deliver(gen, column)
 
-    def _deliver(self, gen, column: list[int] | None) -> None:
+    def _deliver(self, gen, column: list[int]) -> None:
         """Route a request's new tokens to its stream as events; end it when it finished or was cancelled."""
         job, reply = self._active[gen]
         if job.cancelled.is_set():  # cancelled: stops here, at this step, and frees its rows
             return self._drop(gen, job)
         try:
-            events = reply.feed(column) if column is not None else []
+            events = reply.feed(column)
             over = reply.done or gen.finished
             if over and not reply.done:
                 events += reply.finish()

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 
 from nanochat.errors import UserError
+from nanochat.settings import SamplingConfig
 from nanochat.tokenizer.chat_format import out_of_turn
 
 MAX_MESSAGES = 500
@@ -157,16 +158,16 @@ def validate_stop(stop) -> tuple[str, ...]:
 
 def validate_chat(
     messages,
-    temperature=0.6,
-    top_k=50,
+    temperature=None,
+    top_k=None,
     max_tokens=None,
-    n=1,
+    n=None,
     seed=None,
     stop=None,
     *,
     tokenizer,
     max_context: int,
-    default_max_tokens: int = 512,
+    default_max_tokens: int = SamplingConfig.max_tokens,
 ) -> ChatRequest:
     """Check a chat request against the limits and the model; render its prompt.
 
@@ -175,12 +176,12 @@ def validate_chat(
     the prompt is an error on `messages`, since the conversation is what has grown too long.
     """
     clean = validate_messages(messages)
-    temperature = 0.6 if temperature is None else temperature
+    temperature = SamplingConfig.temperature if temperature is None else temperature
     if not _is_number(temperature) or not 0 <= temperature <= MAX_TEMPERATURE:
         raise RequestError("temperature", f"temperature must be a number in 0..{MAX_TEMPERATURE:g}, got {shown(temperature)}")
     if temperature < MIN_TEMPERATURE:  # logits / 1e-40 overflow float32 into inf and NaN probabilities: greedy it is
         temperature = 0.0
-    top_k = _int_in("top_k", 50 if top_k is None else top_k, 1, tokenizer.vocab_size)
+    top_k = _int_in("top_k", SamplingConfig.top_k if top_k is None else top_k, 1, tokenizer.vocab_size)
     n = _int_in("n", 1 if n is None else n, 1, MAX_SAMPLES)
     if seed is not None:
         seed = _int_in("seed", seed, 0, 2**63 - 1)

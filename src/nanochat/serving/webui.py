@@ -14,6 +14,7 @@ in the shared engine queue, so API and UI requests never run on the engine at th
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio is imported: no phoning home
 
@@ -21,6 +22,7 @@ import gradio as gr  # noqa: E402
 
 from nanochat.serving.generation import GenerationQueue, QueueFull, TextDelta, ToolUse  # noqa: E402
 from nanochat.serving.limits import MAX_TEMPERATURE, RequestError, validate_chat  # noqa: E402
+from nanochat.settings import SamplingConfig  # noqa: E402
 
 TOOL_TITLE = "🧮 calculator"
 API_NAME = "chat"
@@ -66,8 +68,8 @@ def history_to_messages(history: list) -> list[dict]:
 
 
 def build_ui(queue: GenerationQueue, tokenizer, max_context: int, model_name: str = "nanochat",
-             defaults: dict | None = None) -> gr.Blocks:
-    defaults = {"temperature": 0.6, "top_k": 50, "max_tokens": 512, **(defaults or {})}
+             sampling: SamplingConfig | None = None) -> gr.Blocks:
+    defaults = asdict(sampling or SamplingConfig())
 
     async def respond(message, history, temperature, top_k, max_tokens):
         messages = history_to_messages(history) + [{"role": "user", "content": _text(message)}]
@@ -125,7 +127,7 @@ def mount_ui(app, *, api_key: str | None = None, path: str = "/"):
     """Mount the chat on the API app (sharing its engine queue). With an API key the UI asks for it as password."""
     import hmac
 
-    demo = build_ui(app.state.queue, app.state.tokenizer, app.state.max_context, app.state.model_name, app.state.defaults)
+    demo = build_ui(app.state.queue, app.state.tokenizer, app.state.max_context, app.state.model_name, app.state.sampling)
 
     def key_matches(_username: str, password: str) -> bool:
         return hmac.compare_digest(password.encode(), api_key.encode())

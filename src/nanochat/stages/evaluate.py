@@ -1,4 +1,4 @@
-"""`stage=eval`: evaluate an exported model with the evaluators of `cfg.eval` (the training callbacks' classes).
+"""`nanochat eval` (stage=eval): evaluate an exported model with the evaluators `cfg.eval` names from `cfg.evaluators`.
 
 Runs on the trainer preset's devices through Lightning Fabric, so `torchrun ... trainer=8xh100` strides the
 examples over 8 GPUs. Rank 0 prints each evaluator's table and writes the checkpoint stage's "<stage>-eval"
@@ -16,15 +16,19 @@ from nanochat.errors import UserError
 log = logging.getLogger(__name__)
 
 
-def select_evaluators(eval_cfg, stage: str) -> dict:
-    """The evaluator configs to run: all of them, or with `auto` CORE for a base model and chat tasks otherwise."""
-    evaluators = {k: v for k, v in eval_cfg.items() if k != "auto" and v}
-    if eval_cfg.get("auto"):
-        wanted = "core" if stage == "base" else "chat"
-        evaluators = {k: v for k, v in evaluators.items() if k == wanted}
-    if not evaluators:
-        raise UserError("nothing to evaluate: choose eval=core, eval=chat or eval=all")
-    return evaluators
+def select_evaluators(evaluators, which, stage: str) -> dict:
+    """The evaluator configs `eval` names: auto (CORE for a base model, the chat tasks otherwise), all, one name or a
+    list of names."""
+    if which == "auto":
+        which = ["core"] if stage == "base" else ["chat"]
+    elif which == "all":
+        which = ["core", "chat"]
+    names = [which] if isinstance(which, str) else list(which)
+    unknown = [n for n in names if n not in evaluators]
+    if unknown or not names:
+        raise UserError(f"eval={which} names no evaluator of {sorted(evaluators)}; use eval=auto, eval=all, one of "
+                        f"them or a list like eval=[core,chat]")
+    return {name: evaluators[name] for name in names}
 
 
 def report_root(export: Path, stage: str) -> Path | None:
@@ -42,7 +46,7 @@ def run(cfg) -> None:
     from nanochat.report import write_section
 
     if not cfg.get("ckpt"):
-        raise UserError("stage=eval needs ckpt=<run dir or export dir of the model to evaluate>")
+        raise UserError("nanochat eval needs ckpt=<run dir or export dir of the model to evaluate>")
     export = find_export(cfg.ckpt)
     t = cfg.trainer
     fabric = Fabric(accelerator=t.accelerator, devices=t.devices, num_nodes=t.get("num_nodes", 1),
@@ -52,7 +56,8 @@ def run(cfg) -> None:
     fabric.print(f"{of_trainer(cfg.precision, fabric.device.type, t.precision)} on {fabric.device}")
     model, tokenizer, meta = load_export(export, device=fabric.device)
     stage = meta.get("stage", "base")
-    evaluators = {name: instantiate(c, _convert_="all") for name, c in select_evaluators(cfg.eval, stage).items()}
+    chosen = select_evaluators(cfg.evaluators, cfg.eval, stage)
+    evaluators = {name: instantiate(c, _convert_="all") for name, c in chosen.items()}
     reduce = lambda x: fabric.all_reduce(x, reduce_op="sum")  # noqa: E731
     section = {"items": {"model": str(export), "stage": stage, "step": meta.get("step", "?")},
                "metrics": {}, "tables": [], "notes": []}

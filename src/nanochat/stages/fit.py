@@ -63,7 +63,7 @@ def build(cfg):
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     run_dir = Path(cfg.paths.run_dir)
     datamodule = instantiate(cfg.datamodule, _convert_="all")
-    module = instantiate(cfg.module, _convert_="all")
+    module = instantiate(cfg.module, _convert_="object")  # typed settings arrive as their dataclasses
     callbacks = [instantiate(c, _convert_="all") for c in (cfg.get("callbacks") or {}).values() if c]
     loggers = [instantiate(c, _convert_="all") for c in (cfg.get("logger") or {}).values() if c]
     trainer = instantiate(

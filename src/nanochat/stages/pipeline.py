@@ -1,6 +1,6 @@
 """`stage=pipeline` (what the `experiment=speedrun_*` presets select): a recipe's stages one after another.
 
-Each step is a normal run, `python train.py stage=<stage> <your overrides> <data> <step overrides>`, in its
+Each step is a normal run, `nanochat train stage=<stage> <your overrides> <data> <step overrides>`, in its
 own process (under torchrun when the trainer has several devices), printed before it starts so the pipeline
 doubles as a tour of the commands. Every stage writes under runs/<run>/<stage> and the next one init_froms
 it by default. runs/<run>/pipeline/steps.json records each step that finished, with its command; running
@@ -21,12 +21,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from nanochat.configs import CONF_DIR, override_key
+from nanochat.configs import override_key
 from nanochat.data.resolve import resolve_sources
 from nanochat.errors import UserError
 from nanochat.io import atomic_write
 
-TRAIN_PY = CONF_DIR.parent / "train.py"
 RANKED_STAGES = ("base", "mid", "sft", "rl", "eval")  # the stages that run one process per device
 OWN_KEYS = ("stage", "pipeline", "hydra")  # overrides that configure the pipeline itself, not its stages
 
@@ -34,7 +33,7 @@ OWN_KEYS = ("stage", "pipeline", "hydra")  # overrides that configure the pipeli
 @dataclass
 class Step:
     name: str
-    argv: list[str]  # after the interpreter: `train.py stage=...` or `-m module ...`
+    argv: list[str]  # after the interpreter: `-m nanochat train stage=...` or `-m nanochat data ...`
     stage: str | None = None
 
     def launcher(self, nproc: int) -> list[str]:
@@ -46,8 +45,10 @@ class Step:
         return [sys.executable, *(["-m", "torch.distributed.run", *torchrun] if torchrun else []), *self.argv]
 
     def shown(self, nproc: int) -> str:
+        """The command as a user types it: `nanochat train ...`, or under torchrun `torchrun ... -m nanochat train ...`."""
         torchrun = self.launcher(nproc)
-        return shlex.join(["torchrun", *torchrun] if torchrun else ["python"]) + " " + shlex.join(self.argv)
+        argv = self.argv if torchrun else self.argv[1:]  # -m nanochat ... reads `nanochat ...` at a shell
+        return shlex.join(["torchrun", *torchrun, *argv] if torchrun else argv)
 
 
 def forwarded_overrides() -> list[str]:
@@ -66,7 +67,8 @@ def plan(cfg, forwarded: list[str], data_overrides: list[str], prep: list[list[s
         stage = spec.get("stage")
         if stage is None:
             raise UserError(f"pipeline.steps.{name} names no stage: give it `stage: <tokenizer|base|mid|sft|rl|eval>`")
-        argv = [str(TRAIN_PY.name), f"stage={stage}", *forwarded, *data_overrides, *map(str, spec.get("overrides") or [])]
+        argv = ["-m", "nanochat", "train", f"stage={stage}", *forwarded, *data_overrides,
+                *map(str, spec.get("overrides") or [])]
         steps.append(Step(name, argv, stage))
     if not steps:
         raise UserError("pipeline.steps is empty: the experiment names no stages to run")
@@ -116,7 +118,7 @@ def device_count(cfg) -> int:
 
 def run(cfg) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError("start a pipeline with plain `python train.py experiment=...`: it launches torchrun itself "
+        raise UserError("start a pipeline with plain `nanochat train experiment=...`: it launches torchrun itself "
                         "for the stages that train on several devices")
     t0 = time.perf_counter()
     run_root = Path(cfg.paths.runs_dir) / cfg.run
@@ -147,7 +149,7 @@ def run(cfg) -> None:
 def run_child(cmd: list[str]) -> int:
     """One step's process. Ctrl-C reaches it directly (same process group); a SIGTERM sent to the pipeline alone
     (a scheduler stopping the job) is passed on, so no stage keeps training after its pipeline is gone."""
-    proc = subprocess.Popen(cmd, cwd=TRAIN_PY.parent)
+    proc = subprocess.Popen(cmd)
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signal.SIGTERM))
     try:
         return proc.wait()
@@ -175,5 +177,5 @@ def finish(run_root: Path, steps: list[Step], seconds: float) -> None:
     print(f"\npipeline finished in {seconds:.0f} s; report card: {run_root / 'report.md'}")
     if exports:
         last = exports[-1]
-        print(f"serve it (chat UI + OpenAI-compatible API): python serve.py ckpt={last}")
-        print(f"or ask it from the terminal: python -m nanochat.chat --ckpt {last} -p 'Why is the sky blue?'")
+        print(f"serve it (chat UI + OpenAI-compatible API): nanochat serve ckpt={last}")
+        print(f"or ask it from the terminal: nanochat chat {last} -p 'Why is the sky blue?'")

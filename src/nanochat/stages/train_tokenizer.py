@@ -3,8 +3,6 @@ the "tokenizer" section of runs/<run>/report.md."""
 
 from __future__ import annotations
 
-from argparse import Namespace
-
 
 def run(cfg) -> None:
     import time
@@ -13,7 +11,7 @@ def run(cfg) -> None:
     from nanochat.data.pretrain_datamodule import ensure_shards
     from nanochat.data.shards import split_shards
     from nanochat.report import start_run, write_section
-    from nanochat.tokenizer.__main__ import cmd_train
+    from nanochat.tokenizer.training import train_tokenizer
 
     t0 = time.perf_counter()
     run_root = Path(cfg.paths.runs_dir) / cfg.run
@@ -22,7 +20,7 @@ def run(cfg) -> None:
     shards = ensure_shards(d.dir, d.source, gutenberg=d.gutenberg, val_fraction=d.val_fraction, shard_chars=d.shard_chars)
     train_files, _ = split_shards(shards)  # the validation shard stays unseen, as for the model
     t = cfg.tokenizer
-    stats = cmd_train(Namespace(input=[str(f) for f in train_files], vocab_size=cfg.model.vocab_size, max_chars=t.max_chars,
-                                doc_cap=t.doc_cap, gutenberg=False, out=cfg.paths.tokenizer_dir, quiet=not t.progress))
+    stats = train_tokenizer(train_files, cfg.model.vocab_size, cfg.paths.tokenizer_dir, max_chars=t.max_chars,
+                            doc_cap=t.doc_cap, show_progress=t.progress)
     items = {"data": f"{d.name} ({len(train_files)} training shards)", "tokenizer dir": cfg.paths.tokenizer_dir, **stats}
     write_section(run_root, "tokenizer", {"items": items, "wall_time_s": time.perf_counter() - t0})

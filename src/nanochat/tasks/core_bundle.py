@@ -7,7 +7,7 @@
 Three task types: multiple_choice (`query`, `choices`, `gold`), schema (`context_options`, `continuation`,
 `gold`) and language_modeling (`context`, `continuation`). Examples are shuffled with random.Random(1337) and
 optionally cut to `max_per_task`; example i's few-shot examples are random.Random(1234 + i).sample of the others.
-Scoring (which tokens of each prompt count, and how) is in nanochat.callbacks.core_eval.
+Scoring (which tokens of each prompt count, and how) is in nanochat.eval.core.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ FIELDS = {
     "schema": ("context_options", "continuation", "gold"),
     "language_modeling": ("context", "continuation"),
 }
-FETCH_HINT = "python -m nanochat.data fetch eval_bundle"
+FETCH_HINT = "nanochat data fetch eval_bundle"
 
 
 @dataclass

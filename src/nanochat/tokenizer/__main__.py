@@ -1,33 +1,17 @@
 """Tokenizer command line.
 
-    python -m nanochat.tokenizer train --input <files or dirs> [--vocab-size 65536] [--max-chars 2e9] [--out DIR]
-    python -m nanochat.tokenizer eval [--tokenizer DIR] [--input <files or dirs>] [--allow-download]
+    nanochat tokenizer train --input <files or dirs> [--vocab-size 65536] [--max-chars 2e9] [--out DIR]
+    nanochat tokenizer eval [--tokenizer DIR] [--input <files or dirs>] [--allow-download]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import sys
-import time
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from nanochat.errors import UserError, exit_on_error
 from nanochat.paths import base_dir, shared_data_dir
-
-
-def capped_documents(docs: Iterable[str], max_chars: int, doc_cap: int) -> Iterator[str]:
-    """Crop each document to doc_cap characters (0 = no crop) and stop once max_chars have been yielded."""
-    total = 0
-    for doc in docs:
-        if doc_cap:
-            doc = doc[:doc_cap]
-        yield doc
-        total += len(doc)
-        if total >= max_chars:
-            return
 
 
 def _count(text: str) -> int:
@@ -38,52 +22,10 @@ def _count(text: str) -> int:
 
 
 def cmd_train(args) -> dict:
-    from tqdm import tqdm
+    from nanochat.tokenizer.training import train_tokenizer
 
-    from nanochat.data.documents import iter_documents, list_files
-    from nanochat.io import atomic_write
-    from nanochat.tokenizer import Tokenizer
-    from nanochat.tokenizer.bpe import check_vocab_size
-
-    check_vocab_size(args.vocab_size)  # fail on bad arguments before any work
-    files = list_files(args.input)
-    estimate = min(args.max_chars, sum(f.stat().st_size for f in files))
-    progress = tqdm(total=estimate, unit="char", unit_scale=True, desc="reading text", disable=args.quiet)
-    stats = {"docs": 0, "chars": 0}
-
-    def tracked(docs: Iterable[str]) -> Iterator[str]:
-        for doc in docs:
-            stats["docs"] += 1
-            stats["chars"] += len(doc)
-            progress.update(len(doc))
-            yield doc
-
-    docs = tracked(capped_documents(iter_documents(files, gutenberg=args.gutenberg), args.max_chars, args.doc_cap))
-    t0 = time.perf_counter()
-    with progress:  # closed before any error message, so the message gets a line of its own
-        tok = Tokenizer.train(docs, args.vocab_size, show_progress=not args.quiet and sys.stderr.isatty())
-    train_time = time.perf_counter() - t0
-    out = tok.save(args.out)
-    token_bytes = [b for b in tok.token_bytes().tolist() if b > 0]
-    summary = {
-        "vocab_size": tok.vocab_size,
-        "requested_vocab_size": args.vocab_size,
-        "documents": stats["docs"],
-        "chars": stats["chars"],
-        "train_time_s": round(train_time, 2),
-        "token_bytes_min": min(token_bytes),
-        "token_bytes_max": max(token_bytes),
-        "token_bytes_mean": round(statistics.mean(token_bytes), 4),
-        "token_bytes_std": round(statistics.pstdev(token_bytes), 4),
-    }
-    atomic_write(out / "train_stats.json", json.dumps(summary, indent=2))
-    if tok.vocab_size < args.vocab_size:
-        print(f"note: the text supports only {tok.vocab_size} tokens (asked for {args.vocab_size}); give it more text")
-    print(
-        f"trained a {tok.vocab_size:,}-token BPE on {stats['chars']:,} chars ({stats['docs']:,} documents) "
-        f"in {train_time:.1f} s; saved to {out}"
-    )
-    return summary
+    return train_tokenizer(args.input, args.vocab_size, args.out, max_chars=args.max_chars, doc_cap=args.doc_cap,
+                           gutenberg=args.gutenberg, show_progress=not args.quiet)
 
 
 def cmd_eval(args) -> None:
@@ -108,7 +50,7 @@ def cmd_eval(args) -> None:
 
 @exit_on_error
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m nanochat.tokenizer", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="nanochat tokenizer", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     default_dir = base_dir() / "tokenizer"
 

@@ -3,18 +3,14 @@
 Rules (nanochat's, spec section 1.6): BOS first; a leading system message is merged into the first user
 message; user turns are never trained on; in assistant turns the text, python tool calls and the closing
 <|assistant_end|> are trained (mask 1) while tool outputs are not (the engine forces them at inference);
-both lists are truncated to max_tokens. Message text is encoded without parsing special-token strings, so
+both lists are truncated to max_tokens. `tok` is a nanochat Tokenizer (its `encode`, `token_id` and
+`bos_token_id`; this module is below it, so it does not import it). Message text is encoded without parsing special-token strings, so
 a user typing "<|assistant_end|>" gets ordinary text tokens.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from nanochat.errors import UserError
-
-if TYPE_CHECKING:
-    from nanochat.tokenizer.tokenizer import Tokenizer
 
 PART_DELIMITERS = {"python": ("<|python_start|>", "<|python_end|>"), "python_output": ("<|output_start|>", "<|output_end|>")}
 PART_TRAINED = {"text": 1, "python": 1, "python_output": 0}
@@ -49,7 +45,7 @@ def _messages(conversation) -> list[dict]:
     return messages
 
 
-def render_conversation(tok: Tokenizer, conversation, max_tokens: int = 2048) -> tuple[list[int], list[int]]:
+def render_conversation(tok, conversation, max_tokens: int = 2048) -> tuple[list[int], list[int]]:
     ids: list[int] = []
     mask: list[int] = []
 
@@ -83,7 +79,7 @@ def render_conversation(tok: Tokenizer, conversation, max_tokens: int = 2048) ->
     return ids[:max_tokens], mask[:max_tokens]
 
 
-def render_for_completion(tok: Tokenizer, conversation) -> list[int]:
+def render_for_completion(tok, conversation) -> list[int]:
     """The prompt for sampling the assistant's reply: drop the final assistant message, open a new one."""
     messages = conversation["messages"] if isinstance(conversation, dict) else conversation
     if messages and messages[-1].get("role") == "assistant":

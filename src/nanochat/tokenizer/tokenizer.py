@@ -57,7 +57,7 @@ class Tokenizer:
         if not ranks_path.is_file() or not config_path.is_file():
             raise UserError(
                 f"no tokenizer in {directory} (expected {RANKS_FILE} and {CONFIG_FILE}); "
-                "train one with `python -m nanochat.tokenizer train --input <text>`"
+                "train one with `nanochat tokenizer train --input <text>`"
             )
         try:
             config = json.loads(config_path.read_text())

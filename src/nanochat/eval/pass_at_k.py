@@ -1,4 +1,4 @@
-"""pass@k on held-out questions (nanochat chat_rl's evaluation, spec 6.5): the RL stage's measure of progress.
+"""pass@k on held-out questions (nanochat chat_rl's evaluation): the RL stage's measure of progress.
 
 Each question gets `k` completions at temperature 1.0 through the engine (calculator live); pass@j is the share
 of questions where one of the first j passes the task's check, for j = 1..k. Seeds are fixed per question, so
@@ -13,13 +13,14 @@ import time
 
 import torch
 
-from nanochat.callbacks.chat_eval import ChatEval, sample_passes
+from nanochat.eval.chat_tasks import load_eval_tasks, sample_passes
+from nanochat.eval.evaluator import Evaluator
 
 log = logging.getLogger(__name__)
 
 
-def evaluate_pass_at_k(model, tokenizer, tasks: dict, k: int = 8, max_per_task: int = 400, max_new_tokens: int = 256,
-                       temperature: float = 1.0, top_k: int | None = 50, rank: int = 0, world_size: int = 1,
+def evaluate_pass_at_k(model, tokenizer, tasks: dict, *, k: int, max_per_task: int, max_new_tokens: int,
+                       temperature: float, top_k: int | None, rank: int = 0, world_size: int = 1,
                        reduce=None, show_progress: bool = False) -> dict:
     """{"tasks": [{"task", "examples", "pass": [pass@1..pass@k], "seconds"}], "metrics": {chat/<task>_pass@j}}."""
     from tqdm.auto import tqdm
@@ -47,33 +48,25 @@ def evaluate_pass_at_k(model, tokenizer, tasks: dict, k: int = 8, max_per_task: 
     return {"tasks": rows, "metrics": metrics}
 
 
-class PassAtK(ChatEval):
-    """`chat/<task>_pass@1..k` at the start of training, every `every_n_steps` optimizer steps and at the end."""
+class PassAtK(Evaluator):
+    """`chat/<task>_pass@1..k` on the held-out questions of `tasks` (mixture-style entries)."""
 
-    def __init__(self, tasks: list, k: int = 8, every_n_steps: int = 60, max_per_task: int = 400,
-                 max_new_tokens: int = 256, temperature: float = 1.0, top_k: int | None = 50, offline: bool = False,
-                 at_start: bool = True):
-        super().__init__(tasks, every_n_steps=every_n_steps, offline=offline)
-        self.at_start = at_start
+    def __init__(self, tasks: list, k: int = 8, max_per_task: int = 400, max_new_tokens: int = 256,
+                 temperature: float = 1.0, top_k: int | None = 50, offline: bool = False):
+        super().__init__()
+        self.entries, self.offline = list(tasks), offline
         self.settings = dict(k=k, max_per_task=max_per_task, max_new_tokens=max_new_tokens, temperature=temperature,
                              top_k=top_k)
-        self.history: list[tuple[int, dict]] = []  # (optimizer step, result) of each evaluation during training
+        self.tasks: dict | None = None
+
+    def load(self) -> dict:
+        if self.tasks is None:
+            self.tasks = load_eval_tasks(self.entries, self.offline)
+        return self.tasks
 
     def compute(self, model, tokenizer, data, rank, world_size, reduce, show_progress) -> dict:
         return evaluate_pass_at_k(model, tokenizer, data, rank=rank, world_size=world_size, reduce=reduce,
                                   show_progress=show_progress, **self.settings)
-
-    def run(self, trainer, pl_module) -> None:
-        super().run(trainer, pl_module)
-        self.history.append((trainer.global_step, self.latest))
-
-    def state_dict(self) -> dict:  # in the checkpoint: a resumed run's report still shows the evaluation before RL
-        return {"history": self.history, "last_step": self.last_step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.history = list(state.get("history", []))
-        self.last_step = state.get("last_step", -1)
-        self.latest = self.history[-1][1] if self.history else None
 
     def log_latest(self, prefix: str = "", tasks: bool = True) -> None:
         for r in self.latest["tasks"]:

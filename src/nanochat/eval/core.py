@@ -1,4 +1,4 @@
-"""CORE (spec 7.1): centered accuracy on DCLM's in-context-learning tasks, during training and standalone.
+"""CORE: centered accuracy on DCLM's in-context-learning tasks, during training and standalone.
 
 Per example, every prompt (one per choice or context option) is tokenized with <|bos|> first, the rows are
 right-padded with <|bos|> and scored in one forward pass. Which tokens count:
@@ -18,8 +18,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from nanochat.callbacks.periodic import Evaluator
 from nanochat.errors import DataUnavailable
+from nanochat.eval.evaluator import Evaluator
 from nanochat.tasks.core_bundle import CoreBundle, CoreTask, fewshot_examples, load_bundle, render_prompts
 
 log = logging.getLogger(__name__)
@@ -136,14 +136,12 @@ def log_core(result: dict, prefix: str = "", tasks: bool = True) -> None:
 
 
 class CoreEval(Evaluator):
-    """`core/score` and `core/<task>` every `every_n_steps` optimizer steps (0: only at the end of training).
+    """`core/score` and `core/<task>` on the bundle at `bundle_dir`; without one, an error (`required`) or a warning
+    and no evaluation (training goes on)."""
 
-    Without a bundle at `bundle_dir` training goes on with a warning (`required: false`) or stops at the start.
-    """
-
-    def __init__(self, bundle_dir: str, every_n_steps: int = 0, max_per_task: int = 500,
-                 baselines: str = "eval_meta_data.csv", tasks: list[str] | None = None, required: bool = False):
-        super().__init__(every_n_steps)
+    def __init__(self, bundle_dir: str, max_per_task: int = -1, baselines: str = "eval_meta_data.csv",
+                 tasks: list[str] | None = None, required: bool = True):
+        super().__init__()
         self.bundle_dir, self.baselines, self.only = bundle_dir, baselines, tasks
         self.max_per_task = max_per_task
         self.required = required

@@ -1,4 +1,4 @@
-"""Chat evaluation (nanochat chat_eval, spec 7.3): task accuracies of a chat model and ChatCORE.
+"""Chat evaluation (nanochat chat_eval): task accuracies of a chat model and ChatCORE.
 
     categorical (ARC, MMLU)     the logits after <|assistant_start|>, restricted to the answer letters; argmax == gold
     generative (GSM8K, HumanEval, SpellingBee)
@@ -19,8 +19,8 @@ from collections.abc import Mapping
 
 import torch
 
-from nanochat.callbacks.periodic import Evaluator
 from nanochat.errors import UserError
+from nanochat.eval.evaluator import Evaluator
 
 log = logging.getLogger(__name__)
 
@@ -134,26 +134,29 @@ def build_eval_tasks(entries: list) -> dict:
     return tasks
 
 
-class ChatEval(Evaluator):
-    """`chat/<task>` accuracies and `chat/chatcore` every `every_n_steps` optimizer steps (0: at the end only)."""
+def load_eval_tasks(entries: list, offline: bool) -> dict:
+    """`build_eval_tasks`, reading hub datasets from the local cache only when `offline`."""
+    from nanochat.tasks.sources import hub_offline
 
-    def __init__(self, tasks: list[Mapping], every_n_steps: int = 0, max_per_task: int = -1, num_samples: int = 1,
-                 max_new_tokens: int = 512, temperature: float = 0.0, top_k: int | None = 50, batch_size: int = 8,
-                 offline: bool = False):
-        super().__init__(every_n_steps)
-        self.entries = list(tasks)
-        self.offline = offline
+    if offline:
+        hub_offline()
+    return build_eval_tasks(entries)
+
+
+class ChatEval(Evaluator):
+    """`chat/<task>` accuracies and `chat/chatcore` on the tasks of `tasks` (mixture-style entries)."""
+
+    def __init__(self, tasks: list[Mapping], max_per_task: int = -1, num_samples: int = 1, max_new_tokens: int = 512,
+                 temperature: float = 0.0, top_k: int | None = 50, batch_size: int = 8, offline: bool = False):
+        super().__init__()
+        self.entries, self.offline = list(tasks), offline
         self.settings = dict(max_per_task=max_per_task, num_samples=num_samples, max_new_tokens=max_new_tokens,
                              temperature=temperature, top_k=top_k, batch_size=batch_size)
         self.tasks: dict | None = None
 
     def load(self) -> dict:
         if self.tasks is None:
-            from nanochat.tasks.sources import hub_offline
-
-            if self.offline:
-                hub_offline()
-            self.tasks = build_eval_tasks(self.entries)
+            self.tasks = load_eval_tasks(self.entries, self.offline)
         return self.tasks
 
     def compute(self, model, tokenizer, data, rank, world_size, reduce, show_progress) -> dict:
