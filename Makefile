@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench install clean help
+.PHONY: demo test lint bench install clean help
 
 help:  ## list targets
 	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -19,11 +19,15 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)  ## create .venv and install nanochat with test extras
 
-demo: $(STAMP)  ## the whole pipeline on CPU: tokenizer -> base -> mid -> SFT -> RL -> report card (~17 min)
-	$(PY) train.py experiment=speedrun_cpu
+demo: $(STAMP)  ## the whole pipeline on CPU: tokenizer -> base -> mid -> SFT -> RL -> report card (~18 min)
+	$(VENV)/bin/nanochat train experiment=speedrun_cpu
 
 test: $(STAMP)  ## run the test suite (CPU, a few minutes)
 	$(PY) -m pytest
+
+lint: $(STAMP)  ## ruff: formatting (check only) and lint, line length 120
+	$(PY) -m ruff format --check .
+	$(PY) -m ruff check .
 
 bench: $(STAMP)  ## every hot path's benchmark (~10 min on 2 CPU cores); refreshes docs/benchmarks.md tables
 	$(PY) bench/run_all.py

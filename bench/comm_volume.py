@@ -54,7 +54,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 VOCAB_SIZE, SEQ_LEN = 65_536, 2_048
 GB, GiB = 1e9, 2**30
-# nanochat's newer auto batch size depends only on depth (spec 4.2): d18-26 -> 2^20 tokens, d32-50 -> 2^21.
+# nanochat's newer auto batch size depends only on depth: d18-26 -> 2^20 tokens, d32-50 -> 2^21.
 NANOCHAT_AUTO_BATCH = {20: 2**20, 26: 2**20, 32: 2**21}
 SMALL_ADAMW = 1024  # nanochat all-reduces AdamW params with fewer elements instead of sharding them
 

@@ -21,7 +21,7 @@ tokens (checked). Everything goes through `Engine.generate`, the code path of th
   generator), divided by rows x cache positions; against 2 x n_layer x n_kv_head x head_dim x dtype bytes.
 - cache vs naive: whole generations (prefill included) of `--new` tokens after the `--prompt`-token prompt;
   the cached engine is best of `--repeats`, `generate_naive` (the whole sequence recomputed for every token) one
-  run. The `--long-new` row (d6 only, issue 10's acceptance: >= 10x at 512 tokens) would take ~1 min of naive
+  run. The `--long-new` row (d6 only, the >= 10x at 512 tokens target) would take ~1 min of naive
   recompute, so it is estimated: every `--naive-stride`-th step is timed (its midpoint length, best of
   `--repeats`) and the sum scaled by the stride; `--naive-stride 1` times the whole run once instead.
 - 8 rows batched vs sequential: one generation of num_samples=8 (best of `--repeats`) against 8 x the best

@@ -5,7 +5,7 @@
 Two measurements, each alternating the two implementations in one process and keeping the fastest of
 `--repeats` runs:
 - head only: forward + backward of the loss from the final hidden states (N = rows x seq_len tokens);
-- whole step: forward + backward + optimizer step of a GPT at `--depth` (head_dim 64, as issue 10's reference
+- whole step: forward + backward + optimizer step of a GPT at `--depth` (head_dim 64, as the CPU reference
   configuration) on one batch, with GPT's loss swapped between the two implementations.
 Losses and gradients of the two agree (tests/test_head_loss.py); the script checks the losses again.
 """

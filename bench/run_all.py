@@ -4,7 +4,7 @@ docs/benchmarks.md's "Latest `make bench`" tables refreshed from the JSON files 
     python bench/run_all.py [--only NAME ...] [--no-docs] [--list]
 
 On a machine with CUDA the training entry measures d12 and d20 at sequence 2,048 in bf16 with torch.compile
-(issue 10's GPU items) instead of the CPU sizes.
+(the GPU items) instead of the CPU sizes.
 """
 
 from __future__ import annotations

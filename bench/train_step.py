@@ -273,7 +273,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--plain-autocast", choices=("forward", "step"), default="forward",
                    help="bf16: autocast the plain loop's forward only, or its whole step as Lightning does")
     p.add_argument("--vocab", type=int, default=4096, help="tokenizer and model vocabulary")
-    p.add_argument("--head-dim", type=int, default=128, help="128 as nanochat's presets; issue 10's CPU reference used 64")
+    p.add_argument("--head-dim", type=int, default=128, help="128 as nanochat's presets; the CPU reference used 64")
     p.add_argument("--compile", action="store_true", help="torch.compile the model on both sides")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="bench/results/train_step.json")

@@ -1,6 +1,6 @@
 """RL on your own task: a Task that asks questions and scores answers is all the RL stage needs.
 
-    python train.py stage=rl init_from=<sft run or export dir> \
+    nanochat train stage=rl init_from=<sft run or export dir> \
         'mixture.rl.train=[{_target_: examples.rl_custom_task.PickDigit, size: 512}]' \
         'mixture.rl.eval=[{_target_: examples.rl_custom_task.PickDigit, size: 64, split: test}]'
 

@@ -22,7 +22,7 @@ def test_parameter_counts_and_flops_at_vocab_65536(depth, params, flops):
     with torch.device("meta"):  # no memory: the d32 model would need 7.5 GB in fp32
         model = GPT(GPTConfig.from_depth(depth, vocab_size=65536, sequence_len=2048))
     assert model.num_params() == params
-    assert model.flops_per_token() == flops  # spec 2.5: 3.492e9, 6.901e9, 1.208e10
+    assert model.flops_per_token() == flops  # nanochat's: 3.492e9, 6.901e9, 1.208e10
 
 
 @pytest.mark.parametrize("depth,width,heads", [(4, 256, 2), (6, 384, 3), (12, 768, 6), (20, 1280, 10), (26, 1664, 13)])

@@ -1,4 +1,4 @@
-"""RLModule: on-policy policy gradient on questions with checkable answers (nanochat chat_rl, spec 6.5).
+"""RLModule: on-policy policy gradient on questions with checkable answers (nanochat chat_rl).
 
 One `training_step` is one optimizer step over this rank's questions:
 

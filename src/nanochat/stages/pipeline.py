@@ -109,7 +109,7 @@ def device_count(cfg) -> int:
     t = cfg.trainer
     if int(t.get("num_nodes") or 1) > 1:
         raise UserError("a pipeline runs on one node; on a cluster launch each stage with srun/torchrun on every node "
-                        "(README: \"Several nodes\")")
+                        "(docs/training.md, \"Several nodes\")")
     devices = t.get("devices")
     if t.get("accelerator") == "cpu" or not isinstance(devices, int):
         return 1

@@ -1,4 +1,4 @@
-"""Chat tasks: conversations for mid-training / SFT mixtures and chat evaluation (spec section 6.1).
+"""Chat tasks: conversations for mid-training / SFT mixtures and chat evaluation.
 
 A task is an indexable, sliceable collection of conversations `{"messages": [...]}` in the format that
 `nanochat.tokenizer.chat_format.render_conversation` accepts; evaluable tasks also score a model's completion.

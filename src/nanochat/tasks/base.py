@@ -1,4 +1,4 @@
-"""Task, TaskMixture, TaskSequence and the multiple-choice prompt shared by MMLU and ARC (spec section 6.1)."""
+"""Task, TaskMixture, TaskSequence and the multiple-choice prompt shared by MMLU and ARC."""
 
 from __future__ import annotations
 

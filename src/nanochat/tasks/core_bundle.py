@@ -1,4 +1,4 @@
-"""The CORE benchmark bundle (DCLM; nanochat's base_eval, spec 7.1): which tasks, their examples, their prompts.
+"""The CORE benchmark bundle (DCLM; nanochat's base_eval): which tasks, their examples, their prompts.
 
     <bundle>/core.yaml                 icl_tasks: label, dataset_uri, icl_task_type, num_fewshot, continuation_delimiter
     <bundle>/eval_meta_data.csv        `Eval Task`, `Random baseline` (percent) per label

@@ -1,6 +1,6 @@
 """Chat rendering: conversations -> token ids plus a mask of which tokens the model is trained on.
 
-Rules (nanochat's, spec section 1.6): BOS first; a leading system message is merged into the first user
+Rules (nanochat's): BOS first; a leading system message is merged into the first user
 message; user turns are never trained on; in assistant turns the text, python tool calls and the closing
 <|assistant_end|> are trained (mask 1) while tool outputs are not (the engine forces them at inference);
 both lists are truncated to max_tokens. `tok` is a nanochat Tokenizer (its `encode`, `token_id` and
