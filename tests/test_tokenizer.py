@@ -11,6 +11,7 @@ from nanochat.data.documents import iter_documents, strip_gutenberg
 from nanochat.errors import UserError
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 from nanochat.tokenizer.compression import compression_table
+from nanochat.tokenizer.training import TRAINERS
 
 HARD_CASES = [
     "",
@@ -202,6 +203,36 @@ def test_training_input_errors(tmp_path):
         Tokenizer.train(iter_documents([tmp_path / "blank.txt"]), vocab_size=300, show_progress=False)
 
 
+def test_both_trainers_follow_the_same_conventions():
+    """rustbpe (default) and HF tokenizers: byte b at id b, specials last, HF and tiktoken ids equal, and the same
+    compression of the training text to 2 % (they may break ties between equally frequent pairs differently)."""
+    from conftest import corpus_documents
+
+    docs = corpus_documents()
+    toks = {name: Tokenizer.train(docs, vocab_size=600, show_progress=False, trainer=name) for name in TRAINERS}
+    for tok in toks.values():
+        assert tok.vocab_size == 600
+        assert [tok.token_id(t) for t in SPECIAL_TOKENS] == list(range(591, 600))
+        assert all(tok.enc.decode_single_token_bytes(b) == bytes([b]) for b in range(256))
+        for doc in docs + HARD_CASES[:-1]:
+            assert tok.hf.encode(doc, add_special_tokens=False).ids == tok.encode(doc)
+    sizes = {name: sum(len(tok.encode(d)) for d in docs) for name, tok in toks.items()}
+    assert abs(sizes["rustbpe"] - sizes["hf"]) <= 0.02 * sizes["hf"], sizes
+
+
+def test_unknown_trainer_and_non_bpe_ranks_are_named(tmp_path):
+    from nanochat.tokenizer.bpe import ranks_to_hf
+    from nanochat.tokenizer.training import train_tokenizer
+
+    (tmp_path / "t.txt").write_text("some text " * 20)
+    with pytest.raises(UserError, match="'sentencepiece' is not one of rustbpe, hf"):
+        train_tokenizer([tmp_path / "t.txt"], 300, tmp_path / "out", trainer="sentencepiece")
+    assert not (tmp_path / "out").exists()
+    ranks = {bytes([b]): b for b in range(256)} | {b"abc": 256}  # not one merge of two earlier tokens
+    with pytest.raises(UserError, match="not one merge"):
+        ranks_to_hf(ranks)
+
+
 def test_cli_errors_are_one_line_and_write_nothing(tmp_path):
     (tmp_path / "bad.txt").write_bytes(b"caf\xe9\n")
     out = tmp_path / "out"
@@ -224,7 +255,11 @@ def test_cli_train_then_eval(tmp_path):
     proc = run("train", "--input", str(tmp_path / "corpus.jsonl"), "--vocab-size", "600", "--out", str(out), "--quiet")
     assert proc.returncode == 0, proc.stderr
     stats = json.loads((out / "train_stats.json").read_text())
-    assert stats["vocab_size"] == 600 and stats["token_bytes_min"] == 1
+    assert stats["vocab_size"] == 600 and stats["token_bytes_min"] == 1 and stats["trainer"] == "rustbpe"
+    proc = run("train", "--input", str(tmp_path / "corpus.jsonl"), "--vocab-size", "600", "--out", str(tmp_path / "hf"),
+               "--quiet", "--trainer", "hf")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "hf" / "train_stats.json").read_text())["trainer"] == "hf"
     proc = run("eval", "--tokenizer", str(out), "--input", str(tmp_path / "corpus.jsonl"), "--json")
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout.strip().splitlines()[-1])

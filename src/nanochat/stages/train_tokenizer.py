@@ -21,6 +21,6 @@ def run(cfg) -> None:
     train_files, _ = split_shards(shards)  # the validation shard stays unseen, as for the model
     t = cfg.tokenizer
     stats = train_tokenizer(train_files, cfg.model.vocab_size, cfg.paths.tokenizer_dir, max_chars=t.max_chars,
-                            doc_cap=t.doc_cap, show_progress=t.progress)
+                            doc_cap=t.doc_cap, show_progress=t.progress, trainer=t.trainer)
     items = {"data": f"{d.name} ({len(train_files)} training shards)", "tokenizer dir": cfg.paths.tokenizer_dir, **stats}
     write_section(run_root, "tokenizer", {"items": items, "wall_time_s": time.perf_counter() - t0})

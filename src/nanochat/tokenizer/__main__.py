@@ -1,6 +1,7 @@
 """Tokenizer command line.
 
-    nanochat tokenizer train --input <files or dirs> [--vocab-size 65536] [--max-chars 2e9] [--out DIR]
+    nanochat tokenizer train --input <files or dirs> [--vocab-size 65536] [--max-chars 2e9] [--trainer rustbpe|hf]
+                             [--out DIR]
     nanochat tokenizer eval [--tokenizer DIR] [--input <files or dirs>] [--allow-download]
 """
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from nanochat.errors import UserError, exit_on_error
 from nanochat.paths import base_dir, shared_data_dir
+from nanochat.tokenizer.training import TRAINERS
 
 
 def _count(text: str) -> int:
@@ -25,7 +27,7 @@ def cmd_train(args) -> dict:
     from nanochat.tokenizer.training import train_tokenizer
 
     return train_tokenizer(args.input, args.vocab_size, args.out, max_chars=args.max_chars, doc_cap=args.doc_cap,
-                           gutenberg=args.gutenberg, show_progress=not args.quiet)
+                           gutenberg=args.gutenberg, show_progress=not args.quiet, trainer=args.trainer)
 
 
 def cmd_eval(args) -> None:
@@ -61,6 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("--doc-cap", type=_count, default=10_000, help="crop each document to this many chars (0: no crop)")
     train.add_argument("--gutenberg", action="store_true", help="strip Project Gutenberg licence headers/footers")
     train.add_argument("--out", type=Path, default=default_dir, help=f"output directory (default {default_dir})")
+    train.add_argument("--trainer", choices=TRAINERS, default=TRAINERS[0],
+                       help="BPE trainer: rustbpe (faster) or hf (HF tokenizers); same ids and files either way")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.set_defaults(func=cmd_train)
 

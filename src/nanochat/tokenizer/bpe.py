@@ -113,6 +113,39 @@ def _renumber_bytes_first(trained: Tokenizer) -> Tokenizer:
     return tok
 
 
+def ranks_to_hf(ranks: dict[bytes, int]) -> Tokenizer:
+    """The HF tokenizer of mergeable ranks (bytes first, merges in learned order), special tokens appended.
+
+    Each merged token's pair is the split that BPE itself makes of its bytes with only the lower ranks, so HF,
+    applying merges by priority, gives tiktoken's ids."""
+    to_unicode = byte_to_unicode()
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        if rank < 256:
+            continue
+        left, right = _last_merge(ranks, token, rank)
+        merges.append(("".join(to_unicode[b] for b in left), "".join(to_unicode[b] for b in right)))
+    vocab = {ch: b for b, ch in to_unicode.items()}
+    for left, right in merges:
+        vocab[left + right] = len(vocab)
+    tok = _hf_tokenizer(BPE(vocab=vocab, merges=merges, ignore_merges=True))
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    return tok
+
+
+def _last_merge(ranks: dict[bytes, int], token: bytes, rank: int) -> tuple[bytes, bytes]:
+    parts = [token[i : i + 1] for i in range(len(token))]
+    while len(parts) > 2:
+        pair_ranks = [ranks.get(a + b, rank) for a, b in zip(parts[:-1], parts[1:])]
+        best = min(range(len(pair_ranks)), key=pair_ranks.__getitem__)
+        if pair_ranks[best] >= rank:
+            break
+        parts[best : best + 2] = [parts[best] + parts[best + 1]]
+    if len(parts) != 2:
+        raise UserError(f"token {token!r} (id {rank}) is not one merge of two earlier tokens; the ranks are not a BPE")
+    return parts[0], parts[1]
+
+
 def hf_to_tiktoken(hf: Tokenizer, name: str = "nanochat") -> tiktoken.Encoding:
     """The same tokenizer as a tiktoken Encoding: ranks are the HF ids, specials keep their ids."""
     unicode_to_byte = {ch: b for b, ch in byte_to_unicode().items()}

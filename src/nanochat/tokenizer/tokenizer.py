@@ -19,7 +19,9 @@ import torch
 from nanochat.errors import UserError
 from nanochat.io import atomic_write
 from nanochat.tokenizer import chat_format
-from nanochat.tokenizer.bpe import SPECIAL_TOKENS, SPLIT_PATTERN, hf_to_tiktoken, make_encoding, train_hf_bpe
+from nanochat.tokenizer.training import TRAINERS
+from nanochat.tokenizer.bpe import (SPECIAL_TOKENS, SPLIT_PATTERN, hf_to_tiktoken, make_encoding, ranks_to_hf,
+                                    train_hf_bpe)
 
 RANKS_FILE = "tokenizer.tiktoken"
 CONFIG_FILE = "tokenizer_config.json"
@@ -35,9 +37,20 @@ class Tokenizer:
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
-    def train(cls, texts, vocab_size: int = 65536, *, show_progress: bool = True) -> Tokenizer:
-        hf = train_hf_bpe(texts, vocab_size, show_progress=show_progress)
-        return cls(hf_to_tiktoken(hf), hf)
+    def train(cls, texts, vocab_size: int = 65536, *, show_progress: bool = True,
+              trainer: str = TRAINERS[0]) -> Tokenizer:
+        """BPE from `texts`: `trainer` rustbpe (default, the faster) or hf (HF `tokenizers`); the same conventions and
+        files either way."""
+        if trainer == "rustbpe":
+            from nanochat.tokenizer.rustbpe_trainer import train_rustbpe
+
+            ranks = train_rustbpe(texts, vocab_size)
+            specials = {t: len(ranks) + i for i, t in enumerate(SPECIAL_TOKENS)}
+            return cls(make_encoding(ranks, specials), ranks_to_hf(ranks))
+        if trainer == "hf":
+            hf = train_hf_bpe(texts, vocab_size, show_progress=show_progress)
+            return cls(hf_to_tiktoken(hf), hf)
+        raise UserError(f"tokenizer trainer {trainer!r} is not one of {', '.join(TRAINERS)}")
 
     def save(self, directory: str | Path) -> Path:
         directory = Path(directory)

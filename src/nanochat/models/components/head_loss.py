@@ -1,85 +1,161 @@
-"""Output head + logit softcap + cross-entropy as one autograd op, for the large-vocabulary training loss.
+"""Output head + logit softcap + cross-entropy as one autograd op over chunks of rows: no (N, vocab) tensor.
 
-Written out by PyTorch ops, `cap * tanh(h @ W.T / cap)` followed by `cross_entropy` keeps four (N, vocab)
-fp32 tensors alive for the backward pass (logits, logits/cap, tanh, capped logits) and makes a dozen passes
-over them. At vocab 32,768 and 8,192 tokens each is 1 GiB, and on a CPU these passes cost more than the
-head's matmuls (docs/benchmarks.md). This op saves only t = tanh(z/cap) and the log-sum-exp per row, and
-computes the gradient from them in place:
+Written out by PyTorch ops, `cap * tanh(h @ W.T / cap)` followed by `cross_entropy` keeps (N, vocab) fp32 tensors
+alive for the backward pass (logits, logits/cap, tanh, capped logits; their gradients as large again) and makes a
+dozen passes over them: at d20 with 32 x 2,048 tokens per device and vocab 65,536 each is 16 GiB. This op takes the
+rows in chunks. For a chunk it computes the logits z = h W^T, its losses and, when a gradient will be needed, at
+once the gradient of the loss with respect to z
 
-    d loss / d z = (softmax(cap * t) - onehot(target)) * scale * (1 - t^2)
+    d loss / d z = (softmax(cap * t) - onehot(target)) * scale * (1 - t^2),   t = tanh(z / cap)
 
-with scale = 1/count (mean), 1 (sum) or the upstream gradient per row (none). The elementwise work runs
-over blocks of rows small enough to stay in cache; the matmuls run once over all rows.
+with scale = 1/count (mean) or 1 (sum), and folds it into d loss / d h and d loss / d W by two matmuls before the
+next chunk. Backward then only multiplies those two by the upstream gradient. For reduction='none' the upstream
+gradient differs per row and is known only in backward, so backward recomputes each chunk's logits instead (one
+more matmul) from the saved log-sum-exp. Memory beyond the inputs: one chunk of logits plus gradients of h and W.
+
+Eager, each chunk's elementwise work runs in place over blocks of rows small enough to stay in a CPU's cache;
+under torch.compile the same maths is written as plain ops for inductor to fuse into a few kernels.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
-import torch.nn.functional as F
 
-# fp32 logits per elementwise block. On a CPU, rows that stay in cache (1-8 MiB measured alike, docs/benchmarks.md).
-# On a GPU every op is a kernel launch per block and caches buy nothing, so blocks only bound the temporaries.
-CPU_BLOCK_BYTES = 1 << 21
-GPU_BLOCK_BYTES = 1 << 30
+# Rows per chunk: the chunk's logits (rows x vocab, in fp32 terms) stay under this many bytes, which bounds the
+# op's memory. Fewer, larger chunks are faster on a CPU: d4's head at 8,192 x 32,768 took 1.8 s in one chunk, 2.3 s
+# in 4 and 3.1 s in 16 (1 thread, docs/benchmarks.md).
+CHUNK_BYTES = 1 << 30
+# Rows per in-place elementwise block on the eager path: fp32 blocks that stay in cache (1-8 MiB measured alike).
+BLOCK_BYTES = 1 << 21
+# exp(c - cap) with c in [-cap, cap] cannot overflow, and its row sums stay normal fp32 numbers up to this cap.
+MAX_CAP = 40.0
 
 
-def _blocks(n_rows: int, vocab: int, device: torch.device):
-    step = max(1, (CPU_BLOCK_BYTES if device.type == "cpu" else GPU_BLOCK_BYTES) // (4 * vocab))
+def _spans(n_rows: int, vocab: int, budget: int):
+    step = max(1, budget // (4 * vocab))
     for start in range(0, n_rows, step):
         yield slice(start, min(start + step, n_rows))
 
 
+def compute_dtype(h: torch.Tensor) -> torch.dtype:
+    """The matmuls' dtype: autocast's where it is on (bf16-mixed training), else the hidden states'."""
+    kind = h.device.type
+    if kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return h.dtype
+
+
+def rows_traced(z: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor | None, cap: float):
+    """(nll, lse, dz) of one chunk of logits as plain ops (for torch.compile); dz is None when `scale` is None."""
+    t = torch.tanh(z.float() / cap)
+    e = torch.exp((t - 1.0) * cap)  # exp(c - cap): the shift keeps it finite for any logits
+    total = e.sum(-1)
+    lse = torch.log(total) + cap
+    nll = lse - cap * t.gather(1, targets[:, None]).squeeze(1)
+    if scale is None:
+        return nll, lse, None
+    hit = torch.arange(z.size(1), device=z.device)[None, :] == targets[:, None]
+    dz = (e / total[:, None] - hit.to(e.dtype)) * (1.0 - t * t) * scale[:, None]
+    return nll, lse, dz.to(z.dtype)
+
+
+def rows_in_place(z: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor | None, cap: float,
+                  lse_given: torch.Tensor | None = None):
+    """As `rows_traced`, block by block in cache, writing dz over z; (nll, lse, z-now-dz or None).
+
+    With `lse_given` (backward of reduction='none'), the log-sum-exp is not recomputed."""
+    n = z.size(0)
+    nll = torch.empty(n, dtype=torch.float32, device=z.device)
+    lse = torch.empty_like(nll) if lse_given is None else lse_given
+    arange = torch.arange(n, device=z.device)
+    for rows in _spans(n, z.size(1), BLOCK_BYTES):
+        t = z[rows].float().div_(cap).tanh_()
+        tgt = targets[rows]
+        if lse_given is None:
+            e = t.sub(1.0).mul_(cap).exp_()
+            total = e.sum(-1)
+            lse[rows] = total.log() + cap
+            nll[rows] = lse[rows] - cap * t[arange[: t.size(0)], tgt]
+        else:
+            e = (t * cap).sub_(lse[rows, None]).exp_()
+            total = None
+        if scale is None:
+            continue
+        p = e if total is None else e.div_(total[:, None])
+        p[arange[: p.size(0)], tgt] -= 1.0
+        p.mul_(scale[rows, None]).mul_(t.square_().neg_().add_(1.0))
+        z[rows] = p
+    return nll, lse, (z if scale is not None else None)
+
+
+def _rows(z, targets, scale, cap, lse_given=None):
+    if torch.compiler.is_compiling():
+        nll, lse, dz = rows_traced(z, targets, scale, cap)
+        return nll, (lse if lse_given is None else lse_given), dz
+    return rows_in_place(z, targets, scale, cap, lse_given)
+
+
 class SoftcapCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cap: float, reduction: str):
-        z = F.linear(h, weight)  # under autocast this is the low-precision matmul, as nn.Linear would be
-        compute_dtype = z.dtype
-        t = z.float()  # z itself in fp32; a fresh copy otherwise - either way ours to overwrite
-        valid = targets != -1
-        safe_targets = targets.clamp(min=0)
-        nll = torch.empty(t.size(0), dtype=torch.float32, device=t.device)
-        lse = torch.empty_like(nll)
-        for rows in _blocks(t.size(0), t.size(1), t.device):
-            block = t[rows].div_(cap).tanh_()
-            capped = block * cap
-            lse[rows] = torch.logsumexp(capped, dim=-1)
-            nll[rows] = lse[rows] - capped.gather(1, safe_targets[rows, None]).squeeze(1)
-        nll = nll * valid
-        ctx.save_for_backward(h, weight, safe_targets, valid, t, lse)
-        ctx.cap, ctx.reduction, ctx.compute_dtype, ctx.consumed = cap, reduction, compute_dtype, False
+    def forward(ctx, h, weight, targets, cap: float, reduction: str, need_grad: bool, chunk_bytes: int):
+        dtype = compute_dtype(h)
+        with torch.autocast(h.device.type, enabled=False) if h.device.type in ("cpu", "cuda") else nullcontext():
+            hc, wc = h.to(dtype), weight.to(dtype)  # the weight cast once, not once per chunk
+            valid = targets != -1
+            safe = targets.clamp(min=0)
+            count = valid.sum()
+            grads = need_grad and reduction != "none"
+            scale = None
+            if grads:
+                scale = valid / count if reduction == "mean" else valid.to(torch.float32)
+                grad_h = torch.empty_like(hc)
+                grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            nll_parts, lse_parts = [], []
+            for rows in _spans(h.size(0), weight.size(0), chunk_bytes):
+                z = hc[rows] @ wc.t()
+                nll, lse, dz = _rows(z, safe[rows], None if scale is None else scale[rows], cap)
+                nll_parts.append(nll)
+                lse_parts.append(lse)
+                if grads:
+                    grad_h[rows] = dz @ wc
+                    grad_w += (dz.t() @ hc[rows]).float()
+            nll = torch.cat(nll_parts) * valid
+        ctx.cap, ctx.reduction, ctx.chunk_bytes, ctx.dtype = cap, reduction, chunk_bytes, dtype
+        ctx.h_dtype, ctx.w_dtype = h.dtype, weight.dtype
+        if grads:
+            ctx.save_for_backward(grad_h, grad_w)
+        elif need_grad:  # 'none': backward recomputes each chunk's logits with its rows' upstream gradients
+            ctx.save_for_backward(h, weight, safe, valid, torch.cat(lse_parts))
         if reduction == "none":
             return nll
-        return nll.sum() / valid.sum() if reduction == "mean" else nll.sum()
+        return nll.sum() / count if reduction == "mean" else nll.sum()
 
     @staticmethod
     def backward(ctx, grad):
-        if ctx.consumed:  # the saved logits were overwritten by the first backward
-            raise RuntimeError("softcap_cross_entropy: backward can run only once per forward (retain_graph is not supported)")
-        ctx.consumed = True
-        h, weight, safe_targets, valid, t, lse = ctx.saved_tensors
-        cap = ctx.cap
-        if ctx.reduction == "mean":
-            scale = valid * (grad / valid.sum())
-        else:
-            scale = valid * grad  # grad is a scalar (sum) or one value per row (none)
-        dz = t  # overwritten block by block: t is not needed after its block's gradient
-        rows_idx = torch.arange(t.size(0), device=t.device)
-        for rows in _blocks(t.size(0), t.size(1), t.device):
-            block = t[rows]
-            p = (block * cap).sub_(lse[rows, None]).exp_()
-            p[rows_idx[: p.size(0)], safe_targets[rows]] -= 1.0
-            p.mul_(scale[rows, None])
-            dz[rows] = p.mul_(block.square_().neg_().add_(1.0))
-        dz = dz.to(ctx.compute_dtype)
-        grad_h = (dz @ weight.to(ctx.compute_dtype)).to(h.dtype) if ctx.needs_input_grad[0] else None
-        grad_w = (dz.t() @ h.to(ctx.compute_dtype)).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        return grad_h, grad_w, None, None, None
+        if ctx.reduction != "none":
+            grad_h, grad_w = ctx.saved_tensors
+            return grad_h.to(ctx.h_dtype) * grad, (grad_w * grad).to(ctx.w_dtype), None, None, None, None, None
+        h, weight, safe, valid, lse = ctx.saved_tensors
+        scale = grad.float() * valid
+        hc, wc = h.to(ctx.dtype), weight.to(ctx.dtype)
+        grad_h = torch.empty_like(hc)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for rows in _spans(h.size(0), weight.size(0), ctx.chunk_bytes):
+            z = hc[rows] @ wc.t()
+            _, _, dz = _rows(z, safe[rows], scale[rows], ctx.cap, lse[rows])
+            grad_h[rows] = dz @ wc
+            grad_w += (dz.t() @ hc[rows]).float()
+        return grad_h.to(ctx.h_dtype), grad_w.to(ctx.w_dtype), None, None, None, None, None
 
 
-def softcap_cross_entropy(
-    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cap: float, reduction: str = "mean"
-) -> torch.Tensor:
+def softcap_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cap: float,
+                          reduction: str = "mean", chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
     """cross_entropy(cap * tanh(h @ weight.T / cap), targets, ignore_index=-1, reduction) for (N, d) inputs."""
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    return SoftcapCrossEntropy.apply(h, weight, targets, cap, reduction)
+    if not 0 < cap <= MAX_CAP:
+        raise ValueError(f"softcap must be in (0, {MAX_CAP:g}], got {cap}")
+    need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    return SoftcapCrossEntropy.apply(h, weight, targets, cap, reduction, need_grad, chunk_bytes)

@@ -1,0 +1,455 @@
+"""Side by side with karpathy/nanochat on nanochat's own configuration: the same shards, the same token ids, the same
+model shape and tokens per step. Base training tok/s, wall time, peak RSS and the val bpb of one common evaluator;
+then decoding of the same weights in each engine (prefill, time to first token, tok/s at batch 1 and 8).
+
+    python bench/nanochat_side_by_side.py --nanochat DIR [--work DIR] [--text DIR] [--vocab 32768] [--depth 4]
+        [--seq-len 512] [--batch 16] [--steps 60] [--threads 2] [--precision bf16|fp32] [--eval-tokens 65536]
+        [--prompt 256] [--new 128] [--repeats 3] [--skip-train] [--skip-decode] [--json PATH]
+
+`--nanochat` is a checkout of github.com/karpathy/nanochat. Its scripts run from its own directory in their own
+processes (its package is also called `nanochat`); nothing of it is imported into this project. Without it the
+script prints why it skipped and exits 0.
+
+- Data: `nanochat data prepare TEXT --gutenberg` writes the shards once into WORK/shards; the last shard is the val
+  shard for both (nanochat's convention too). nanochat reads them through WORK/nanochat_home/base_data_climbmix.
+- Tokenizer: ours, trained once on the train shards (`train_tokenizer`), and the same ranks written as nanochat's
+  `tokenizer.pkl` (a pickled tiktoken Encoding) + `token_bytes.pt`, so both train on identical ids.
+- Training: nanochat's `scripts/base_train.py` (window pattern L, NANOCHAT_DTYPE=bfloat16|float32) and ours
+  (`python -m nanochat train stage=base`, precision=bf16|fp32), depth, head_dim 128, sequence, rows x sequence
+  tokens per step (no accumulation), `--steps` steps, no evaluation or sampling during the run, weights saved at the
+  end. tok/s is each step's own figure from each program's log (nanochat: tokens / its dt; ours: log_every=1), median
+  over steps 11..N; wall is the whole process (start-up and compilation included); peak RSS from wait4.
+- Common evaluator: the first `--eval-tokens` tokens of the val shard, documents BOS-prefixed and concatenated, cut
+  into rows of sequence + 1; each trained model scores them in fp32 with `nanochat.eval.bpb.bpb_sums` (nanochat's
+  GPT takes the same `model(x, y, loss_reduction="none")` call; the function's file is loaded by path there).
+- Decoding: our trained weights, copied into nanochat's GPT with its later additions set to identity (residual
+  lambdas 1, x0 lambdas 0, smear 0, backout 0, value embeddings 0); its fixed q/k gain of 1.2 and rotary base
+  100,000 remain, so the two compute slightly different functions at the same cost. Greedy, `--prompt` tokens of
+  val text, `--new` tokens; prefill = one forward of the prompt into an empty KV cache; TTFT = from calling each
+  engine's `generate` to its first yield; decode tok/s = rows x steps after the first / their time. Best of
+  `--repeats`, both engines in the bench's precision, `--threads` threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+NANOCHAT_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
+# nanochat's per-step line: "step 00011/00060 (18.33%) | loss: ... | dt: 812.34ms | tok/sec: 10,084 | ..."
+NANOCHAT_STEP = re.compile(r"^step (\d+)/(\d+) .*\| dt: ([\d.]+)ms \| tok/sec: ([\d,]+)")
+# ours: "step     11/60 ( 18.3%) | loss 7.1234 | lrm 1.000 | 10,084 tok/s | mfu ..."
+OUR_STEP = re.compile(r"step\s+(\d+)/(\d+) .*\| ([\d,]+) tok/s")
+# nanochat's GPT keys besides ours, with the value that makes each an identity
+NANOCHAT_IDENTITY = {"resid_lambdas": 1.0, "x0_lambdas": 0.0, "smear_lambda": 0.0, "backout_lambda": 0.0}
+
+
+# --- pieces that need neither program -------------------------------------------------------------
+def step_rates(log: str, pattern: re.Pattern, first: int, one_based: bool) -> dict[int, float]:
+    """{1-based step: tok/s} of the steps from `first` on, read from a training log."""
+    rates = {}
+    for line in log.splitlines():
+        m = pattern.search(line)
+        if m:
+            step = int(m.group(1)) + (0 if one_based else 1)
+            if step >= first:
+                rates[step] = float(m.group(m.lastindex).replace(",", ""))
+    return rates
+
+
+def val_rows(texts, tokenizer, n_tokens: int, seq_len: int) -> torch.Tensor:
+    """(rows, seq_len + 1) int64: BOS + document tokens, documents concatenated, cut into rows of seq_len + 1;
+    as many rows as `n_tokens` targets need."""
+    rows = -(-n_tokens // seq_len)
+    need = rows * (seq_len + 1)
+    ids: list[int] = []
+    for text in texts:
+        ids += tokenizer.encode(text, prepend=tokenizer.bos_token_id)
+        if len(ids) >= need:
+            break
+    if len(ids) < need:
+        raise SystemExit(f"the val shard holds {len(ids):,} tokens; --eval-tokens asks for {need:,}")
+    return torch.tensor(ids[:need], dtype=torch.long).view(rows, seq_len + 1)
+
+
+def write_nanochat_tokenizer(tokenizer, directory: Path) -> None:
+    """Our ranks as nanochat's tokenizer files: the tiktoken Encoding pickled, and each token's byte length."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "tokenizer.pkl", "wb") as f:
+        pickle.dump(tokenizer.enc, f)
+    torch.save(tokenizer.token_bytes().clone(), directory / "token_bytes.pt")
+
+
+def bpb_function():
+    """`bpb_sums` from our evaluation package, loaded from its file so it runs in a process whose `nanochat` is
+    nanochat's: the one function that scores both models."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("common_bpb", REPO / "src" / "nanochat" / "eval" / "bpb.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.bpb_sums
+
+
+@torch.no_grad()
+def score(model, rows: torch.Tensor, token_bytes: torch.Tensor, batch: int) -> dict:
+    """Bits per byte and mean loss of `model` on the rows, fp32, via the shared `bpb_sums`."""
+    import math
+
+    bpb_sums = bpb_function()
+    sums = torch.zeros(4, dtype=torch.float64)
+    for start in range(0, rows.size(0), batch):
+        sums += torch.stack([t.double() for t in bpb_sums(model, rows[start : start + batch], token_bytes)])
+    nats, nbytes, all_nats, count = sums.tolist()
+    return {"bpb": nats / (math.log(2) * nbytes), "loss": all_nats / count, "tokens": int(count)}
+
+
+def nanochat_state_dict(ours: dict[str, torch.Tensor], nanochat_keys: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """nanochat's state dict from ours: shared names copied, its later additions set to identity (NANOCHAT_IDENTITY;
+    value embeddings and their gates zero, smear gate zero)."""
+    out = {}
+    for key, shape in nanochat_keys.items():
+        if key in ours:
+            if ours[key].shape != shape:
+                raise SystemExit(f"{key}: ours {tuple(ours[key].shape)} vs nanochat {tuple(shape)}")
+            out[key] = ours[key].clone()
+        elif key in NANOCHAT_IDENTITY:
+            out[key] = torch.full(shape, NANOCHAT_IDENTITY[key])
+        elif key.startswith("value_embeds.") or key.endswith("ve_gate.weight") or key == "smear_gate.weight":
+            out[key] = torch.zeros(shape)
+        else:
+            raise SystemExit(f"nanochat's GPT has {key}, which this bench cannot map")
+    missing = sorted(set(ours) - set(out))
+    if missing:
+        raise SystemExit(f"our weights {missing} have no place in nanochat's GPT")
+    return out
+
+
+def decode_prompt(rows: torch.Tensor, length: int) -> list[int]:
+    return rows.flatten()[:length].tolist()
+
+
+def time_generation(generate, prompt: list[int], rows: int, new: int, repeats: int) -> dict:
+    """Best-of-`repeats` TTFT (call to first yield) and decode tok/s (steps after the first) of a generator."""
+    best = {"ttft_s": float("inf"), "decode_tok_per_s": 0.0, "steps": 0}
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        stream = generate(prompt, rows, new)
+        next(stream)
+        t1 = time.perf_counter()
+        steps = sum(1 for _ in stream)
+        t2 = time.perf_counter()
+        best["ttft_s"] = min(best["ttft_s"], t1 - t0)
+        if steps:
+            best["decode_tok_per_s"] = max(best["decode_tok_per_s"], rows * steps / (t2 - t1))
+        best["steps"] = steps + 1
+    return best
+
+
+def time_prefill(forward, prompt: list[int], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        forward(prompt)
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+# --- nanochat's side: run inside its checkout -------------------------------------------------------
+def worker(args) -> None:
+    """`--worker score|decode`: runs with cwd = the nanochat checkout, whose `nanochat` package this imports."""
+    job = json.loads(Path(args.job).read_text())
+    sys.path.insert(0, os.getcwd())
+    torch.set_num_threads(job["threads"])
+    from nanochat.checkpoint_manager import build_model
+    from nanochat.common import COMPUTE_DTYPE
+    from nanochat.engine import Engine, KVCache
+    from nanochat.gpt import GPT, GPTConfig
+
+    device = torch.device("cpu")
+    if args.worker == "score":
+        model, _, _ = build_model(job["checkpoint_dir"], job["step"], device, phase="eval")
+        result = score(model, torch.load(job["rows"]), torch.load(job["token_bytes"]), job["batch"])
+    else:
+        cfg = GPTConfig(**job["config"])
+        with torch.device("meta"):
+            model = GPT(cfg)
+        model.to_empty(device=device)
+        model.init_weights()
+        ours = torch.load(job["weights"])
+        keys = {k: v.shape for k, v in model.state_dict().items()}
+        state = {k: v.to(model.state_dict()[k].dtype) for k, v in nanochat_state_dict(ours, keys).items()}
+        model.load_state_dict(state, strict=True)
+        model.eval()
+        from nanochat.tokenizer import get_tokenizer
+
+        engine = Engine(model, get_tokenizer())
+        m = model.config
+        kv = {"num_heads": m.n_kv_head, "head_dim": m.n_embd // m.n_head, "num_layers": m.n_layer}
+
+        @torch.inference_mode()
+        def prefill(prompt):
+            cache = KVCache(batch_size=1, seq_len=len(prompt), device=device, dtype=COMPUTE_DTYPE, **kv)
+            return model.forward(torch.tensor([prompt]), kv_cache=cache)
+
+        def generate(prompt, rows, new):
+            return engine.generate(prompt, num_samples=rows, max_tokens=new, temperature=0.0)
+
+        result = decode_results(prefill, generate, job)
+        result["compute_dtype"] = str(COMPUTE_DTYPE)
+    Path(job["out"]).write_text(json.dumps(result))
+
+
+def decode_results(prefill, generate, job: dict) -> dict:
+    prompt = job["prompt_ids"]
+    generate(prompt[:8], 1, 4).__next__()  # first-call costs (allocator, lazy init) outside the timings
+    out = {"prefill_s": time_prefill(prefill, prompt, job["repeats"])}
+    for rows in (1, 8):
+        out[f"batch{rows}"] = time_generation(generate, prompt, rows, job["new"], job["repeats"])
+    return out
+
+
+def run_worker(checkout: Path, kind: str, job: dict, env: dict) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        job = {**job, "out": str(Path(tmp) / "out.json")}
+        (Path(tmp) / "job.json").write_text(json.dumps(job))
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--job", str(Path(tmp) / "job.json")]
+        done = subprocess.run(cmd, cwd=checkout, env=env, capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"nanochat {kind} worker failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        return json.loads(Path(job["out"]).read_text())
+
+
+# --- the two training runs ------------------------------------------------------------------------------
+def timed_process(cmd: list[str], cwd: Path, env: dict, log: Path) -> dict:
+    """Run to completion with output to `log`; wall seconds and peak RSS (GB) of the process."""
+    t0 = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    code = os.waitstatus_to_exitcode(status)
+    proc.returncode = code
+    if code:
+        raise SystemExit(f"{' '.join(cmd[:4])} ... failed ({code}); last lines of {log}:\n{log.read_text()[-3000:]}")
+    return {"wall_s": wall, "peak_rss_gb": usage.ru_maxrss / 2**20}
+
+
+def thread_env(threads: int, **extra) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "WANDB_MODE": "disabled", **extra}
+
+
+def train_nanochat(args, work: Path, checkout: Path) -> dict:
+    home = work / "nanochat_home"
+    cmd = [sys.executable, "-m", "scripts.base_train", f"--depth={args.depth}", "--head-dim=128",
+           f"--max-seq-len={args.seq_len}", "--window-pattern=L", f"--device-batch-size={args.batch}",
+           f"--total-batch-size={args.batch * args.seq_len}", f"--num-iterations={args.steps}", "--eval-every=-1",
+           "--core-metric-every=-1", "--sample-every=-1", "--device-type=cpu", "--model-tag=side_by_side"]
+    env = thread_env(args.threads, NANOCHAT_BASE_DIR=str(home), NANOCHAT_DTYPE=NANOCHAT_DTYPES[args.precision])
+    log = work / f"nanochat_train_{args.precision}.log"
+    run = timed_process(cmd, checkout, env, log)
+    rates = step_rates(log.read_text(), NANOCHAT_STEP, 11, one_based=False)
+    ckpt = home / "base_checkpoints" / "side_by_side"
+    job = {"checkpoint_dir": str(ckpt), "step": args.steps, "rows": str(work / "val_rows.pt"),
+           "token_bytes": str(home / "tokenizer" / "token_bytes.pt"), "batch": args.batch, "threads": args.threads}
+    scored = run_worker(checkout, "score", job, thread_env(args.threads, NANOCHAT_BASE_DIR=str(home),
+                                                           NANOCHAT_DTYPE="float32"))
+    return {**run, "tok_per_s": statistics.median(rates.values()), "steps_timed": len(rates), **scored,
+            "command": " ".join(cmd), "log": str(log)}
+
+
+def train_ours(args, work: Path) -> dict:
+    from nanochat.export import load_export
+
+    home = work / "ours_home"
+    run = f"side_by_side_{args.precision}"
+    cmd = [sys.executable, "-m", "nanochat", "train", "stage=base", "data=local", f"data.dir={work / 'shards'}",
+           f"paths.tokenizer_dir={work / f'tokenizer_{args.vocab}'}", f"model.depth={args.depth}",
+           f"model.vocab_size={args.vocab}", f"model.sequence_len={args.seq_len}",
+           f"model.device_batch_size={args.batch}", f"model.total_batch_size={args.batch * args.seq_len}",
+           f"budget.base_steps={args.steps}", "budget.log_every=1", f"budget.save_every={args.steps}",
+           "~callbacks.val_bpb", "~callbacks.samples", "~callbacks.core", "logger=none", "resume=never",
+           f"run={run}", f"precision={args.precision}", *args.ours]
+    env = thread_env(args.threads, NANOCHAT_BASE_DIR=str(home), PYTHONPATH=str(REPO / "src"))
+    log = work / f"ours_train_{args.precision}.log"
+    out = timed_process(cmd, REPO, env, log)
+    rates = step_rates(log.read_text(), OUR_STEP, 11, one_based=True)
+    model, tokenizer, _ = load_export(home / "runs" / run / "base")
+    rows = torch.load(work / "val_rows.pt")
+    scored = score(model, rows, tokenizer.token_bytes(), args.batch)
+    return {**out, "tok_per_s": statistics.median(rates.values()), "steps_timed": len(rates), **scored,
+            "command": " ".join(cmd[1:]), "log": str(log), "export": str(home / "runs" / run / "base" / "export")}
+
+
+# --- decoding -------------------------------------------------------------------------------------------
+def decode_ours(args, export: str, prompt: list[int]) -> dict:
+    from nanochat.engine.engine import Engine
+    from nanochat.engine.kv_cache import KVCache
+    from nanochat.export import load_export
+    from nanochat.precision import computing, resolve
+
+    dtype = resolve(args.precision).dtype
+    model, tokenizer, _ = load_export(export, dtype=dtype)
+    engine = Engine(model, tokenizer, dtype=dtype)
+
+    @torch.inference_mode()
+    def prefill(ids):
+        cache = KVCache.for_model(model, 1, len(ids), dtype)
+        with computing(model, dtype):
+            return model(torch.tensor([ids]), kv_cache=cache, last_only=True)
+
+    def generate(ids, rows, new):
+        return engine.generate(ids, num_samples=rows, max_tokens=new, temperature=0.0)
+
+    job = {"prompt_ids": prompt, "repeats": args.repeats, "new": args.new}
+    return decode_results(prefill, generate, job)
+
+
+def decode_side_by_side(args, work: Path, checkout: Path, export: str) -> dict:
+    from safetensors.torch import load_file
+
+    from nanochat.export import read_export_config
+
+    rows = torch.load(work / "val_rows.pt")
+    prompt = decode_prompt(rows, args.prompt)
+    weights = work / "decode_weights.pt"
+    torch.save(load_file(str(Path(export) / "model.safetensors")), weights)
+    c = read_export_config(export)["model"]
+    config = {"sequence_len": c["sequence_len"], "vocab_size": c["vocab_size"], "n_layer": c["n_layer"],
+              "n_head": c["n_head"], "n_kv_head": c["n_kv_head"], "n_embd": c["n_embd"], "window_pattern": "L"}
+    job = {"config": config, "weights": str(weights), "prompt_ids": prompt, "repeats": args.repeats, "new": args.new,
+           "threads": args.threads}
+    env = thread_env(args.threads, NANOCHAT_BASE_DIR=str(work / "nanochat_home"),
+                     NANOCHAT_DTYPE=NANOCHAT_DTYPES[args.precision])
+    theirs = run_worker(checkout, "decode", job, env)
+    torch.set_num_threads(args.threads)
+    ours = decode_ours(args, export, prompt)
+    return {"nanochat": theirs, "ours": ours}
+
+
+# --- set-up and report -----------------------------------------------------------------------------
+def prepare(args, work: Path) -> None:
+    """Shards, our tokenizer, nanochat's copy of it and its data dir, and the common evaluator's rows (once)."""
+    from nanochat.data.documents import iter_documents
+    from nanochat.data.shards import list_shards, split_shards
+    from nanochat.tokenizer import Tokenizer
+    from nanochat.tokenizer.training import train_tokenizer
+
+    shards = work / "shards"
+    if not (shards / "manifest.json").is_file():
+        cmd = [sys.executable, "-m", "nanochat", "data", "prepare", str(args.text), "--gutenberg", "--out", str(shards),
+               "--quiet"]
+        subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    train, val = split_shards(list_shards(shards))
+    tok_dir = work / f"tokenizer_{args.vocab}"
+    if not (tok_dir / "tokenizer_config.json").is_file():
+        train_tokenizer([str(p) for p in train], args.vocab, tok_dir, show_progress=False)
+    tokenizer = Tokenizer.load(tok_dir)
+    home = work / "nanochat_home"
+    write_nanochat_tokenizer(tokenizer, home / "tokenizer")
+    data = home / "base_data_climbmix"
+    data.mkdir(parents=True, exist_ok=True)
+    for shard in [*train, *val]:
+        link = data / shard.name
+        if not link.exists():
+            link.symlink_to(shard.resolve())
+    torch.save(val_rows(iter_documents([str(p) for p in val]), tokenizer, args.eval_tokens, args.seq_len),
+               work / "val_rows.pt")
+
+
+def training_table(results: dict) -> str:
+    from common import markdown_table
+
+    base = results["nanochat"]["tok_per_s"]
+    rows = []
+    for name, r in results.items():
+        rows.append([name, f"{r['tok_per_s']:,.0f}", f"{r['tok_per_s'] / base:.2f}x", f"{r['wall_s']:.0f} s",
+                     f"{r['peak_rss_gb']:.2f} GB", f"{r['bpb']:.4f}", f"{r['loss']:.4f}"])
+    return markdown_table(["run", "tok/s (median, steps 11-N)", "vs nanochat", "wall", "peak RSS",
+                           "val bpb (common evaluator)", "val loss"], rows)
+
+
+def decode_table(results: dict) -> str:
+    from common import markdown_table
+
+    rows = []
+    for name, r in results.items():
+        rows.append([name, f"{1000 * r['prefill_s']:.1f}", f"{1000 * r['batch1']['ttft_s']:.1f}",
+                     f"{r['batch1']['decode_tok_per_s']:,.1f}", f"{1000 * r['batch8']['ttft_s']:.1f}",
+                     f"{r['batch8']['decode_tok_per_s']:,.1f}", f"{r['batch1']['steps']} / {r['batch8']['steps']}"])
+    return markdown_table(["engine", "prefill (ms)", "TTFT b1 (ms)", "decode tok/s b1", "TTFT b8 (ms)",
+                           "decode tok/s b8", "steps b1 / b8"], rows)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--nanochat", type=Path, help="a checkout of karpathy/nanochat (without it: skip)")
+    p.add_argument("--work", type=Path, help="where shards, tokenizer, runs and logs go (default: a temp dir)")
+    p.add_argument("--text", type=Path, default=REPO.parent / "shared" / "data" / "pretrain_text")
+    p.add_argument("--vocab", type=int, default=32768)
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch", type=int, default=16, help="rows per step (tokens per step = rows x seq-len)")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--precision", choices=NANOCHAT_DTYPES, default="bf16")
+    p.add_argument("--eval-tokens", type=int, default=65536)
+    p.add_argument("--prompt", type=int, default=256, help="decode: prompt tokens")
+    p.add_argument("--new", type=int, default=128, help="decode: tokens generated per row")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--ours", nargs="*", default=[], help="extra overrides for our run (e.g. compile=false)")
+    p.add_argument("--skip-train", action="store_true", help="decode only, from the runs already in --work")
+    p.add_argument("--skip-decode", action="store_true")
+    p.add_argument("--json", default="bench/results/nanochat_side_by_side.json")
+    p.add_argument("--worker", choices=("score", "decode"), help=argparse.SUPPRESS)
+    p.add_argument("--job", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        return worker(args)
+    if args.nanochat is None:
+        print("skipped: no nanochat checkout given (--nanochat DIR, a checkout of github.com/karpathy/nanochat)")
+        return
+    if not (args.nanochat / "scripts" / "base_train.py").is_file():
+        raise SystemExit(f"{args.nanochat} is not a nanochat checkout (no scripts/base_train.py)")
+    sys.path.insert(0, str(REPO / "bench"))
+    from common import save
+
+    started = time.perf_counter()
+    work = args.work or Path(tempfile.mkdtemp(prefix="nanochat-side-by-side-"))
+    work.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads)
+    prepare(args, work)
+    results, tables = {}, []
+    record = work / f"train_{args.precision}.json"
+    if args.skip_train:
+        results["train"] = json.loads(record.read_text())
+    else:
+        results["train"] = {"nanochat": train_nanochat(args, work, args.nanochat), "ours": train_ours(args, work)}
+        record.write_text(json.dumps(results["train"], indent=2))
+    tables.append(training_table(results["train"]))
+    if not args.skip_decode:
+        results["decode"] = decode_side_by_side(args, work, args.nanochat, results["train"]["ours"]["export"])
+        tables.append(decode_table(results["decode"]))
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("worker", "job")}
+    settings["wall_seconds"] = round(time.perf_counter() - started, 1)
+    save(args.json, "\n\n".join(tables), results, settings)
+
+
+if __name__ == "__main__":
+    main()
