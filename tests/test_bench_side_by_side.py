@@ -1,0 +1,96 @@
+"""bench/nanochat_side_by_side.py without a nanochat checkout: its skip, the tokenizer files it writes for nanochat,
+the common evaluator's rows and scores, the log parsing, the weight mapping and the decode timing, at tiny sizes."""
+
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nanochat.eval.bpb import validation_losses
+from nanochat.export import save_export
+
+SCRIPT = "bench/nanochat_side_by_side.py"
+
+
+@pytest.fixture(scope="module")
+def sbs():
+    import nanochat_side_by_side  # bench/ is on pytest's pythonpath (pyproject.toml)
+
+    return nanochat_side_by_side
+
+
+def test_without_a_checkout_it_says_why_and_succeeds(tmp_path):
+    done = subprocess.run([sys.executable, SCRIPT], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("skipped: no nanochat checkout given"), done.stderr
+    done = subprocess.run([sys.executable, SCRIPT, "--nanochat", str(tmp_path)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1 and "is not a nanochat checkout" in done.stderr
+
+
+def test_step_rates_read_both_logs(sbs):
+    nanochat_log = "\n".join(
+        f"step {i:05d}/00012 ({100 * i / 12:.2f}%) | loss: 7.1 | lrm: 1.00 | dt: 812.34ms | tok/sec: {1000 + i:,} | "
+        f"bf16_mfu: 0.00 | epoch: 1 pq: 0 rg: 1 | total time: 0.01m" for i in range(12))
+    ours_log = "\n".join(
+        f"[2026-12-05 21:45:17,288][nanochat.models.stage_parts][INFO] - step {i:6d}/12 ({100 * i / 12:5.1f}%) | "
+        f"loss 7.0 | lrm 1.000 | {2000 + i:,} tok/s | mfu 4.00% | eta 1.0 min" for i in range(1, 13))
+    theirs = sbs.step_rates(nanochat_log, sbs.NANOCHAT_STEP, 11, one_based=False)
+    ours = sbs.step_rates(ours_log, sbs.OUR_STEP, 11, one_based=True)
+    assert theirs == {11: 1010.0, 12: 1011.0}  # nanochat counts from 0: its step 10 is the 11th
+    assert ours == {11: 2011.0, 12: 2012.0}
+
+
+def test_nanochat_tokenizer_files_hold_our_ranks(sbs, tiny_tokenizer, tmp_path):
+    sbs.write_nanochat_tokenizer(tiny_tokenizer, tmp_path)
+    with open(tmp_path / "tokenizer.pkl", "rb") as f:
+        enc = pickle.load(f)
+    text = "Hello world! <|bos|> 12345 unicode: ünï 字"
+    assert enc.encode_ordinary(text) == tiny_tokenizer.encode(text)
+    assert enc.encode_single_token("<|bos|>") == tiny_tokenizer.bos_token_id
+    assert torch.equal(torch.load(tmp_path / "token_bytes.pt"), tiny_tokenizer.token_bytes())
+
+
+def test_val_rows_are_bos_prefixed_documents_back_to_back(sbs, tiny_tokenizer):
+    docs = ["first document here", "second one", "and a third document to fill the rows"] * 20
+    rows = sbs.val_rows(docs, tiny_tokenizer, n_tokens=40, seq_len=16)
+    expected = [t for d in docs for t in tiny_tokenizer.encode(d, prepend=tiny_tokenizer.bos_token_id)][: 3 * 17]
+    assert rows.shape == (3, 17) and rows.flatten().tolist() == expected
+    with pytest.raises(SystemExit, match="val shard holds"):
+        sbs.val_rows(docs[:1], tiny_tokenizer, n_tokens=400, seq_len=16)
+
+
+def test_common_evaluator_equals_our_validation_losses(sbs, random_model, tiny_tokenizer):
+    rows = torch.randint(0, tiny_tokenizer.vocab_size, (5, 33))
+    scored = sbs.score(random_model, rows, tiny_tokenizer.token_bytes(), batch=2)
+    bpb, loss = validation_losses(random_model, [rows[:2], rows[2:4], rows[4:]], tiny_tokenizer.token_bytes())
+    assert scored["tokens"] == 5 * 32
+    assert scored["bpb"] == pytest.approx(bpb, rel=1e-9) and scored["loss"] == pytest.approx(loss, rel=1e-9)
+
+
+def test_weights_map_onto_nanochats_names_with_its_additions_as_identity(sbs, random_model):
+    ours = random_model.state_dict()
+    theirs = {k: v.shape for k, v in ours.items() if not k.startswith(("cos", "sin"))}
+    theirs |= {"resid_lambdas": torch.Size([2]), "x0_lambdas": torch.Size([2]), "smear_lambda": torch.Size([1]),
+               "backout_lambda": torch.Size([1]), "smear_gate.weight": torch.Size([1, 24]),
+               "value_embeds.1.weight": torch.Size([1024, 32]), "transformer.h.1.attn.ve_gate.weight": torch.Size([2, 12])}
+    mapped = sbs.nanochat_state_dict(ours, theirs)
+    assert torch.equal(mapped["lm_head.weight"], ours["lm_head.weight"])
+    assert mapped["resid_lambdas"].tolist() == [1.0, 1.0] and mapped["x0_lambdas"].tolist() == [0.0, 0.0]
+    assert mapped["backout_lambda"].item() == 0.0 and mapped["smear_lambda"].item() == 0.0
+    assert not mapped["value_embeds.1.weight"].any() and not mapped["smear_gate.weight"].any()
+    with pytest.raises(SystemExit, match="cannot map"):
+        sbs.nanochat_state_dict(ours, theirs | {"new_thing": torch.Size([3])})
+    with pytest.raises(SystemExit, match="no place"):
+        sbs.nanochat_state_dict(ours | {"extra.weight": torch.zeros(1)}, theirs)
+
+
+def test_decode_timing_of_our_engine(sbs, random_model, tiny_tokenizer, tmp_path, one_torch_thread):
+    export = save_export(random_model, tiny_tokenizer, tmp_path / "export")
+    args = type("Args", (), {"precision": "fp32", "repeats": 2, "new": 6})()
+    out = sbs.decode_ours(args, str(export), list(range(10, 30)))
+    assert out["prefill_s"] > 0
+    for rows in (1, 8):
+        run = out[f"batch{rows}"]
+        assert 0 < run["ttft_s"] and run["decode_tok_per_s"] > 0 and 1 <= run["steps"] <= 6
