@@ -18,7 +18,11 @@ script prints why it skipped and exits 0.
   (`python -m nanochat train stage=base`, precision=bf16|fp32), depth, head_dim 128, sequence, rows x sequence
   tokens per step (no accumulation), `--steps` steps, no evaluation or sampling during the run, weights saved at the
   end. tok/s is each step's own figure from each program's log (nanochat: tokens / its dt; ours: log_every=1), median
-  over steps 11..N; wall is the whole process (start-up and compilation included); peak RSS from wait4.
+  over steps 11..N. On a shared machine other processes steal cores unevenly: while a run's output is read, the CPU
+  time of every process outside the run's process tree is sampled at each line, and steps during which others used
+  more than `--quiet` of the CPUs are left out (the table says how many steps counted; all of them when fewer than
+  10 were quiet; the all-steps median is shown beside it). Wall is the whole process (start-up and compilation
+  included); peak RSS from wait4.
 - Common evaluator: the first `--eval-tokens` tokens of the val shard, documents BOS-prefixed and concatenated, cut
   into rows of sequence + 1; each trained model scores them in fp32 with `nanochat.eval.bpb.bpb_sums` (nanochat's
   GPT takes the same `model(x, y, loss_reduction="none")` call; the function's file is loaded by path there).
@@ -233,22 +237,77 @@ def run_worker(checkout: Path, kind: str, job: dict, env: dict) -> dict:
 
 
 # --- the two training runs ------------------------------------------------------------------------------
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def busy_ticks() -> int:
+    """CPU ticks spent by all processes since boot (user, nice, system, irq, softirq, steal)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(fields[:8]) - fields[3] - fields[4]
+
+
+def tree_ticks(root: int) -> int:
+    """CPU ticks of `root` and every process below it (compile workers included)."""
+    parents, ticks = {}, {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid = int(stat.parent.name)
+        parents[pid] = int(fields[1])
+        ticks[pid] = int(fields[11]) + int(fields[12])
+    total = 0
+    for pid, t in ticks.items():
+        p = pid
+        while p > 1 and p != root:
+            p = parents.get(p, 0)
+        total += t if p == root else 0
+    return total
+
+
 def timed_process(cmd: list[str], cwd: Path, env: dict, log: Path) -> dict:
-    """Run to completion with output to `log`; wall seconds and peak RSS (GB) of the process."""
+    """Run to completion, its output to `log`; wall seconds, peak RSS (GB) and, per output line, when it appeared
+    and how much of the machine other processes used since the previous line (`others`, 0..1 of all CPUs)."""
+    lines, samples = [], []
     t0 = time.perf_counter()
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        mark = (time.perf_counter(), busy_ticks(), tree_ticks(proc.pid))
+        for line in proc.stdout:
+            out.write(line)
+            now = (time.perf_counter(), busy_ticks(), tree_ticks(proc.pid))
+            others = max(0, (now[1] - mark[1]) - (now[2] - mark[2])) / CLOCK_TICKS
+            samples.append(others / max(now[0] - mark[0], 1e-6) / os.cpu_count())
+            lines.append(line)
+            mark = now
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     code = os.waitstatus_to_exitcode(status)
     proc.returncode = code
     if code:
         raise SystemExit(f"{' '.join(cmd[:4])} ... failed ({code}); last lines of {log}:\n{log.read_text()[-3000:]}")
-    return {"wall_s": wall, "peak_rss_gb": usage.ru_maxrss / 2**20}
+    return {"wall_s": wall, "peak_rss_gb": usage.ru_maxrss / 2**20, "lines": list(zip(lines, samples))}
+
+
+def quiet_rates(lines: list[tuple[str, float]], pattern: re.Pattern, first: int, one_based: bool,
+                threshold: float) -> dict:
+    """Median tok/s of steps `first`.. from a log, over the steps during which other processes used less than
+    `threshold` of the machine (all steps when fewer than 10 of them were quiet)."""
+    rates, disturbed = {}, {}
+    for line, others in lines:
+        step = step_rates(line, pattern, first, one_based)
+        rates |= step
+        disturbed |= {k: others for k in step}
+    quiet = {k: v for k, v in rates.items() if disturbed[k] < threshold}
+    used = quiet if len(quiet) >= 10 else rates
+    return {"tok_per_s": statistics.median(used.values()), "steps_timed": len(used), "steps_quiet": len(quiet),
+            "steps": len(rates), "tok_per_s_all_steps": statistics.median(rates.values()),
+            "others_max": max(disturbed.values()), "others_median": statistics.median(disturbed.values())}
 
 
 def thread_env(threads: int, **extra) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": str(threads), "WANDB_MODE": "disabled", **extra}
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", **extra}
 
 
 def train_nanochat(args, work: Path, checkout: Path) -> dict:
@@ -260,14 +319,13 @@ def train_nanochat(args, work: Path, checkout: Path) -> dict:
     env = thread_env(args.threads, NANOCHAT_BASE_DIR=str(home), NANOCHAT_DTYPE=NANOCHAT_DTYPES[args.precision])
     log = work / f"nanochat_train_{args.precision}.log"
     run = timed_process(cmd, checkout, env, log)
-    rates = step_rates(log.read_text(), NANOCHAT_STEP, 11, one_based=False)
+    rates = quiet_rates(run.pop("lines"), NANOCHAT_STEP, 11, one_based=False, threshold=args.quiet)
     ckpt = home / "base_checkpoints" / "side_by_side"
     job = {"checkpoint_dir": str(ckpt), "step": args.steps, "rows": str(work / "val_rows.pt"),
            "token_bytes": str(home / "tokenizer" / "token_bytes.pt"), "batch": args.batch, "threads": args.threads}
     scored = run_worker(checkout, "score", job, thread_env(args.threads, NANOCHAT_BASE_DIR=str(home),
                                                            NANOCHAT_DTYPE="float32"))
-    return {**run, "tok_per_s": statistics.median(rates.values()), "steps_timed": len(rates), **scored,
-            "command": " ".join(cmd), "log": str(log)}
+    return {**run, **rates, **scored, "command": " ".join(cmd), "log": str(log)}
 
 
 def train_ours(args, work: Path) -> dict:
@@ -285,12 +343,12 @@ def train_ours(args, work: Path) -> dict:
     env = thread_env(args.threads, NANOCHAT_BASE_DIR=str(home), PYTHONPATH=str(REPO / "src"))
     log = work / f"ours_train_{args.precision}.log"
     out = timed_process(cmd, REPO, env, log)
-    rates = step_rates(log.read_text(), OUR_STEP, 11, one_based=True)
+    rates = quiet_rates(out.pop("lines"), OUR_STEP, 11, one_based=True, threshold=args.quiet)
     model, tokenizer, _ = load_export(home / "runs" / run / "base")
     rows = torch.load(work / "val_rows.pt")
     scored = score(model, rows, tokenizer.token_bytes(), args.batch)
-    return {**out, "tok_per_s": statistics.median(rates.values()), "steps_timed": len(rates), **scored,
-            "command": " ".join(cmd[1:]), "log": str(log), "export": str(home / "runs" / run / "base" / "export")}
+    return {**out, **rates, **scored, "command": " ".join(cmd[1:]), "log": str(log),
+            "export": str(home / "runs" / run / "base" / "export")}
 
 
 # --- decoding -------------------------------------------------------------------------------------------
@@ -375,9 +433,11 @@ def training_table(results: dict) -> str:
     base = results["nanochat"]["tok_per_s"]
     rows = []
     for name, r in results.items():
-        rows.append([name, f"{r['tok_per_s']:,.0f}", f"{r['tok_per_s'] / base:.2f}x", f"{r['wall_s']:.0f} s",
+        rows.append([name, f"{r['tok_per_s']:,.0f} ({r['steps_timed']} steps)", f"{r['tok_per_s'] / base:.2f}x",
+                     f"{r['tok_per_s_all_steps']:,.0f}", f"{r['wall_s']:.0f} s",
                      f"{r['peak_rss_gb']:.2f} GB", f"{r['bpb']:.4f}", f"{r['loss']:.4f}"])
-    return markdown_table(["run", "tok/s (median, steps 11-N)", "vs nanochat", "wall", "peak RSS",
+    return markdown_table(["run", "tok/s (median of quiet steps 11-N)", "vs nanochat", "tok/s (all steps)", "wall",
+                           "peak RSS",
                            "val bpb (common evaluator)", "val loss"], rows)
 
 
@@ -406,6 +466,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--precision", choices=NANOCHAT_DTYPES, default="bf16")
     p.add_argument("--eval-tokens", type=int, default=65536)
+    p.add_argument("--quiet", type=float, default=0.05,
+                   help="steps during which other processes used more than this share of the CPUs are not counted")
     p.add_argument("--prompt", type=int, default=256, help="decode: prompt tokens")
     p.add_argument("--new", type=int, default=128, help="decode: tokens generated per row")
     p.add_argument("--repeats", type=int, default=3)

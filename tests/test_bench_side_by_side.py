@@ -42,6 +42,27 @@ def test_step_rates_read_both_logs(sbs):
     assert ours == {11: 2011.0, 12: 2012.0}
 
 
+def test_quiet_rates_leave_out_disturbed_steps(sbs):
+    lines = [(f"step {i:05d}/00030 (0%) | loss: 7.1 | lrm: 1.00 | dt: 1.0ms | tok/sec: {100 * i:,} | x", others)
+             for i, others in zip(range(30), [0.0] * 25 + [0.9] * 5)]
+    got = sbs.quiet_rates(lines, sbs.NANOCHAT_STEP, 11, one_based=False, threshold=0.05)
+    assert (got["steps"], got["steps_quiet"], got["steps_timed"]) == (20, 15, 15)
+    assert got["tok_per_s"] == 1700.0 and got["tok_per_s_all_steps"] == 1950.0  # steps 11-25 vs 11-30 (ids 10-29)
+    got = sbs.quiet_rates(lines, sbs.NANOCHAT_STEP, 11, one_based=False, threshold=0.0)  # none quiet: all counted
+    assert got["steps_timed"] == 20 and got["tok_per_s"] == got["tok_per_s_all_steps"]
+
+
+def test_process_tree_ticks_cover_children(sbs):
+    proc = subprocess.Popen([sys.executable, "-c", "import subprocess, sys; subprocess.run([sys.executable, '-c', "
+                             "'import time; t = time.time()\\nwhile time.time() - t < 1.5: pass'])"])
+    import time
+
+    time.sleep(1.2)
+    ticks = sbs.tree_ticks(proc.pid)
+    proc.wait()
+    assert ticks >= 0.5 * sbs.CLOCK_TICKS  # the grandchild's busy loop counts
+
+
 def test_nanochat_tokenizer_files_hold_our_ranks(sbs, tiny_tokenizer, tmp_path):
     sbs.write_nanochat_tokenizer(tiny_tokenizer, tmp_path)
     with open(tmp_path / "tokenizer.pkl", "rb") as f:
