@@ -151,7 +151,7 @@ def tiny_run(tiny_corpus_shards, tiny_tokenizer_dir):
             f"data.dir={tiny_corpus_shards}", f"paths.tokenizer_dir={tiny_tokenizer_dir}",
             "model.depth=2", "model.sequence_len=16", "model.device_batch_size=4", "model.total_batch_size=64",
             "budget.base_steps=8", "budget.eval_every=4", "budget.eval_tokens=256", "budget.sample_every=100",
-            "budget.save_every=4", "budget.log_every=2", "module.head_dim=64",
+            "budget.save_every=4", "budget.log_every=2", "module.head_dim=64", "compile=false",
             *extra,
         ]
 

@@ -66,7 +66,7 @@ def chat_overrides(stage: str, init_from, chat_files: Path, *extra: str) -> list
                f"{{name: simple_spelling, size: 16, words_path: '{chat_files / 'words.txt'}'}}]")
     val = f"[{{name: custom_json, path: '{chat_files / 'val.jsonl'}'}}]"
     return [
-        f"stage={stage}", "model=d4", "trainer=cpu", "logger=none", f"init_from={init_from}",
+        f"stage={stage}", "model=d4", "trainer=cpu", "logger=none", f"init_from={init_from}", "compile=false",
         "model.depth=2", f"model.sequence_len={SEQ}", "model.device_batch_size=2", f"model.total_batch_size={4 * SEQ}",
         "module.horizon.num_iterations=4", "budget.eval_every=2", "budget.eval_tokens=256",
         "budget.sample_every=0", "budget.save_every=2", "budget.log_every=1",

@@ -71,8 +71,10 @@ def test_bf16_autocast_matches_plain_ops(reduction):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_compiled_matches_plain_ops(reduction, precision):
-    """Under torch.compile the op is traced as plain ops (rows_traced), chunk by chunk: same numbers."""
+def test_traced_op_matches_plain_ops(reduction, precision, monkeypatch):
+    """The GPU path: under torch.compile the op is traced as plain ops (rows_traced), chunk by chunk, in one graph
+    (fullgraph): same numbers. Checked here on CPU by lifting the CPU's eager rule."""
+    monkeypatch.setattr(head_loss, "EAGER_DEVICES", set())
     h, w, targets = inputs(n=40, d=32, vocab=256)
     upstream = torch.randn(len(targets)) if reduction == "none" else None
     torch._dynamo.reset()
@@ -86,6 +88,31 @@ def test_compiled_matches_plain_ops(reduction, precision):
     else:
         for a, b in zip(ours, ref):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_gpt_on_cpu_runs_the_op_eagerly(precision):
+    """On a CPU a compiled GPT breaks its graph at the op, which runs eagerly: loss and gradients as uncompiled."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=512, sequence_len=32, n_layer=2, n_head=2, n_kv_head=2, n_embd=64))
+    torch.nn.init.normal_(model.lm_head.weight, std=0.5)
+    idx, targets = torch.randint(0, 512, (3, 32)), torch.randint(0, 512, (3, 32))
+    results = []
+    torch._dynamo.reset()
+    counters.clear()
+    for forward in (model, torch.compile(model, dynamic=False)):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = forward(idx, targets)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+        model.zero_grad()
+    assert sum(counters["graph_break"].values()) >= 1  # the break at the op
+    (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results
+    tol = dict(rtol=1e-5, atol=1e-6) if precision == "fp32" else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(compiled_loss, eager_loss, **tol)
+    for a, b in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(a, b, **tol)
 
 
 def test_no_grad_saves_nothing_and_gives_the_loss():

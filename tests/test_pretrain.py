@@ -171,6 +171,17 @@ def test_compiled_bf16_training_step_equals_the_uncompiled_one(tiny_run):
         assert gap < 2 * rounding, (k, gap, rounding)
 
 
+def test_cpu_preset_compiles_and_without_a_compiler_trains_uncompiled(tiny_run, monkeypatch, caplog):
+    from nanochat.models import stage_parts
+
+    assert compose(["stage=base", "trainer=cpu"]).module.compile  # the CPU preset compiles; debug=default does not
+    assert not compose(["stage=base", "debug=default"]).module.compile
+    monkeypatch.setattr(stage_parts, "cpp_compiler_found", lambda: False)
+    _, module, _ = fit(tiny_run("compile=true", "budget.base_steps=2", "callbacks=[]", "+trainer.enable_checkpointing=false"))
+    assert "_compiled" not in module.__dict__ and module.global_step == 2
+    assert "no C++ compiler" in caplog.text
+
+
 def test_30_steps_then_resume_auto_continues_at_step_31_with_the_same_data(tiny_run, tmp_path):
     steps = ["budget.base_steps=34", "budget.save_every=10", "budget.eval_every=0", "budget.log_every=5"]
     full = RecordBatches()

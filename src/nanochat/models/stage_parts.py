@@ -146,9 +146,27 @@ def lr_summary(optimizer: OptimizerConfig, schedule: ScheduleConfig) -> str:
 
 def compile_model(module) -> None:
     """torch.compile the GPT for training, once; kept outside the module tree so the state dict has no `_orig_mod.`
-    duplicates, and evaluation and sampling use the uncompiled model, whose shapes vary."""
-    if "_compiled" not in module.__dict__:
-        module.__dict__["_compiled"] = torch.compile(module.model, dynamic=False)
+    duplicates, and evaluation and sampling use the uncompiled model, whose shapes vary. On a CPU inductor builds
+    C++ kernels: without a compiler the GPT trains uncompiled, with one warning."""
+    if "_compiled" in module.__dict__:
+        return
+    if module.device.type == "cpu" and not cpp_compiler_found():
+        log.warning("compile=true, but torch.compile finds no C++ compiler on this machine (it needs one to build CPU "
+                    "kernels): training uncompiled; install g++ (or set CXX) for the faster compiled step, or set "
+                    "compile=false to silence this")
+        return
+    module.__dict__["_compiled"] = torch.compile(module.model, dynamic=False)
+
+
+def cpp_compiler_found() -> bool:
+    from torch._inductor import exc
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except exc.InvalidCxxCompiler:
+        return False
+    return True
 
 
 def export_meta(module, tokens_per_step: int | None) -> dict:

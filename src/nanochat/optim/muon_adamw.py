@@ -77,7 +77,9 @@ class MuonAdamW(torch.optim.Optimizer):
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return
-        fused = all(p.is_cuda for p in params)  # one kernel per step on GPU; the foreach path elsewhere
+        # torch's fused kernel (one pass per tensor) on GPUs and CPUs, where it beats the foreach path too
+        # (docs/benchmarks.md); the foreach path elsewhere.
+        fused = all(p.device.type in ("cuda", "cpu") for p in params)
         step_device = params[0].device if fused else "cpu"  # where torch's fused / foreach kernels expect the counter
         for p in params:
             state = self.state[p]

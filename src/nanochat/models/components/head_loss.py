@@ -14,7 +14,9 @@ gradient differs per row and is known only in backward, so backward recomputes e
 more matmul) from the saved log-sum-exp. Memory beyond the inputs: one chunk of logits plus gradients of h and W.
 
 Eager, each chunk's elementwise work runs in place over blocks of rows small enough to stay in a CPU's cache;
-under torch.compile the same maths is written as plain ops for inductor to fuse into a few kernels.
+under torch.compile the same maths is written as plain ops for inductor to fuse into a few kernels. On a CPU the op
+stays eager even inside a compiled model (a graph break): inductor's kernel for it stores two fp32 chunk-sized
+intermediates and ran 1.2-1.7x slower than the cache-blocked ops (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ import torch
 CHUNK_BYTES = 1 << 30
 # Rows per in-place elementwise block on the eager path: fp32 blocks that stay in cache (1-8 MiB measured alike).
 BLOCK_BYTES = 1 << 21
-# exp(c - cap) with c in [-cap, cap] cannot overflow, and its row sums stay normal fp32 numbers up to this cap.
+# Devices where the op runs eagerly even when called from a compiled graph (see the module docstring).
+EAGER_DEVICES = {"cpu"}
+# exp(c) for capped logits c in [-cap, cap] and its row sums over any vocabulary stay finite, normal fp32 numbers.
 MAX_CAP = 40.0
 
 
@@ -50,9 +54,9 @@ def compute_dtype(h: torch.Tensor) -> torch.dtype:
 def rows_traced(z: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor | None, cap: float):
     """(nll, lse, dz) of one chunk of logits as plain ops (for torch.compile); dz is None when `scale` is None."""
     t = torch.tanh(z.float() / cap)
-    e = torch.exp((t - 1.0) * cap)  # exp(c - cap): the shift keeps it finite for any logits
+    e = torch.exp(t * cap)  # at most exp(cap): finite in fp32 for cap <= MAX_CAP
     total = e.sum(-1)
-    lse = torch.log(total) + cap
+    lse = torch.log(total)
     nll = lse - cap * t.gather(1, targets[:, None]).squeeze(1)
     if scale is None:
         return nll, lse, None
@@ -65,28 +69,30 @@ def rows_in_place(z: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor | 
                   lse_given: torch.Tensor | None = None):
     """As `rows_traced`, block by block in cache, writing dz over z; (nll, lse, z-now-dz or None).
 
-    With `lse_given` (backward of reduction='none'), the log-sum-exp is not recomputed."""
+    With `lse_given` (backward of reduction='none'), the log-sum-exp is not recomputed. Nine passes over a block:
+    each op below is one, and dz = e * (scale / total) * (1 - t^2) is formed as x - x * t^2 by one addcmul."""
     n = z.size(0)
     nll = torch.empty(n, dtype=torch.float32, device=z.device)
     lse = torch.empty_like(nll) if lse_given is None else lse_given
     arange = torch.arange(n, device=z.device)
+    inv_cap = torch.full((1,), 1.0 / cap, dtype=torch.float32, device=z.device)  # 1-D: the product is fp32
     for rows in _spans(n, z.size(1), BLOCK_BYTES):
-        t = z[rows].float().div_(cap).tanh_()
-        tgt = targets[rows]
+        t = torch.mul(z[rows], inv_cap).tanh_()
+        at = (arange[: t.size(0)], targets[rows])
+        t_target = t[at]
         if lse_given is None:
-            e = t.sub(1.0).mul_(cap).exp_()
+            e = torch.mul(t, cap).exp_()  # at most exp(cap): finite in fp32 for cap <= MAX_CAP
             total = e.sum(-1)
-            lse[rows] = total.log() + cap
-            nll[rows] = lse[rows] - cap * t[arange[: t.size(0)], tgt]
+            lse[rows] = total.log()
+            nll[rows] = lse[rows] - cap * t_target
+            if scale is None:
+                continue
+            e.mul_((scale[rows] / total)[:, None])
         else:
-            e = (t * cap).sub_(lse[rows, None]).exp_()
-            total = None
-        if scale is None:
-            continue
-        p = e if total is None else e.div_(total[:, None])
-        p[arange[: p.size(0)], tgt] -= 1.0
-        p.mul_(scale[rows, None]).mul_(t.square_().neg_().add_(1.0))
-        z[rows] = p
+            e = torch.mul(t, cap).sub_(lse[rows, None]).exp_().mul_(scale[rows, None])
+        e.addcmul_(e, t.square_(), value=-1.0)  # * (1 - t^2)
+        e[at] -= scale[rows] * (1.0 - t_target.square())
+        z[rows] = e
     return nll, lse, (z if scale is not None else None)
 
 
@@ -158,4 +164,10 @@ def softcap_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.
     if not 0 < cap <= MAX_CAP:
         raise ValueError(f"softcap must be in (0, {MAX_CAP:g}], got {cap}")
     need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    return SoftcapCrossEntropy.apply(h, weight, targets, cap, reduction, need_grad, chunk_bytes)
+    apply = _apply_eagerly if h.device.type in EAGER_DEVICES else SoftcapCrossEntropy.apply
+    return apply(h, weight, targets, cap, reduction, need_grad, chunk_bytes)
+
+
+@torch.compiler.disable
+def _apply_eagerly(*args):
+    return SoftcapCrossEntropy.apply(*args)
