@@ -4,7 +4,8 @@ then decoding of the same weights in each engine (prefill, time to first token, 
 
     python bench/nanochat_side_by_side.py --nanochat DIR [--work DIR] [--text DIR] [--vocab 32768] [--depth 4]
         [--seq-len 512] [--batch 16] [--steps 60] [--threads 2] [--precision bf16|fp32] [--eval-tokens 65536]
-        [--prompt 256] [--new 128] [--repeats 3] [--skip-train] [--skip-decode] [--json PATH]
+        [--prompt 256] [--new 128] [--repeats 3] [--quiet 0.05] [--baseline CHECKOUT] [--ours OVERRIDE ...]
+        [--skip-train] [--skip-decode] [--json PATH]
 
 `--nanochat` is a checkout of github.com/karpathy/nanochat. Its scripts run from its own directory in their own
 processes (its package is also called `nanochat`); nothing of it is imported into this project. Without it the
@@ -328,10 +329,10 @@ def train_nanochat(args, work: Path, checkout: Path) -> dict:
     return {**run, **rates, **scored, "command": " ".join(cmd), "log": str(log)}
 
 
-def train_ours(args, work: Path) -> dict:
+def train_ours(args, work: Path, repo: Path = REPO, name: str = "ours") -> dict:
     from nanochat.export import load_export
 
-    home = work / "ours_home"
+    home = work / f"{name}_home"
     run = f"side_by_side_{args.precision}"
     cmd = [sys.executable, "-m", "nanochat", "train", "stage=base", "data=local", f"data.dir={work / 'shards'}",
            f"paths.tokenizer_dir={work / f'tokenizer_{args.vocab}'}", f"model.depth={args.depth}",
@@ -340,9 +341,9 @@ def train_ours(args, work: Path) -> dict:
            f"budget.base_steps={args.steps}", "budget.log_every=1", f"budget.save_every={args.steps}",
            "~callbacks.val_bpb", "~callbacks.samples", "~callbacks.core", "logger=none", "resume=never",
            f"run={run}", f"precision={args.precision}", *args.ours]
-    env = thread_env(args.threads, NANOCHAT_BASE_DIR=str(home), PYTHONPATH=str(REPO / "src"))
-    log = work / f"ours_train_{args.precision}.log"
-    out = timed_process(cmd, REPO, env, log)
+    env = thread_env(args.threads, NANOCHAT_BASE_DIR=str(home), PYTHONPATH=str(repo / "src"))
+    log = work / f"{name}_train_{args.precision}.log"
+    out = timed_process(cmd, repo, env, log)
     rates = quiet_rates(out.pop("lines"), OUR_STEP, 11, one_based=True, threshold=args.quiet)
     model, tokenizer, _ = load_export(home / "runs" / run / "base")
     rows = torch.load(work / "val_rows.pt")
@@ -472,6 +473,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--new", type=int, default=128, help="decode: tokens generated per row")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--ours", nargs="*", default=[], help="extra overrides for our run (e.g. compile=false)")
+    p.add_argument("--baseline", type=Path, help="another checkout of this project (e.g. an earlier commit) to train "
+                   "as one more row, same settings")
     p.add_argument("--skip-train", action="store_true", help="decode only, from the runs already in --work")
     p.add_argument("--skip-decode", action="store_true")
     p.add_argument("--json", default="bench/results/nanochat_side_by_side.json")
@@ -503,6 +506,10 @@ def main(argv=None) -> None:
         results["train"] = json.loads(record.read_text())
     else:
         results["train"] = {"nanochat": train_nanochat(args, work, args.nanochat), "ours": train_ours(args, work)}
+        if args.baseline:
+            rev = subprocess.run(["git", "-C", str(args.baseline), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                 text=True).stdout.strip() or args.baseline.name
+            results["train"][f"ours @ {rev}"] = train_ours(args, work, args.baseline.resolve(), "baseline")
         record.write_text(json.dumps(results["train"], indent=2))
     tables.append(training_table(results["train"]))
     if not args.skip_decode:

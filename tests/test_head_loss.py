@@ -115,6 +115,17 @@ def test_compiled_gpt_on_cpu_runs_the_op_eagerly(precision):
         torch.testing.assert_close(a, b, **tol)
 
 
+def test_kept_logits_buffer_serves_calls_of_any_size():
+    """Eager CPU chunks reuse one logits buffer: a smaller call after a larger one, and a larger one after that."""
+    for n, vocab in [(37, 300), (5, 300), (37, 64), (60, 300)]:
+        h, w, targets = inputs(n=n, vocab=vocab)
+        ours = loss_and_grads(softcap_cross_entropy, h, w, targets, "mean")
+        ref = loss_and_grads(reference, h, w, targets, "mean")
+        for a, b in zip(ours, ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert head_loss._workspace.buf.numel() == 60 * 300
+
+
 def test_no_grad_saves_nothing_and_gives_the_loss():
     h, w, targets = inputs()
     with torch.no_grad():
