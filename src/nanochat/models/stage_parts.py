@@ -103,6 +103,7 @@ class Meter:
 
     def __init__(self):
         self.totals = {"tokens": 0, "seconds": 0.0}  # trained by this process's fit, all ranks, eval time excluded
+        self.from_checkpoint: dict | None = None  # a resumed interval's sums, until the fit starts
         self.reset()
 
     def reset(self) -> None:
@@ -183,7 +184,8 @@ def start_fit(module) -> None:
     if module.trainer.is_global_zero:
         log.info(module.describe())
     module.meter.reset()
-    module.meter.restore(module.__dict__.pop("_restored_meter", None))
+    module.meter.restore(module.meter.from_checkpoint)
+    module.meter.from_checkpoint = None
 
 
 def save_state(module, checkpoint: dict) -> None:
@@ -195,7 +197,7 @@ def save_state(module, checkpoint: dict) -> None:
 
 def load_state(module, checkpoint: dict) -> None:
     module.stepper.skipped = checkpoint.get("nonfinite_skipped", 0)
-    module._restored_meter = checkpoint.get("meter")  # applied in start_fit, after the meter's reset
+    module.meter.from_checkpoint = checkpoint.get("meter")  # applied in start_fit, after the meter's reset
 
 
 def lm_training_step(module, batch) -> None:
