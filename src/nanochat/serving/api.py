@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP API: `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`.
+"""The OpenAI-compatible HTTP API: `POST /v1/chat/completions`, `POST /v1/completions` (nanochat.serving.completions),
+`GET /v1/models`, `GET /health`.
 
 The request body is parsed by hand rather than by a pydantic model so that every mistake, including
 malformed JSON and wrong types, comes back as a 4xx in OpenAI's error shape naming the field:
@@ -32,6 +33,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from nanochat.serving.completions import COMPLETIONS_PATH, Completions
 from nanochat.serving.generation import Finish, GenerationQueue, QueueFull, TextDelta
 from nanochat.serving.limits import RequestError, shown, validate_chat
 
@@ -42,7 +44,7 @@ BODY_TIMEOUT = 30.0  # seconds for the whole request body to arrive
 SEND_TIMEOUT = 30.0  # seconds a streaming client may leave its socket full (not reading) before it is dropped
 STALL_TIMEOUT = 120.0  # seconds without a decoding step before /health calls the generation worker stuck
 CHAT_PATH = "/v1/chat/completions"
-ROUTES = {CHAT_PATH: {"POST"}, "/v1/models": {"GET"}}
+ROUTES = {CHAT_PATH: {"POST"}, COMPLETIONS_PATH: {"POST"}, "/v1/models": {"GET"}}
 
 # Fields whose only supported value is the default: anything else is a 400 naming the field.
 UNSUPPORTED_UNLESS = {
@@ -335,12 +337,18 @@ def create_app(engine, tokenizer, model_name: str = "nanochat", *, api_key: str 
     guard = [Depends(bearer_guard(api_key))]
     completions = ChatCompletions(queue, tokenizer, model_name, engine.max_context, app.state.defaults, max_body_bytes,
                                   body_timeout, send_timeout)
+    text_completions = Completions(queue, tokenizer, model_name, engine.max_context, engine.model.config.sequence_len,
+                                   app.state.defaults, max_body_bytes, body_timeout)
     created = int(time.time())
     model_card = {"id": model_name, "object": "model", "created": created, "owned_by": "nanochat"}
 
     @app.post(CHAT_PATH, dependencies=guard)
     async def chat_completions(request: Request):
         return await completions(request)
+
+    @app.post(COMPLETIONS_PATH, dependencies=guard)
+    async def completions_endpoint(request: Request):
+        return await text_completions(request)
 
     @app.get("/v1/models", dependencies=guard)
     async def models():
