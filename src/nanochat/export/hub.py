@@ -111,7 +111,9 @@ def model_card(export: Path, config, meta: dict, repo_id: str | None = None) -> 
     """README.md for the Hub: what the model is, how to use it, its metrics and how it was trained."""
     from nanochat.report import SECTION_ORDER, STAGE_NAMES
 
-    name = repo_id or export.resolve().parent.name
+    from nanochat.serving import default_model_name
+
+    name = repo_id or default_model_name(export)
     stage, step = meta.get("stage"), meta.get("step")
     lines = ["---", "library_name: transformers", "license: mit", "pipeline_tag: text-generation",
              "tags:", "- nanochat", "---", "", f"# {name}", ""]
