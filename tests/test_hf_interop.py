@@ -139,10 +139,9 @@ def test_ours_to_hf_to_ours_is_bitwise_identical_and_converted_once(hf_dir, trai
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert (meta["stage"], meta["step"], meta["source"]["path"]) == ("sft", 40, str(hf_dir.resolve()))
     stamp = (export / "model.safetensors").stat().st_mtime_ns
-    from nanochat.export import imports
-
-    imports._resolved.clear()  # a new process: the source is unchanged, so the conversion is reused
     assert find_export(f"hf:{hf_dir}") == export and (export / "model.safetensors").stat().st_mtime_ns == stamp
+    edit_json(hf_dir / "config.json")  # the source changed (rewritten): converted again
+    assert find_export(f"hf:{hf_dir}") == export and (export / "model.safetensors").stat().st_mtime_ns != stamp
 
 
 def test_bf16_export_holds_bf16_weights_that_import_rounded(trained, tmp_path):

@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 KINDS = ("hf", "nanochat")
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_resolved: dict[str, Path] = {}  # spec -> export dir, for this process (a stage resolves its init_from several times)
+_snapshots: dict[str, Path] = {}  # repo[@revision] -> snapshot dir: a stage resolves its init_from several times, and
+# asking the Hub each time costs a round trip; local sources are checked (a few stat calls) every time
 
 
 def is_spec(path) -> bool:
@@ -45,12 +46,10 @@ def is_hf_dir(path: Path) -> bool:
 
 def resolve(spec: str) -> Path:
     """The export dir for `spec` (see the module docstring), converting it first when needed."""
-    if spec not in _resolved:
-        kind, _, target = spec.partition(":")
-        if not target:
-            raise UserError(f"{spec!r} names no model: write {kind}:<dir>" + (" or hf:<owner>/<name>" if kind == "hf" else ""))
-        _resolved[spec] = _resolve_hf(target) if kind == "hf" else _resolve_nanochat(target)
-    return _resolved[spec]
+    kind, _, target = spec.partition(":")
+    if not target:
+        raise UserError(f"{spec!r} names no model: write {kind}:<dir>" + (" or hf:<owner>/<name>" if kind == "hf" else ""))
+    return _resolve_hf(target) if kind == "hf" else _resolve_nanochat(target)
 
 
 def imports_dir() -> Path:
@@ -81,7 +80,9 @@ def _resolve_hf(target: str) -> Path:
         repo, _, revision = target.partition("@")
         if not REPO_ID.match(repo):
             raise UserError(f"hf:{target} is neither a directory nor a Hugging Face repo id like karpathy/nanochat-d32")
-        src = hub.snapshot(repo, revision or None)
+        if target not in _snapshots:
+            _snapshots[target] = hub.snapshot(repo, revision or None)
+        src = _snapshots[target]
         source = {"kind": "hf", "repo": repo, "revision": revision or None, "commit": src.name}
         out = imports_dir() / "hf" / (repo.replace("/", "--") + (f"@{revision}" if revision else "")) / "export"
     if not is_hf_dir(src):

@@ -92,11 +92,15 @@ class _EncodingState:
         self.state = state
 
 
+class _Foreign(pickle.UnpicklingError):
+    """The pickle names a class or function other than tiktoken's Encoding."""
+
+
 class _EncodingOnly(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) == ("tiktoken.core", "Encoding"):
             return _EncodingState
-        raise pickle.UnpicklingError(f"{module}.{name}")
+        raise _Foreign(f"{module}.{name}")
 
 
 def load_encoding(path: Path):
@@ -106,7 +110,7 @@ def load_encoding(path: Path):
 
     try:
         obj = _EncodingOnly(io.BytesIO(path.read_bytes())).load()
-    except pickle.UnpicklingError as e:
+    except _Foreign as e:
         raise UserError(f"{path} holds {e}, not only a tiktoken Encoding; refusing to unpickle it "
                         "(a pickle can run any code)") from None
     except Exception as e:  # truncated or garbage bytes raise many kinds of errors
