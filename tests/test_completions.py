@@ -143,12 +143,14 @@ def test_bad_completion_requests_name_the_field(client):
 def test_scoring_runs_between_decoding_steps_of_a_busy_batch(engine, tok):
     async def scenario():
         queue = GenerationQueue(engine, tok)
-        long = queue.submit(validate_chat([{"role": "user", "content": "Go on"}], temperature=1.0, max_tokens=500,
+        # Greedy, this model and prompt decode all 500 tokens without an end token (in both precisions).
+        long = queue.submit(validate_chat([{"role": "user", "content": "Go on"}], temperature=0, max_tokens=500,
                                           tokenizer=tok, max_context=engine.max_context))
         ids = tok.encode("score me", prepend="<|bos|>")
         scores = [e async for e in queue.submit(ScoreRequest(ids, top=3)).events()]
         busy = queue.generating  # the long generation is still decoding
-        long.cancel()
+        events = [e async for e in long.events()]
+        assert events[-1].reason == "length" and events[-1].tokens == 500
         queue.shutdown()
         return scores, busy, ids
 

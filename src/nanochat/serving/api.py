@@ -337,8 +337,8 @@ def create_app(engine, tokenizer, model_name: str = "nanochat", *, api_key: str 
     guard = [Depends(bearer_guard(api_key))]
     completions = ChatCompletions(queue, tokenizer, model_name, engine.max_context, app.state.defaults, max_body_bytes,
                                   body_timeout, send_timeout)
-    text_completions = Completions(queue, tokenizer, model_name, engine.max_context, engine.model.config.sequence_len,
-                                   app.state.defaults, max_body_bytes, body_timeout)
+    text_completions = Completions(queue, tokenizer, model_name, engine.max_context, app.state.defaults, max_body_bytes,
+                                   body_timeout)
     created = int(time.time())
     model_card = {"id": model_name, "object": "model", "created": created, "owned_by": "nanochat"}
 

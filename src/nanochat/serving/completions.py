@@ -113,11 +113,16 @@ def text_offsets(tokenizer, ids: list[int], start: int, silent_first: bool) -> l
 class Completions:
     """Turns a completions body into generations and scorings on the queue, and their results into a response."""
 
-    def __init__(self, queue, tokenizer, model_name: str, max_context: int, score_context: int, defaults: dict,
-                 max_body_bytes: int, body_timeout: float):
+    def __init__(self, queue, tokenizer, model_name: str, max_context: int, defaults: dict, max_body_bytes: int,
+                 body_timeout: float):
         self.queue, self.tokenizer, self.model_name = queue, tokenizer, model_name
-        self.max_context, self.score_context, self.defaults = max_context, score_context, defaults
+        self.max_context, self.defaults = max_context, defaults
         self.max_body_bytes, self.body_timeout = max_body_bytes, body_timeout
+
+    @property
+    def score_context(self) -> int:
+        """The most tokens one scoring forward takes: the model's training context."""
+        return self.queue.engine.model.config.sequence_len
 
     def parse(self, body: dict) -> CompletionRequest:
         for name, ok in UNSUPPORTED_UNLESS.items():
