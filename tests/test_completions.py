@@ -93,7 +93,8 @@ def test_logprobs_in_both_precisions_agree_with_the_fp32_model(client, engine, e
         ref = torch.log_softmax(model(torch.tensor([ids]))[0], dim=-1)
     expected = torch.tensor([ref[i - 1, ids[i]].item() for i in range(1, len(ids))])
     atol = 1e-4 if engine.compute_dtype() == torch.float32 else 0.15  # bf16: weights and activations rounded
-    torch.testing.assert_close(torch.tensor(body["choices"][0]["logprobs"]["token_logprobs"][1:]), expected, atol=atol, rtol=0)
+    served = torch.tensor(body["choices"][0]["logprobs"]["token_logprobs"][1:])
+    torch.testing.assert_close(served, expected, atol=atol, rtol=0)
 
 
 def test_token_prompts_several_prompts_n_and_max_tokens_zero(client, tok):

@@ -14,7 +14,6 @@ transformers = pytest.importorskip("transformers")
 from conftest import corpus_documents  # noqa: E402
 from interop_helpers import train_tiny  # noqa: E402
 from nanochat.engine.engine import Engine  # noqa: E402
-from nanochat.errors import UserError  # noqa: E402
 from nanochat.export import find_export, load_export, save_export  # noqa: E402
 from nanochat.export.__main__ import main as export_main  # noqa: E402
 from nanochat.models.components import GPT, GPTConfig  # noqa: E402
@@ -189,6 +188,46 @@ def test_a_stage_inits_from_an_hf_model(tiny_run, tiny_tokenizer, tmp_path):
     assert module.parent["export"] == str(find_export(f"hf:{hf}").resolve())
 
 
+def test_the_eval_stage_takes_an_hf_ckpt(hf_dir, trained, tmp_path, caplog):
+    from conftest import write_core_bundle
+    from nanochat.callbacks.core_eval import evaluate_core
+    from nanochat.configs import compose
+    from nanochat.stages import run_stage
+    from nanochat.tasks.core_bundle import load_bundle
+
+    bundle = write_core_bundle(tmp_path / "bundle")
+    with caplog.at_level("INFO"):
+        run_stage(compose(["stage=eval", "eval=core", f"ckpt=hf:{hf_dir}", f"mixture.core_bundle={bundle}",
+                           "trainer=cpu", "precision=fp32"]))
+    expected = evaluate_core(trained[0], trained[1], load_bundle(bundle))["metrics"]["core/score"]
+    assert f"CORE score {expected:.4f} over 3 of 22 tasks" in caplog.text
+
+
+def test_two_processes_importing_one_source_convert_it_once(hf_dir, monkeypatch):
+    """Ranks of one run resolve init_from at the same moment: the lock makes the second wait and reuse the first's."""
+    import threading
+    import time
+
+    from nanochat.export import hf
+
+    convert, calls = hf.import_hf, []
+
+    def slow_convert(*args):
+        calls.append(args)
+        time.sleep(0.3)
+        return convert(*args)
+
+    monkeypatch.setattr(hf, "import_hf", slow_convert)
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(hf_dir.parent / "fresh_home"))
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(find_export(f"hf:{hf_dir}"))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(calls) == 1 and len(results) == 2 and results[0] == results[1]
+
+
 # --- bad input: one line each --------------------------------------------------------------------------------------
 def broken_copy(hf_dir: Path, tmp_path: Path, name: str) -> Path:
     copy = tmp_path / name
@@ -249,7 +288,8 @@ class SelfDescribedConfig(GPTConfig):
         return ["value embeddings"]
 
 
-@pytest.mark.parametrize("config_class, named", [(FutureConfig, "smear=True"), (SelfDescribedConfig, "value embeddings")])
+@pytest.mark.parametrize("config_class, named",
+                         [(FutureConfig, "smear=True"), (SelfDescribedConfig, "value embeddings")])
 def test_export_refuses_features_transformers_lacks(config_class, named, tmp_path, tiny_tokenizer, monkeypatch, capsys):
     from nanochat.models import components
 
@@ -293,7 +333,7 @@ def test_a_hub_repo_id_resolves_from_the_cache_offline(hf_dir, trained, tmp_path
     with torch.no_grad():
         assert torch.equal(back(x), trained[0](x))
     line = one_line_error(capsys, ["import", "hf:someone/not-downloaded"])
-    assert "someone/not-downloaded" in line and "HF_HUB_OFFLINE" in line and "hf download someone/not-downloaded" in line
+    assert "HF_HUB_OFFLINE" in line and "`hf download someone/not-downloaded`" in line
 
 
 def test_model_card_and_push_to_hub_with_the_upload_mocked(trained, tmp_path, monkeypatch, capsys):
@@ -322,13 +362,14 @@ def test_model_card_and_push_to_hub_with_the_upload_mocked(trained, tmp_path, mo
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     out = tmp_path / "hf"
     line = one_line_error(capsys, ["hf", str(run / "sft"), str(out), "--push-to-hub", "me/tiny-chat"])
-    assert "HF_HUB_OFFLINE" in line and (out / "README.md").is_file()  # the folder is built before the upload is refused
+    assert "HF_HUB_OFFLINE" in line and (out / "README.md").is_file()  # the folder is built, the upload refused
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     export_main(["hf", str(run / "sft"), str(out), "--push-to-hub", "me/tiny-chat", "--private"])
     assert "pushed to me/tiny-chat: https://huggingface.co/me/tiny-chat/commit/abc" in capsys.readouterr().out
+    files = ["README.md", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+             "tokenizer_config.json"]
     assert calls == [("create_repo", "me/tiny-chat", {"repo_type": "model", "private": True, "exist_ok": True}),
-                     ("upload_folder", "me/tiny-chat", ["README.md", "config.json", "generation_config.json",
-                                                        "model.safetensors", "tokenizer.json", "tokenizer_config.json"])]
+                     ("upload_folder", "me/tiny-chat", files)]
     card = (out / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: transformers\n") and "# me/tiny-chat" in card
     assert 'AutoModelForCausalLM.from_pretrained("me/tiny-chat")' in card and "init_from=hf:me/tiny-chat" in card

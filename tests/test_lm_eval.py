@@ -73,8 +73,8 @@ def evaluate(model: str, model_args: str, tasks) -> tuple[float, list[list[float
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    out = simple_evaluate(model=model, model_args=model_args, tasks=[TASK], task_manager=TaskManager(include_path=str(tasks)),
-                          batch_size=4, log_samples=True, bootstrap_iters=0)
+    out = simple_evaluate(model=model, model_args=model_args, tasks=[TASK], batch_size=4, log_samples=True,
+                          task_manager=TaskManager(include_path=str(tasks)), bootstrap_iters=0)
     samples = sorted(out["samples"][TASK], key=lambda s: s["doc_id"])
     return out["results"][TASK]["acc,none"], [[r[0] for r in s["filtered_resps"]] for s in samples]
 

@@ -49,7 +49,8 @@ def test_a_native_checkpoint_imports_with_identical_logits(model, tiny_tokenizer
 
 
 def test_step_selection_and_bf16_weights(model, tiny_tokenizer, home):
-    ckpt = write_nanochat_checkpoint(home, model, tiny_tokenizer, step=100, stage_dir="base_checkpoints", dtype=torch.bfloat16)
+    ckpt = write_nanochat_checkpoint(home, model, tiny_tokenizer, step=100, stage_dir="base_checkpoints",
+                                     dtype=torch.bfloat16)
     later = train_tiny(tiny_tokenizer, steps=1, seed=9)
     write_nanochat_checkpoint(home, later, tiny_tokenizer, step=200, stage_dir="base_checkpoints")
     latest, _, meta = load_export(find_export(f"nanochat:{ckpt}"))
@@ -128,7 +129,8 @@ def test_bad_checkpoints_are_refused_with_one_line_each(model, tiny_tokenizer, s
     meta = json.loads((ckpt / "meta_000003.json").read_text())
     meta["model_config"]["vocab_size"] = 2048
     (ckpt / "meta_000003.json").write_text(json.dumps(meta))
-    assert "1,024 tokens but the checkpoint's vocab_size is 2,048" in one_line_error(capsys, ["import", f"nanochat:{ckpt}@3"])
+    line = one_line_error(capsys, ["import", f"nanochat:{ckpt}@3"])
+    assert "1,024 tokens but the checkpoint's vocab_size is 2,048" in line
 
     write_nanochat_checkpoint(home, model, tiny_tokenizer, step=4)
     torch.save(serving_tokenizer.token_bytes(), home / "tokenizer" / "token_bytes.pt")

@@ -50,7 +50,8 @@ def greedy_reply(trained, messages, max_tokens: int) -> str:
 
     model, tok = trained
     engine = Engine(model, tok)
-    request = validate_chat(messages, temperature=0, max_tokens=max_tokens, tokenizer=tok, max_context=engine.max_context)
+    request = validate_chat(messages, temperature=0, max_tokens=max_tokens, tokenizer=tok,
+                            max_context=engine.max_context)
     return "".join(e.text for e in generate_events(engine, tok, request) if hasattr(e, "text"))
 
 
@@ -68,7 +69,8 @@ def test_chat_plain_and_streamed_with_usage(server, trained):
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == choice.message.content
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == reply.usage.total_tokens
-    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [choice.finish_reason]
+    reasons = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert reasons == [choice.finish_reason]
 
 
 def test_n_seed_and_stop(server):

@@ -316,7 +316,8 @@ def tokenizer_from_hf(path: Path, vocab_size: int):
     try:
         encoding = hf_to_tiktoken(hf)
     except KeyError:
-        raise UserError(f"{path} is not a byte-level BPE (a token holds a character outside the byte alphabet)") from None
+        raise UserError(f"{path} is not a byte-level BPE (a token holds a character outside the byte alphabet)") \
+            from None
     tokenizer = Tokenizer(encoding, hf)
     if tokenizer.vocab_size != vocab_size:
         raise UserError(f"{path} has {tokenizer.vocab_size:,} tokens but the model's vocab_size is {vocab_size:,}: "

@@ -37,7 +37,8 @@ def snapshot(repo: str, revision: str | None = None) -> Path:
         try:
             return Path(hub.snapshot_download(repo, revision=revision, allow_patterns=patterns))
         except errors.RepositoryNotFoundError:
-            raise UserError(f"no Hugging Face repo {repo} (if it is private or gated, log in with `hf auth login`)") from None
+            raise UserError(f"no Hugging Face repo {repo} (if it is private or gated, log in with `hf auth login`)") \
+                from None
         except errors.RevisionNotFoundError:
             raise UserError(f"the Hugging Face repo {repo} has no revision {revision!r}") from None
         except errors.LocalEntryNotFoundError:
@@ -110,7 +111,6 @@ def metrics_table(sections: dict[str, dict]) -> str | None:
 def model_card(export: Path, config, meta: dict, repo_id: str | None = None) -> str:
     """README.md for the Hub: what the model is, how to use it, its metrics and how it was trained."""
     from nanochat.report import SECTION_ORDER, STAGE_NAMES
-
     from nanochat.serving import default_model_name
 
     name = repo_id or default_model_name(export)
@@ -144,7 +144,8 @@ def model_card(export: Path, config, meta: dict, repo_id: str | None = None) -> 
         lines += ["## Training", ""]
         for key in training:
             items = sections[key]["items"]
-            lines += [f"### {STAGE_NAMES.get(key, key)}", "", _table(["Setting", "Value"], [[k, v] for k, v in items.items()]), ""]
+            rows = [[k, v] for k, v in items.items()]
+            lines += [f"### {STAGE_NAMES.get(key, key)}", "", _table(["Setting", "Value"], rows), ""]
     return "\n".join(lines)
 
 
@@ -161,7 +162,8 @@ def push_to_hub(folder: Path, repo_id: str, private: bool = False) -> str:
         commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
                                    commit_message="Upload a nanochat model (python -m nanochat.export hf)")
     except errors.LocalTokenNotFoundError:
-        raise UserError(f"pushing to {repo_id} needs a Hugging Face token: run `hf auth login` or set HF_TOKEN") from None
+        raise UserError(f"pushing to {repo_id} needs a Hugging Face token: run `hf auth login` or set HF_TOKEN") \
+            from None
     except errors.HfHubHTTPError as e:
         raise UserError(f"pushing to {repo_id} failed ({str(e).splitlines()[0]})") from None
     return str(getattr(commit, "commit_url", commit))

@@ -48,7 +48,8 @@ def resolve(spec: str) -> Path:
     """The export dir for `spec` (see the module docstring), converting it first when needed."""
     kind, _, target = spec.partition(":")
     if not target:
-        raise UserError(f"{spec!r} names no model: write {kind}:<dir>" + (" or hf:<owner>/<name>" if kind == "hf" else ""))
+        other = " or hf:<owner>/<name>" if kind == "hf" else ""
+        raise UserError(f"{spec!r} names no model: write {kind}:<dir>{other}")
     return _resolve_hf(target) if kind == "hf" else _resolve_nanochat(target)
 
 
@@ -90,7 +91,8 @@ def _resolve_hf(target: str) -> Path:
 
         if nanochat_checkpoint.has_checkpoint(src):  # a Hub repo holding nanochat's own files
             step = nanochat_checkpoint.last_step(src)
-            return convert_once(out, source, lambda dest: nanochat_checkpoint.import_checkpoint(src, step, dest, source))
+            return convert_once(out, source,
+                                lambda dest: nanochat_checkpoint.import_checkpoint(src, step, dest, source))
         raise UserError(f"{src} is not a Hugging Face model dir (no config.json naming a model_type) "
                         "and holds no nanochat checkpoint (model_<step>.pt)")
     return convert_once(out, source, lambda dest: hf.import_hf(src, dest, source))

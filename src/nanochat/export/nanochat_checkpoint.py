@@ -30,7 +30,8 @@ LATER_FEATURES = {  # state-dict names of later nanochat versions -> the feature
     "smear": "smear",
     "backout": "backout",
 }
-STAGES = {"base_checkpoints": "base", "mid_checkpoints": "mid", "chatsft_checkpoints": "sft", "chatrl_checkpoints": "rl"}
+STAGES = {"base_checkpoints": "base", "mid_checkpoints": "mid", "chatsft_checkpoints": "sft",
+          "chatrl_checkpoints": "rl"}
 STEP_FILE = re.compile(r"^model_(\d+)\.pt$")
 ORIG_MOD = "_orig_mod."  # torch.compile's prefix on every key of a compiled module's state dict
 
@@ -73,8 +74,9 @@ def tokenizer_file(ckpt: Path) -> Path:
                   ckpt.parent / "tokenizer" / "tokenizer.pkl", ckpt.parent.parent / "tokenizer" / "tokenizer.pkl"]
     found = next((p for p in candidates if p.is_file()), None)
     if found is None:
-        raise UserError(f"no tokenizer.pkl for the checkpoint {ckpt} (looked in {', '.join(str(p.parent) for p in candidates)}); "
-                        "copy the tokenizer/ dir of the nanochat home that trained it next to the checkpoint")
+        looked = ", ".join(str(p.parent) for p in candidates)
+        raise UserError(f"no tokenizer.pkl for the checkpoint {ckpt} (looked in {looked}); copy the tokenizer/ dir of "
+                        "the nanochat home that trained it next to the checkpoint")
     return found
 
 
@@ -120,8 +122,10 @@ def load_encoding(path: Path):
         what = f"tiktoken's registered encoding {state!r}" if isinstance(state, str) else type(obj).__name__
         raise UserError(f"{path} holds {what}, not a tiktoken Encoding with its own ranks")
     ranks, specials, pattern = state.get("mergeable_ranks"), state.get("special_tokens"), state.get("pat_str")
-    if not (isinstance(ranks, dict) and all(isinstance(k, bytes) and isinstance(v, int) for k, v in ranks.items())
-            and isinstance(specials, dict) and all(isinstance(k, str) and isinstance(v, int) for k, v in specials.items())):
+    def typed(d, key_type) -> bool:
+        return isinstance(d, dict) and all(isinstance(k, key_type) and isinstance(v, int) for k, v in d.items())
+
+    if not (typed(ranks, bytes) and typed(specials, str)):
         raise UserError(f"{path} holds an Encoding whose ranks or special tokens are malformed")
     if pattern != SPLIT_PATTERN:
         raise UserError(f"{path} splits text with a different pattern than nanochat's tokenizer ({pattern!r})")
@@ -144,8 +148,9 @@ def load_tokenizer(pkl: Path, vocab_size: int):
     sizes = pkl.with_name("token_bytes.pt")
     if sizes.is_file():
         saved = load_tensors(sizes)
-        if not isinstance(saved, torch.Tensor) or not torch.equal(saved.to(torch.int64), tokenizer.token_bytes().to(torch.int64)):
-            raise UserError(f"{sizes} does not match {pkl.name} (token byte lengths differ); they are not one tokenizer")
+        ours = tokenizer.token_bytes().to(torch.int64)
+        if not isinstance(saved, torch.Tensor) or not torch.equal(saved.to(torch.int64), ours):
+            raise UserError(f"{sizes} does not match {pkl.name} (token byte lengths differ): not one tokenizer")
     check_probe(tokenizer, pkl)
     return tokenizer
 
@@ -171,7 +176,8 @@ def gpt_config(model_config, where: Path):
         raise UserError(f"{where} uses sliding-window attention (window_pattern={model_config['window_pattern']!r}), "
                         "which this project's GPT does not have")
     if extra:
-        raise UserError(f"{where} sets {', '.join(sorted(extra))} in its model_config, which this project's GPT does not have")
+        raise UserError(f"{where} sets {', '.join(sorted(extra))} in its model_config, which this project's GPT "
+                        "does not have")
     missing = [k for k in MODEL_CONFIG_KEYS if k not in model_config]
     if missing:
         raise UserError(f"{where} lacks {', '.join(missing)} in its model_config")
@@ -185,8 +191,8 @@ def checked_state(raw, model, where: Path) -> dict[str, torch.Tensor]:
     expected = model.state_dict()
     later = sorted({feature for k in state for prefix, feature in LATER_FEATURES.items() if k.startswith(prefix)})
     if later:
-        raise UserError(f"{where} holds weights of {', '.join(later)}, a later nanochat architecture this project's GPT "
-                        "does not have")
+        raise UserError(f"{where} holds weights of {', '.join(later)}, a later nanochat architecture this project's "
+                        "GPT does not have")
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise UserError(f"{where} does not hold the weights its model_config describes (missing {missing[:3]}, "
@@ -199,7 +205,8 @@ def checked_state(raw, model, where: Path) -> dict[str, torch.Tensor]:
 
 
 def import_checkpoint(ckpt: Path, step: int, out: Path, source: dict) -> Path:
-    """Convert step `step` of the nanochat checkpoint dir `ckpt` (with its home's tokenizer) into the export dir `out`."""
+    """Convert step `step` of the nanochat checkpoint dir `ckpt` (and its home's tokenizer) into the export dir
+    `out`."""
     from nanochat.export.export_dir import save_export
     from nanochat.models.components import GPT
 

@@ -60,7 +60,7 @@ class CompletionRequest:
 
 
 def _is_ids(value) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+    return isinstance(value, list) and bool(value) and all(type(t) is int for t in value)  # bools are not ids
 
 
 def parse_prompts(prompt, tokenizer) -> list[Prompt]:
@@ -81,7 +81,8 @@ def parse_prompts(prompt, tokenizer) -> list[Prompt]:
             continue
         bad = next((t for t in p if not 0 <= t < tokenizer.vocab_size), None)
         if bad is not None:
-            raise RequestError("prompt", f"token id {shown(bad)} is outside the vocabulary 0..{tokenizer.vocab_size - 1}")
+            raise RequestError("prompt",
+                               f"token id {shown(bad)} is outside the vocabulary 0..{tokenizer.vocab_size - 1}")
         prompts.append(Prompt(list(p), tokenizer.decode(p), False))
     return prompts
 
@@ -127,7 +128,8 @@ class Completions:
     def parse(self, body: dict) -> CompletionRequest:
         for name, ok in UNSUPPORTED_UNLESS.items():
             if not ok(body.get(name)):
-                raise RequestError(name, f"{name}={shown(body[name])} is not supported on {COMPLETIONS_PATH}; leave it out")
+                raise RequestError(name,
+                                   f"{name}={shown(body[name])} is not supported on {COMPLETIONS_PATH}; leave it out")
         if "prompt" not in body:
             raise RequestError("prompt", "prompt is required")
         prompts = parse_prompts(body["prompt"], self.tokenizer)
@@ -136,8 +138,9 @@ class Completions:
             value = body.get(name)
             return self.defaults.get(name) if value is None else value
 
-        temperature, top_k, n, seed, stop = validate_sampling(setting("temperature"), setting("top_k"), setting("n"),
-                                                              body.get("seed"), body.get("stop"), self.tokenizer.vocab_size)
+        temperature, top_k, n, seed, stop = validate_sampling(
+            setting("temperature"), setting("top_k"), setting("n"), body.get("seed"), body.get("stop"),
+            self.tokenizer.vocab_size)
         max_tokens = body.get("max_tokens")
         max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else int_in("max_tokens", max_tokens, 0, self.max_context)
         echo = body.get("echo") or False
@@ -146,7 +149,10 @@ class Completions:
         logprobs = body.get("logprobs")
         if logprobs is not None:
             logprobs = int_in("logprobs", logprobs, 0, MAX_LOGPROBS)
-        limit, what = (self.score_context, "training context") if logprobs is not None else (self.max_context, "context")
+        if logprobs is not None:
+            limit, what = self.score_context, "training context"
+        else:
+            limit, what = self.max_context, "context"
         longest = max(len(p.ids) for p in prompts)
         if longest + max_tokens > limit:
             raise RequestError("prompt", f"a prompt of {longest} tokens + max_tokens={max_tokens} is more than the "
@@ -174,8 +180,8 @@ class Completions:
         for p, prompt in enumerate(request.prompts):
             texts, reasons, generated = [""] * request.n, ["length"] * request.n, [[] for _ in range(request.n)]
             if request.max_tokens:
-                job = self.queue.submit(ChatRequest([], request.temperature, request.top_k, request.max_tokens, request.n,
-                                                    request.seed, request.stop, prompt.ids))
+                job = self.queue.submit(ChatRequest([], request.temperature, request.top_k, request.max_tokens,
+                                                    request.n, request.seed, request.stop, prompt.ids))
                 async for event in job.events():
                     if isinstance(event, TextDelta):
                         texts[event.index] += event.text
@@ -185,7 +191,8 @@ class Completions:
             for j in range(request.n):
                 block = await self._logprobs(request, prompt, generated[j]) if request.logprobs is not None else None
                 text = (prompt.text if request.echo else "") + texts[j]
-                choices.append({"text": text, "index": p * request.n + j, "logprobs": block, "finish_reason": reasons[j]})
+                choices.append({"text": text, "index": p * request.n + j, "logprobs": block,
+                                "finish_reason": reasons[j]})
         prompt_tokens = sum(len(p.ids) for p in request.prompts)
         return {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
                 "model": self.model_name, "choices": choices,
