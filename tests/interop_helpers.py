@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 from pathlib import Path
 
 import torch
@@ -61,3 +62,11 @@ def write_nanochat_checkpoint(home: Path, model, tokenizer, step: int, stage_dir
         pickle.dump(encoding, f)
     torch.save(tokenizer.token_bytes().clone(), tok_dir / "token_bytes.pt")
     return ckpt
+
+
+def fake_hub_cache(cache: Path, repo: str, files: Path, commit: str = "0123456789abcdef0123456789abcdef01234567"):
+    """huggingface_hub's cache layout for `repo` at `commit` (refs/main), holding a copy of the files in `files`."""
+    root = cache / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(files, root / "snapshots" / commit)
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(commit)

@@ -12,7 +12,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from conftest import corpus_documents  # noqa: E402
-from interop_helpers import train_tiny  # noqa: E402
+from interop_helpers import fake_hub_cache, train_tiny  # noqa: E402
 from nanochat.engine.engine import Engine  # noqa: E402
 from nanochat.export import find_export, load_export, save_export  # noqa: E402
 from nanochat.export.__main__ import main as export_main  # noqa: E402
@@ -311,14 +311,6 @@ def test_export_never_overwrites_a_directory_that_is_not_an_hf_export(trained, t
 
 
 # --- the Hub, offline ------------------------------------------------------------------------------------------------
-def fake_hub_cache(cache: Path, repo: str, files: Path, commit: str = "0123456789abcdef0123456789abcdef01234567"):
-    """huggingface_hub's cache layout for `repo` at `commit` (refs/main), holding a copy of the files in `files`."""
-    root = cache / f"models--{repo.replace('/', '--')}"
-    shutil.copytree(files, root / "snapshots" / commit)
-    (root / "refs").mkdir(parents=True)
-    (root / "refs" / "main").write_text(commit)
-
-
 def test_a_hub_repo_id_resolves_from_the_cache_offline(hf_dir, trained, tmp_path, monkeypatch, capsys):
     import huggingface_hub
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from interop_helpers import train_tiny, write_nanochat_checkpoint
+from interop_helpers import fake_hub_cache, train_tiny, write_nanochat_checkpoint
 from nanochat.export import find_export, load_export
 from nanochat.export.__main__ import main as export_main
 
@@ -73,6 +73,22 @@ def test_a_native_checkpoint_exports_to_transformers(model, tiny_tokenizer, home
     assert ids == tiny_tokenizer.encode(text, prepend="<|bos|>")
     with torch.no_grad():
         torch.testing.assert_close(hf_model(torch.tensor([ids])).logits, model(torch.tensor([ids])), atol=1e-4, rtol=0)
+
+
+def test_a_hub_repo_of_nanochat_files_imports_offline(model, tiny_tokenizer, home, tmp_path, monkeypatch):
+    """hf:<owner>/<name> whose repo holds nanochat's own files (model, meta, tokenizer.pkl side by side)."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    ckpt = write_nanochat_checkpoint(home, model, tiny_tokenizer, step=650)
+    for name in ("tokenizer.pkl", "token_bytes.pt"):
+        (ckpt / name).write_bytes((home / "tokenizer" / name).read_bytes())
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    fake_hub_cache(tmp_path / "hub", "someone/nanochat-d2", ckpt)
+    back, _, meta = load_export(find_export("hf:someone/nanochat-d2"))
+    assert meta["step"] == 650 and meta["source"]["repo"] == "someone/nanochat-d2"
+    x = torch.tensor([tiny_tokenizer.encode("Hello there", prepend="<|bos|>")])
+    with torch.no_grad():
+        assert torch.equal(back(x), model(x))
+    assert find_export(f"hf:{ckpt}") == find_export(f"nanochat:{ckpt}")  # a local dir of nanochat files, either way
 
 
 class Exploit:

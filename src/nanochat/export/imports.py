@@ -70,11 +70,13 @@ def fingerprint(files: list[Path]) -> list[list]:
 
 
 def _resolve_hf(target: str) -> Path:
-    from nanochat.export import hf, hub
+    from nanochat.export import hf, hub, nanochat_checkpoint
 
     local = Path(target).expanduser()
     if local.is_dir():
         src = local.resolve()
+        if not is_hf_dir(src) and nanochat_checkpoint.has_checkpoint(src):
+            return _resolve_nanochat(str(src))
         source = {"kind": "hf", "path": str(src), "files": fingerprint(hf.source_files(src))}
         out = imports_dir() / "hf" / _local_name(src) / "export"
     else:
@@ -87,8 +89,6 @@ def _resolve_hf(target: str) -> Path:
         source = {"kind": "hf", "repo": repo, "revision": revision or None, "commit": src.name}
         out = imports_dir() / "hf" / (repo.replace("/", "--") + (f"@{revision}" if revision else "")) / "export"
     if not is_hf_dir(src):
-        from nanochat.export import nanochat_checkpoint
-
         if nanochat_checkpoint.has_checkpoint(src):  # a Hub repo holding nanochat's own files
             step = nanochat_checkpoint.last_step(src)
             return convert_once(out, source,
