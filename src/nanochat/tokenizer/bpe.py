@@ -122,6 +122,26 @@ def hf_to_tiktoken(hf: Tokenizer, name: str = "nanochat") -> tiktoken.Encoding:
     return make_encoding(ranks, specials, name)
 
 
+def tiktoken_to_hf(enc: tiktoken.Encoding) -> Tokenizer:
+    """The HF `tokenizers` version of a tiktoken Encoding that follows these conventions (the inverse of
+    hf_to_tiktoken). tiktoken merges whichever adjacent pair forms the lowest-ranked token, so every split of a
+    token into two tokens becomes a merge, ordered by the rank of the token it forms."""
+    to_unicode = byte_to_unicode()
+    ranks = {enc.decode_single_token_bytes(i): i for i in range(enc.n_vocab - len(SPECIAL_TOKENS))}
+    text = {rank: "".join(to_unicode[b] for b in token) for token, rank in ranks.items()}
+    merges = sorted(
+        (rank, ranks[token[:i]], ranks[token[i:]])
+        for token, rank in ranks.items()
+        for i in range(1, len(token))
+        if token[:i] in ranks and token[i:] in ranks
+    )
+    model = BPE(vocab={t: rank for rank, t in text.items()}, merges=[(text[a], text[b]) for _, a, b in merges],
+                ignore_merges=True)
+    tok = _hf_tokenizer(model)
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    return tok
+
+
 def make_encoding(ranks: dict[bytes, int], specials: dict[str, int], name: str = "nanochat") -> tiktoken.Encoding:
     expected = list(range(len(ranks), len(ranks) + len(SPECIAL_TOKENS)))
     if sorted(ranks.values()) != list(range(len(ranks))) or [specials[t] for t in SPECIAL_TOKENS] != expected:

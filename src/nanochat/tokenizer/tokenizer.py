@@ -19,7 +19,14 @@ import torch
 from nanochat.errors import UserError
 from nanochat.io import atomic_write
 from nanochat.tokenizer import chat_format
-from nanochat.tokenizer.bpe import SPECIAL_TOKENS, SPLIT_PATTERN, hf_to_tiktoken, make_encoding, train_hf_bpe
+from nanochat.tokenizer.bpe import (
+    SPECIAL_TOKENS,
+    SPLIT_PATTERN,
+    hf_to_tiktoken,
+    make_encoding,
+    tiktoken_to_hf,
+    train_hf_bpe,
+)
 
 RANKS_FILE = "tokenizer.tiktoken"
 CONFIG_FILE = "tokenizer_config.json"
@@ -77,6 +84,12 @@ class Tokenizer:
 
             hf = HFTokenizer.from_file(str(directory / HF_FILE))
         return cls(encoding, hf)
+
+    def hf_tokenizer(self):
+        """The HF `tokenizers` version (tokenizer.json): the one trained or loaded, else converted from the ranks."""
+        if self.hf is None:
+            self.hf = tiktoken_to_hf(self.enc)
+        return self.hf
 
     # --- vocabulary ---------------------------------------------------------------------------
     @property
