@@ -164,7 +164,7 @@ def test_specs_pass_through_hydra_and_the_chat_cli(hf_dir, capsys):
     assert cfg.ckpt == f"hf:{hf_dir}"
     cfg = compose(["stage=sft", "init_from=nanochat:/some/home/chatsft_checkpoints/d20@650", "model=d20"])
     assert cfg.init_from == "nanochat:/some/home/chatsft_checkpoints/d20@650"
-    chat_main(["--ckpt", f"hf:{hf_dir}", "-p", "Hello", "--max-tokens", "4", "--temperature", "0", "--device", "cpu"])
+    chat_main([f"hf:{hf_dir}", "-p", "Hello", "--max-tokens", "4", "--temperature", "0", "--device", "cpu"])
     assert capsys.readouterr().out.strip() != ""
 
 
@@ -180,7 +180,7 @@ def test_a_stage_inits_from_an_hf_model(tiny_run, tiny_tokenizer, tmp_path):
             p.normal_(0, 0.02)
     hf = tmp_path / "start-hf"
     export_main(["hf", str(save_export(start, tiny_tokenizer, tmp_path / "start" / "export")), str(hf)])
-    cfg = compose(tiny_run("run=from_hf", f"init_from=hf:{hf}", "model.num_iterations=1", "~callbacks",
+    cfg = compose(tiny_run("run=from_hf", f"init_from=hf:{hf}", "budget.base_steps=1", "callbacks=[]",
                            "+trainer.enable_checkpointing=false"))
     _, module, _, _ = build(cfg)
     for k, v in start.state_dict().items():
@@ -190,7 +190,7 @@ def test_a_stage_inits_from_an_hf_model(tiny_run, tiny_tokenizer, tmp_path):
 
 def test_the_eval_stage_takes_an_hf_ckpt(hf_dir, trained, tmp_path, caplog):
     from conftest import write_core_bundle
-    from nanochat.callbacks.core_eval import evaluate_core
+    from nanochat.eval.core import evaluate_core
     from nanochat.configs import compose
     from nanochat.stages import run_stage
     from nanochat.tasks.core_bundle import load_bundle

@@ -1,4 +1,4 @@
-"""The official `openai` Python client against a live `python serve.py ckpt=hf:<dir>` (a transformers export of a tiny
+"""The official `openai` Python client against a live `nanochat serve ckpt=hf:<dir>` (a transformers export of a tiny
 trained model, imported on start): chat (plain, streamed with usage, n, stop, seed), the `developer` role and merged
 same-role messages, text completions with echo and logprobs, and errors as the SDK's exception types."""
 

@@ -1,7 +1,7 @@
 """Models in and out of the project.
 
 - `export_dir`: the export directory every stage writes and every stage, server and CLI reads.
-- `hf`: to and from Hugging Face transformers' NanoChat format (`python -m nanochat.export hf ...`).
+- `hf`: to and from Hugging Face transformers' NanoChat format (`nanochat export hf ...`).
 - `nanochat_checkpoint`: nanochat's own `model_<step>.pt` + `meta_<step>.json` + `tokenizer.pkl`.
 - `imports`: `hf:<dir or repo id>` and `nanochat:<checkpoint dir>[@step]` wherever a checkpoint is taken, converted
   once into an ordinary export directory under the nanochat home.

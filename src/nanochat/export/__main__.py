@@ -1,7 +1,7 @@
 """Models in and out, on the command line.
 
-    python -m nanochat.export hf <run dir, export dir or spec> <out dir> [--dtype bfloat16] [--push-to-hub <repo>]
-    python -m nanochat.export import <spec>
+    nanochat export hf <run dir, export dir or spec> <out dir> [--dtype bfloat16] [--push-to-hub <repo>]
+    nanochat export import <spec>
 
 `hf` writes a directory transformers loads with no custom code (AutoModelForCausalLM, AutoTokenizer) plus a model
 card, and with --push-to-hub uploads it (needs a token and the network). `import` converts a spec such as
@@ -19,7 +19,7 @@ DTYPES = ("float32", "bfloat16")
 
 
 def parse_args(argv: list[str] | None):
-    parser = argparse.ArgumentParser(prog="python -m nanochat.export", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="nanochat export", description=__doc__.split("\n")[0])
     verbs = parser.add_subparsers(dest="verb", required=True)
     hf = verbs.add_parser("hf", help="write a Hugging Face transformers dir (NanoChatForCausalLM)")
     hf.add_argument("src", help="a run dir, an export dir, or a spec (hf:..., nanochat:...)")

@@ -130,8 +130,8 @@ def model_card(export: Path, config, meta: dict, repo_id: str | None = None) -> 
               "out = model.generate(**ids, max_new_tokens=64)",
               'print(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))', "```", "",
               "With nanochat: fine-tune, evaluate or serve it by naming it where a checkpoint is taken:", "", "```bash",
-              f"python train.py stage=sft init_from=hf:{repo} model=d{config.n_layer} ...",
-              f"python serve.py ckpt=hf:{repo}", "```", ""]
+              f"nanochat train stage=sft init_from=hf:{repo} model=d{config.n_layer} ...",
+              f"nanochat serve ckpt=hf:{repo}", "```", ""]
     root = run_root(export)
     sections = report_sections(root) if root is not None else {}
     table = metrics_table(sections)
@@ -160,7 +160,7 @@ def push_to_hub(folder: Path, repo_id: str, private: bool = False) -> str:
     try:
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
         commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
-                                   commit_message="Upload a nanochat model (python -m nanochat.export hf)")
+                                   commit_message="Upload a nanochat model (nanochat export hf)")
     except errors.LocalTokenNotFoundError:
         raise UserError(f"pushing to {repo_id} needs a Hugging Face token: run `hf auth login` or set HF_TOKEN") \
             from None
