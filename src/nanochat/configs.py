@@ -50,11 +50,12 @@ def register_schemas() -> None:
     """The typed schemas, as `schema/<name>` configs the YAML puts where it needs them."""
     from hydra.core.config_store import ConfigStore
 
-    from nanochat.settings import HorizonConfig, OptimizerConfig, SamplingConfig, ScheduleConfig, ServerLimits
+    from nanochat.settings import (HorizonConfig, OptimizerConfig, SamplingConfig, ScheduleConfig, ServerLimits,
+                                   TokenizerConfig)
 
     store = ConfigStore.instance()
     schemas = {"optimizer": OptimizerConfig, "schedule": ScheduleConfig, "horizon": HorizonConfig,
-               "sampling": SamplingConfig, "server_limits": ServerLimits}
+               "sampling": SamplingConfig, "server_limits": ServerLimits, "tokenizer": TokenizerConfig}
     for name, node in schemas.items():
         store.store(group="schema", name=name, node=node)
 

@@ -80,6 +80,20 @@ class HorizonConfig:
 
 
 @dataclass
+class TokenizerConfig:
+    """How the tokenizer is trained (nanochat's tok_train): at most `max_chars` characters, each document cropped."""
+
+    max_chars: int = 2_000_000_000  # read at most this many characters
+    doc_cap: int = 10_000  # crop each document to this many characters (0: no crop)
+    progress: bool = True
+
+    def __post_init__(self):
+        _positive("tokenizer", max_chars=self.max_chars)
+        if self.doc_cap < 0:
+            raise UserError(f"tokenizer.doc_cap={self.doc_cap} must not be negative")
+
+
+@dataclass
 class SamplingConfig:
     """What a chat request gets for a setting it leaves out (server, web UI, terminal chat)."""
 

@@ -10,6 +10,8 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from nanochat.settings import TokenizerConfig
+
 
 def capped_documents(docs: Iterable[str], max_chars: int, doc_cap: int) -> Iterator[str]:
     """Crop each document to doc_cap characters (0 = no crop) and stop once max_chars have been yielded."""
@@ -23,8 +25,9 @@ def capped_documents(docs: Iterable[str], max_chars: int, doc_cap: int) -> Itera
             return
 
 
-def train_tokenizer(inputs: list[str | Path], vocab_size: int, out: str | Path, *, max_chars: int = 2_000_000_000,
-                    doc_cap: int = 10_000, gutenberg: bool = False, show_progress: bool = True) -> dict:
+def train_tokenizer(inputs: list[str | Path], vocab_size: int, out: str | Path, *,
+                    max_chars: int = TokenizerConfig.max_chars, doc_cap: int = TokenizerConfig.doc_cap,
+                    gutenberg: bool = False, show_progress: bool = True) -> dict:
     """Train, save to `out`, and return the summary (vocab size, documents, characters, time, token byte lengths)."""
     import sys
 
