@@ -42,6 +42,7 @@ class PretrainModule(L.LightningModule):
         aspect_ratio: int = 64,
         head_dim: int = 128,
         n_kv_head: int | None = None,
+        arch: dict | None = None,
         optimizer: dict | None = None,
         schedule: dict | None = None,
         horizon: dict | None = None,
@@ -57,7 +58,8 @@ class PretrainModule(L.LightningModule):
 
         self.tokenizer = stage_tokenizer(tokenizer_dir, init_from)
         self.config = GPTConfig.from_depth(
-            depth, self.tokenizer.vocab_size, sequence_len, aspect_ratio=aspect_ratio, head_dim=head_dim, n_kv_head=n_kv_head
+            depth, self.tokenizer.vocab_size, sequence_len, aspect_ratio=aspect_ratio, head_dim=head_dim,
+            n_kv_head=n_kv_head, **dict(arch or {}),
         )
         self.model = GPT(self.config)
         self.parent = None

@@ -13,6 +13,10 @@ def build_optimizer(
     matrix_lr: float = 0.02,
     embedding_lr: float = 0.2,
     unembedding_lr: float = 0.004,
+    value_embedding_lr: float = 0.1,
+    resid_lambda_lr: float = 0.005,
+    x0_lambda_lr: float = 0.5,
+    smear_backout_lr: float = 0.2,
     betas: tuple[float, float] = (0.8, 0.95),
     eps: float = 1e-10,
     adamw_weight_decay: float = 0.0,
@@ -21,10 +25,13 @@ def build_optimizer(
     ns_steps: int = 5,
     ns_dtype: str = "auto",
 ) -> MuonAdamW:
-    """Muon for every matrix inside the transformer blocks; AdamW for the embedding and the lm_head.
+    """Muon for every matrix inside the transformer blocks; AdamW for the embedding and the lm_head, and for the
+    value embeddings and scalars of the 2026 architecture when the model has them.
 
-    The AdamW learning rates were tuned at width 768 and scale as (width/768)^-0.5 (nanochat's rule);
-    Muon's lr needs no width scaling because its update is orthogonalised.
+    The AdamW learning rates were tuned at width 768 and scale as (width/768)^-0.5 (nanochat's rule), the value
+    embeddings' too; Muon's lr needs no width scaling because its update is orthogonalised. The lrs of the 2026
+    groups are placeholders, nanochat's base values for them (value embeddings at half the embedding lr), with
+    the shared AdamW betas, eps and weight decay rather than nanochat's per-group ones: not a tuned recipe.
     """
     roles = model.param_roles()
     width = model.config.n_embd
@@ -36,6 +43,9 @@ def build_optimizer(
         dict(params=roles["embedding"], lr=embedding_lr * dmodel_scale, **adamw),
         dict(params=roles["unembedding"], lr=unembedding_lr * dmodel_scale, **adamw),
     ]
+    extra = {"value_embedding": value_embedding_lr * dmodel_scale, "resid_lambda": resid_lambda_lr,
+             "x0_lambda": x0_lambda_lr, "smear_backout": smear_backout_lr}
+    groups += [dict(params=roles[role], lr=lr, **adamw) for role, lr in extra.items() if roles.get(role)]
     check_partition(model, groups)
     return MuonAdamW(groups)
 
