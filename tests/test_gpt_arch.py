@@ -438,3 +438,16 @@ def test_caches_carry_each_rows_previous_embedding():
     batch.remove(1)
     batch.remove(0)
     assert batch.prev_embedding is None
+
+
+@pytest.mark.slow
+def test_the_compiled_gpt_traces_the_flex_attention_path(monkeypatch):
+    """compile=true compiles the whole GPT: the FlexAttention path (block mask built inside the graph) traces and
+    computes the eager SDPA logits (forward only on a CPU; 20-120 s to compile here)."""
+    model = arch_model(sequence_len=256, short_window=None, n_layer=4, window_pattern="SSSL")
+    idx = torch.randint(0, 200, (2, 256))
+    with torch.no_grad():
+        expected = model(idx)
+        monkeypatch.setattr(attention, "FLEX_DEVICES", {"cpu"})
+        compiled = torch.compile(model, dynamic=False)
+        torch.testing.assert_close(compiled(idx), expected, atol=1e-4, rtol=1e-4)

@@ -68,17 +68,21 @@ def flex_windowed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int
     from torch.nn.attention.flex_attention import flex_attention
 
     if _flex_kernel is None:
-        _flex_kernel = torch.compile(flex_attention, dynamic=False)
-    block_mask = sliding_block_mask(window, q.size(2), q.device)
+        _flex_kernel = torch.compile(flex_attention)  # a second length recompiles it for dynamic lengths
+    # Inside a compiled model the mask is traced into the graph; eager calls build it once per (window, length).
+    build = band_block_mask if torch.compiler.is_compiling() else sliding_block_mask
+    block_mask = build(window, q.size(2), q.device)
     return _flex_kernel(q, k, v, block_mask=block_mask, enable_gqa=q.size(1) != k.size(1))
 
 
-@functools.lru_cache(maxsize=64)
-def sliding_block_mask(window: int, length: int, device: torch.device):
-    """FlexAttention's block mask for a causal band of `window` keys back, built once per (window, length)."""
+def band_block_mask(window: int, length: int, device: torch.device):
+    """FlexAttention's block mask for a causal band reaching `window` keys back."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     def band(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) & (q_idx - kv_idx <= window)
 
     return create_block_mask(band, B=None, H=None, Q_LEN=length, KV_LEN=length, device=device)
+
+
+sliding_block_mask = functools.lru_cache(maxsize=64)(band_block_mask)

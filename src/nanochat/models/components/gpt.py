@@ -150,11 +150,10 @@ class GPT(nn.Module):
         if c.layer_lambdas:  # a stronger residual and more of the embedding in early layers
             self.resid_lambdas.copy_(torch.tensor([1.15 - 0.10 * f for f in steps]))
             self.x0_lambdas.copy_(torch.tensor([0.20 - 0.15 * f for f in steps]))
-        if c.smear:
-            self.smear_lambda.zero_()
         if c.backout:
             self.backout_lambda.fill_(0.2)
         if c.smear:
+            self.smear_lambda.zero_()
             self.smear_gate.weight.uniform_(0.0, 0.02)
         for table in getattr(self, "value_embeds", {}).values():
             table.weight.uniform_(-s, s)  # as c_v's nanochat2026 init
