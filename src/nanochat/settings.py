@@ -26,6 +26,10 @@ class OptimizerConfig:
     matrix_lr: float = 0.02  # Muon; its orthogonalised update needs no width scaling
     embedding_lr: float = 0.2  # AdamW, x (width/768)^-0.5
     unembedding_lr: float = 0.004  # AdamW, x (width/768)^-0.5
+    value_embedding_lr: float = 0.1  # AdamW, x (width/768)^-0.5 (2026 architecture)
+    resid_lambda_lr: float = 0.005  # AdamW, per-layer residual scales (2026 architecture)
+    x0_lambda_lr: float = 0.5  # AdamW, per-layer embedding scales (2026 architecture)
+    smear_backout_lr: float = 0.2  # AdamW, smear gate and lambda, backout lambda (2026 architecture)
     betas: List[float] = field(default_factory=lambda: [0.8, 0.95])  # AdamW
     eps: float = 1e-10
     adamw_weight_decay: float = 0.0

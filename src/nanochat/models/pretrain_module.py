@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 class PretrainModule(L.LightningModule):
     def __init__(self, *, depth: int, tokenizer_dir: str | None, sequence_len: int = 2048,
                  total_batch_size: int = 524_288, aspect_ratio: int = 64, head_dim: int = 128,
-                 n_kv_head: int | None = None, optimizer: OptimizerConfig | None = None,
+                 n_kv_head: int | None = None, arch: dict | None = None, optimizer: OptimizerConfig | None = None,
                  schedule: ScheduleConfig | None = None, horizon: HorizonConfig | None = None, compile: bool = False,
                  init_from: str | None = None, log_every: int = 10, on_nonfinite: str = "stop"):
         super().__init__()
@@ -31,7 +31,7 @@ class PretrainModule(L.LightningModule):
         self.tokenizer_dir = tokenizer_dir
         self.tokenizer, self.model, self.parent = stage_parts.build_gpt(
             depth=depth, tokenizer_dir=tokenizer_dir, init_from=init_from, sequence_len=sequence_len,
-            aspect_ratio=aspect_ratio, head_dim=head_dim, n_kv_head=n_kv_head)
+            aspect_ratio=aspect_ratio, head_dim=head_dim, n_kv_head=n_kv_head, **dict(arch or {}))
         self.config = self.model.config
         self.optimizer_config = optimizer or OptimizerConfig()
         self.stepper = stage_parts.OptimizerStep(schedule or ScheduleConfig(), on_nonfinite)

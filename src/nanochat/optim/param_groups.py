@@ -9,10 +9,11 @@ from nanochat.settings import OptimizerConfig
 
 
 def build_optimizer(model: nn.Module, config: OptimizerConfig | None = None) -> MuonAdamW:
-    """Muon for every matrix inside the transformer blocks; AdamW for the embedding and the lm_head.
+    """Muon for every matrix inside the transformer blocks; AdamW for the embedding and the lm_head, and for the
+    value embeddings and scalars of the 2026 architecture when the model has them.
 
-    The AdamW learning rates were tuned at width 768 and scale as (width/768)^-0.5 (nanochat's rule);
-    Muon's lr needs no width scaling because its update is orthogonalised.
+    The AdamW learning rates were tuned at width 768 and scale as (width/768)^-0.5 (nanochat's rule), the value
+    embeddings' too; Muon's lr needs no width scaling because its update is orthogonalised.
     """
     c = config or OptimizerConfig()
     roles = model.param_roles()
@@ -24,6 +25,9 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig | None = None) -> 
         dict(params=roles["embedding"], lr=c.embedding_lr * dmodel_scale, **adamw),
         dict(params=roles["unembedding"], lr=c.unembedding_lr * dmodel_scale, **adamw),
     ]
+    extra = {"value_embedding": c.value_embedding_lr * dmodel_scale, "resid_lambda": c.resid_lambda_lr,
+             "x0_lambda": c.x0_lambda_lr, "smear_backout": c.smear_backout_lr}
+    groups += [dict(params=roles[role], lr=lr, **adamw) for role, lr in extra.items() if roles.get(role)]
     check_partition(model, groups)
     return MuonAdamW(groups)
 
