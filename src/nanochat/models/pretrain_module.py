@@ -13,9 +13,9 @@ import logging
 import lightning as L
 
 from nanochat.models import stage_parts
-from nanochat.models.horizon import num_iterations
+from nanochat.models.horizon import num_iterations, ratio_params, scaling_params, shape_scaling_params, transfer_scales
 from nanochat.optim import build_optimizer
-from nanochat.settings import HorizonConfig, OptimizerConfig, ScheduleConfig
+from nanochat.settings import HorizonConfig, OptimizerConfig, ScheduleConfig, TransferConfig
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +24,9 @@ class PretrainModule(L.LightningModule):
     def __init__(self, *, depth: int, tokenizer_dir: str | None, sequence_len: int = 2048,
                  total_batch_size: int = 524_288, aspect_ratio: int = 64, head_dim: int = 128,
                  n_kv_head: int | None = None, arch: dict | None = None, optimizer: OptimizerConfig | None = None,
-                 schedule: ScheduleConfig | None = None, horizon: HorizonConfig | None = None, compile: bool = False,
-                 init_from: str | None = None, log_every: int = 10, on_nonfinite: str = "stop"):
+                 schedule: ScheduleConfig | None = None, horizon: HorizonConfig | None = None,
+                 transfer: TransferConfig | None = None, compile: bool = False, init_from: str | None = None,
+                 log_every: int = 10, on_nonfinite: str = "stop"):
         super().__init__()
         self.automatic_optimization = False
         self.tokenizer_dir = tokenizer_dir
@@ -36,8 +37,18 @@ class PretrainModule(L.LightningModule):
         self.optimizer_config = optimizer or OptimizerConfig()
         self.stepper = stage_parts.OptimizerStep(schedule or ScheduleConfig(), on_nonfinite)
         self.total_batch_size = total_batch_size
-        self.num_iterations = num_iterations(num_params=self.model.num_params(), flops_per_token=self.model.flops_per_token(),
-                                             total_batch_size=total_batch_size, horizon=horizon or HorizonConfig())
+        self.horizon = horizon or HorizonConfig()
+        self.num_iterations = num_iterations(num_params=ratio_params(self.model, self.horizon),
+                                             flops_per_token=self.model.flops_per_token(),
+                                             total_batch_size=total_batch_size, horizon=self.horizon)
+        self.transfer = transfer or TransferConfig()
+        self.lr_scale = self.weight_decay_scale = 1.0
+        if self.transfer.lr or self.transfer.weight_decay:
+            reference = shape_scaling_params(self.transfer.reference_depth, self.config.vocab_size, sequence_len,
+                                             aspect_ratio=aspect_ratio, head_dim=head_dim, n_kv_head=n_kv_head,
+                                             **dict(arch or {}))
+            self.lr_scale, self.weight_decay_scale = transfer_scales(total_batch_size, scaling_params(self.model),
+                                                                     reference, self.transfer)
         self.log_every, self.compile = log_every, compile
         self.meter = stage_parts.Meter()
 
@@ -51,7 +62,8 @@ class PretrainModule(L.LightningModule):
             stage_parts.compile_model(self)
 
     def configure_optimizers(self):
-        return build_optimizer(self.model, self.optimizer_config)
+        return build_optimizer(self.model, self.optimizer_config, lr_scale=self.lr_scale,
+                               weight_decay_scale=self.weight_decay_scale)
 
     def on_fit_start(self) -> None:
         stage_parts.start_fit(self)
@@ -69,9 +81,16 @@ class PretrainModule(L.LightningModule):
     def describe(self) -> str:
         n, per_token = self.model.num_params(), self.model.flops_per_token()
         tokens = self.num_iterations * self.total_batch_size
-        return (f"model {self.config.summary()}, {n:,} params, {per_token:.3e} FLOPs/token\n"
+        counted = ratio_params(self.model, self.horizon)
+        which = "" if self.horizon.ratio_params == "total" else f" of {counted:,} block-matrix + head params"
+        text = (f"model {self.config.summary()}, {n:,} params, {per_token:.3e} FLOPs/token\n"
                 f"horizon: {self.num_iterations:,} steps x {self.total_batch_size:,} tokens = {tokens:,} tokens "
-                f"({tokens / n:.1f} tokens/param), {per_token * tokens:.3e} FLOPs")
+                f"({tokens / counted:.1f} tokens/param{which}), {per_token * tokens:.3e} FLOPs")
+        if self.transfer.lr or self.transfer.weight_decay:
+            wd = self.optimizer_config.muon_weight_decay
+            text += (f"\ntransfer from d{self.transfer.reference_depth} at {self.transfer.reference_batch_size:,} tokens: "
+                     f"lrs x {self.lr_scale:.4f}, Muon weight decay {wd} -> {wd * self.weight_decay_scale:.6f}")
+        return text
 
     def report_items(self) -> dict:
         """This run's configuration and totals, for its report card section."""

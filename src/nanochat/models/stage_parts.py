@@ -84,11 +84,13 @@ class OptimizerStep:
         return False
 
     def __call__(self, opt, step: int, num_steps: int, device_type: str) -> float:
-        """Set this step's lr multiplier and Muon momentum, step, clear the gradients; returns the multiplier."""
-        from nanochat.optim import lr_multiplier, muon_momentum
+        """Set this step's lr multiplier, Muon momentum and weight decay, step, clear the gradients; returns the
+        lr multiplier."""
+        from nanochat.optim import lr_multiplier, muon_momentum, muon_weight_decay_multiplier
 
         lrm = lr_multiplier(step, num_steps, self.schedule)
-        opt.optimizer.apply_schedule(lrm, muon_momentum(step, self.schedule))
+        opt.optimizer.apply_schedule(lrm, muon_momentum(step, self.schedule, num_steps),
+                                     muon_weight_decay_multiplier(step, num_steps, self.schedule))
         # Lightning's bf16-mixed autocast spans the whole training_step; the optimizer chooses its own dtypes
         # (Newton-Schulz in the run's precision), so it steps outside autocast.
         with torch.autocast(device_type, enabled=False):
@@ -140,6 +142,12 @@ def data_faults(module) -> dict[str, int]:
     return dict(getattr(datamodule, "data_faults", {}))
 
 
+def packing_stats(module) -> dict[str, float]:
+    """How the stage's packing did so far (best-fit: the share of tokens cropped off, or of rows padded), by name."""
+    datamodule = module.trainer.datamodule if module._trainer is not None else None
+    return dict(getattr(datamodule, "packing_stats", {}))
+
+
 def lr_summary(optimizer: OptimizerConfig, schedule: ScheduleConfig) -> str:
     return (f"matrix {optimizer.matrix_lr}, embedding {optimizer.embedding_lr}, unembedding {optimizer.unembedding_lr}, "
             f"x {schedule.init_lr_frac}; warmup {schedule.warmup_ratio}, warmdown {schedule.warmdown_ratio}")
@@ -170,6 +178,8 @@ def common_report_items(module) -> dict:
              "optimizer steps": module.global_step, "learning rates": lr_summary(module.optimizer_config, module.stepper.schedule)}
     if module.stepper.skipped:
         items["non-finite batches skipped"] = module.stepper.skipped
+    for name, share in packing_stats(module).items():
+        items[name.replace("_", " ")] = f"{100 * share:.2f} %"
     faults = data_faults(module)
     if faults:
         items["data faults skipped"] = ", ".join(f"{n:,} {name.replace('_', ' ')}" for name, n in faults.items())
@@ -254,6 +264,8 @@ def log_progress(module, done: int, lrm: float) -> None:
                "perf/tok_per_s": tok_per_s, "perf/mfu": mfu, "perf/step_seconds": seconds / m.steps}
     for name, count in data_faults(module).items():
         metrics[f"data/{name}"] = float(count)
+    for name, share in packing_stats(module).items():
+        metrics[f"data/{name}"] = share
     if module.stepper.skipped:
         metrics["train/nonfinite_skipped"] = float(module.stepper.skipped)
     log_scalars(module.trainer, metrics)  # at step = optimizer steps done, like the evaluation callbacks
