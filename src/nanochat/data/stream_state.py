@@ -50,6 +50,12 @@ class StreamState:
         taken = sum(c.get("taken", 0) for c in self.crop.values())
         return sum(c.get("cropped", 0) for c in self.crop.values()) / taken if taken else None
 
+    @property
+    def pad_share(self) -> float | None:
+        """Best-fit SFT rows: the share of row tokens that were padding so far (rank 0's reader, resumes included)."""
+        tokens = sum(c.get("tokens", 0) for c in self.crop.values())
+        return sum(c.get("padded", 0) for c in self.crop.values()) / tokens if tokens else None
+
     def start_positions(self, rank: int, world: int) -> dict:
         return resume_positions(self.loaded, rank, self.num_slots, world * self.num_slots)
 

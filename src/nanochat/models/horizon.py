@@ -94,6 +94,18 @@ def num_iterations(*, num_params: int, flops_per_token: int, total_batch_size: i
     return steps
 
 
+def pretrain_plan(model, *, total_batch_size: int, horizon: HorizonConfig, transfer: TransferConfig,
+                  reference_shape: dict) -> tuple[int, float, float]:
+    """(optimizer steps, lr scale, Muon weight-decay scale) of a pretraining run of `model` (a meta-device GPT
+    will do); `reference_shape`: GPTConfig.from_depth's arguments besides depth, for the transfer's reference."""
+    steps = num_iterations(num_params=ratio_params(model, horizon), flops_per_token=model.flops_per_token(),
+                           total_batch_size=total_batch_size, horizon=horizon)
+    if not (transfer.lr or transfer.weight_decay):
+        return steps, 1.0, 1.0
+    reference = shape_scaling_params(transfer.reference_depth, **reference_shape)
+    return steps, *transfer_scales(total_batch_size, scaling_params(model), reference, transfer)
+
+
 def resolve_total_batch_size(cfg) -> None:
     """`model.total_batch_size=auto` -> a number, in place, before anything reads it (the datamodule's accumulation,
     the module's horizon and transfer): nanochat's rule from the configured depth, vocab_size, sequence_len and arch

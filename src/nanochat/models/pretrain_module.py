@@ -13,7 +13,7 @@ import logging
 import lightning as L
 
 from nanochat.models import stage_parts
-from nanochat.models.horizon import num_iterations, ratio_params, scaling_params, shape_scaling_params, transfer_scales
+from nanochat.models.horizon import pretrain_plan, ratio_params
 from nanochat.optim import build_optimizer
 from nanochat.settings import HorizonConfig, OptimizerConfig, ScheduleConfig, TransferConfig
 
@@ -38,17 +38,12 @@ class PretrainModule(L.LightningModule):
         self.stepper = stage_parts.OptimizerStep(schedule or ScheduleConfig(), on_nonfinite)
         self.total_batch_size = total_batch_size
         self.horizon = horizon or HorizonConfig()
-        self.num_iterations = num_iterations(num_params=ratio_params(self.model, self.horizon),
-                                             flops_per_token=self.model.flops_per_token(),
-                                             total_batch_size=total_batch_size, horizon=self.horizon)
         self.transfer = transfer or TransferConfig()
-        self.lr_scale = self.weight_decay_scale = 1.0
-        if self.transfer.lr or self.transfer.weight_decay:
-            reference = shape_scaling_params(self.transfer.reference_depth, self.config.vocab_size, sequence_len,
-                                             aspect_ratio=aspect_ratio, head_dim=head_dim, n_kv_head=n_kv_head,
-                                             **dict(arch or {}))
-            self.lr_scale, self.weight_decay_scale = transfer_scales(total_batch_size, scaling_params(self.model),
-                                                                     reference, self.transfer)
+        reference_shape = dict(vocab_size=self.config.vocab_size, sequence_len=sequence_len, aspect_ratio=aspect_ratio,
+                               head_dim=head_dim, n_kv_head=n_kv_head, **dict(arch or {}))
+        self.num_iterations, self.lr_scale, self.weight_decay_scale = pretrain_plan(
+            self.model, total_batch_size=total_batch_size, horizon=self.horizon, transfer=self.transfer,
+            reference_shape=reference_shape)
         self.log_every, self.compile = log_every, compile
         self.meter = stage_parts.Meter()
 
