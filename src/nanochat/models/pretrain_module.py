@@ -25,8 +25,8 @@ class PretrainModule(L.LightningModule):
                  total_batch_size: int = 524_288, aspect_ratio: int = 64, head_dim: int = 128,
                  n_kv_head: int | None = None, arch: dict | None = None, optimizer: OptimizerConfig | None = None,
                  schedule: ScheduleConfig | None = None, horizon: HorizonConfig | None = None,
-                 transfer: TransferConfig | None = None, compile: bool = False, init_from: str | None = None,
-                 log_every: int = 10, on_nonfinite: str = "stop"):
+                 transfer: TransferConfig | None = None, compile: bool = False, fp8: bool = False,
+                 init_from: str | None = None, log_every: int = 10, on_nonfinite: str = "stop"):
         super().__init__()
         self.automatic_optimization = False
         self.tokenizer_dir = tokenizer_dir
@@ -44,7 +44,7 @@ class PretrainModule(L.LightningModule):
         self.num_iterations, self.lr_scale, self.weight_decay_scale = pretrain_plan(
             self.model, total_batch_size=total_batch_size, horizon=self.horizon, transfer=self.transfer,
             reference_shape=reference_shape)
-        self.log_every, self.compile = log_every, compile
+        self.log_every, self.compile, self.fp8 = log_every, compile, fp8
         self.meter = stage_parts.Meter()
 
     def fit_horizon(self, datamodule) -> int:
@@ -53,6 +53,10 @@ class PretrainModule(L.LightningModule):
 
     # --- Lightning hooks --------------------------------------------------------------------------
     def configure_model(self) -> None:
+        if self.fp8 and "_fp8" not in self.__dict__:  # before compiling; once, though Lightning may call this again
+            from nanochat.models import float8
+
+            self.__dict__["_fp8"] = float8.enable(self.model, self.trainer.strategy.root_device)
         if self.compile:
             stage_parts.compile_model(self)
 
@@ -89,7 +93,14 @@ class PretrainModule(L.LightningModule):
 
     def report_items(self) -> dict:
         """This run's configuration and totals, for its report card section."""
-        return {**stage_parts.common_report_items(self), **stage_parts.throughput_items(self, f"{self.total_batch_size:,}")}
+        items = {**stage_parts.common_report_items(self), **stage_parts.throughput_items(self, f"{self.total_batch_size:,}")}
+        items["training time (nanochat's count)"] = stage_parts.nanochat_training_time(self)
+        if self.lr_scale != 1.0 or self.weight_decay_scale != 1.0:
+            items["transfer"] = (f"lrs x {self.lr_scale:.4f}, Muon weight decay x {self.weight_decay_scale:.4f} "
+                                 f"(from d{self.transfer.reference_depth} at {self.transfer.reference_batch_size:,} tokens)")
+        if self.fp8:
+            items["fp8"] = f"{self.__dict__.get('_fp8', 0)} Linear layers" if self.__dict__.get("_fp8") else "off (no fp8 GPU)"
+        return items
 
     def export_meta(self) -> dict:
         return stage_parts.export_meta(self, self.total_batch_size)

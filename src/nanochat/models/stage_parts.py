@@ -18,6 +18,7 @@ from nanochat.settings import OptimizerConfig, ScheduleConfig
 
 log = logging.getLogger(__name__)
 
+UNTIMED_STEPS = 11  # nanochat's leaderboard time leaves out steps 0..10 (compilation and warm-up)
 MAX_NONFINITE_IN_A_ROW = 10  # with on_nonfinite=skip: more bad batches in a row than this means divergence, not bad data
 
 
@@ -106,6 +107,7 @@ class Meter:
     def __init__(self):
         self.totals = {"tokens": 0, "seconds": 0.0}  # trained by this process's fit, all ranks, eval time excluded
         self.from_checkpoint: dict | None = None  # a resumed interval's sums, until the fit starts
+        self.clock_at_untimed_end: float | None = None  # training clock when step UNTIMED_STEPS finished
         self.reset()
 
     def reset(self) -> None:
@@ -121,6 +123,10 @@ class Meter:
 
     def seconds(self) -> float:
         return max(time.perf_counter() - self.t0 - self.excluded_seconds, 1e-9)
+
+    def clock(self) -> float:
+        """Seconds of training in this process's fit so far, evaluation excluded."""
+        return self.totals["seconds"] + self.seconds()
 
     def state(self) -> dict:
         return {k: float(v) for k, v in self.sums.items()}
@@ -223,6 +229,8 @@ def lm_training_step(module, batch) -> None:
     module.meter.steps += 1
     module.meter.tokens += tokens
     done = step + 1
+    if done == UNTIMED_STEPS:
+        module.meter.clock_at_untimed_end = module.meter.clock()
     if done % module.log_every == 0 or done == module.num_iterations:
         log_progress(module, done, lrm)
 
@@ -276,6 +284,15 @@ def log_progress(module, done: int, lrm: float) -> None:
         log.info(f"step {done:6d}/{module.num_iterations} ({100 * done / module.num_iterations:5.1f}%) | loss {loss:.4f} | "
                  f"lrm {lrm:.3f} | {tok_per_s:,.0f} tok/s | mfu {100 * mfu:.2f}% | eta {eta / 60:.1f} min")
     m.reset()
+
+
+def nanochat_training_time(module) -> str:
+    """Training time as nanochat's leaderboard counts it: after the first UNTIMED_STEPS steps, evaluation excluded."""
+    start = module.meter.clock_at_untimed_end
+    if start is None:
+        return f"n/a (this process trained fewer than {UNTIMED_STEPS + 1} steps from the start)"
+    seconds = module.meter.clock() - start
+    return f"{seconds / 60:.2f} min ({seconds:.1f} s; steps {UNTIMED_STEPS + 1} on, evaluation excluded)"
 
 
 def throughput_items(module, tokens_per_step: str) -> dict:
