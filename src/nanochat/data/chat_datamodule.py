@@ -165,7 +165,7 @@ class SFTDataModule(L.LightningDataModule):
         rows_per_conversation = max(rows, 1) / len(picks)
         log.info(f"sft epoch: ~{n * rows_per_conversation:,.0f} best-fit rows of {width} tokens ({n:,} conversations, "
                  f"{rows_per_conversation:.3f} rows each over a sample of {len(picks):,})")
-        return n * rows_per_conversation * width / self.total_batch_size
+        return n * rows_per_conversation * self.seq_len / self.total_batch_size
 
     def setup(self, stage: str | None = None) -> None:
         self.mixtures.load()
