@@ -2,7 +2,8 @@
 
     python bench/nanochat_optimizer_parity.py --nanochat /path/to/nanochat [--depth 4] [--steps 3]
                                               [--json bench/results/nanochat_optimizer_parity.json]
-    python bench/nanochat_optimizer_parity.py --nanochat /path/to/nanochat --record tests/data/nanochat_optimizer_reference.json
+    python bench/nanochat_optimizer_parity.py --nanochat /path/to/nanochat \
+        --record tests/data/nanochat_optimizer_reference.json
 
 `--nanochat` is a checkout of karpathy/nanochat (run, never imported into this project); without one the script
 prints why it skips and exits 0. nanochat's side runs in a child process (PYTHONPATH = the checkout,
@@ -31,7 +32,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-
 from nanochat_parity import head_shape, reference_weights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -140,7 +140,8 @@ def updates(start: dict, history: list[dict]) -> list[dict[str, torch.Tensor]]:
     return [{n: after[n] - prev[n] for n in after} for prev, after in zip(before, history)]
 
 
-def cautious_flips(diff: torch.Tensor, before: torch.Tensor, step: float, weight_decay: float, tol: float) -> torch.Tensor:
+def cautious_flips(diff: torch.Tensor, before: torch.Tensor, step: float, weight_decay: float,
+                   tol: float) -> torch.Tensor:
     """Elements whose update differs by exactly their weight-decay term step x wd x |w|: where cautious weight
     decay's sign test (update x weight >= 0) sits at zero within rounding and the two implementations decide apart."""
     return (diff.abs() > tol) & ((diff.abs() - step * weight_decay * before.abs()).abs() <= tol)
@@ -178,7 +179,8 @@ def compare(head: dict, args) -> tuple[list[dict], list[list]]:
         lrs_equal = all(math.isclose(ours_group[n]["initial_lr"], head_group[n]["lr"], rel_tol=1e-12) for n in names)
         betas_equal = g["kind"] != "adamw" or all(list(ours_group[n]["betas"]) == head_group[n]["betas"] for n in names)
         wd_equal = math.isclose(g["initial_weight_decay"], h["weight_decay"], rel_tol=1e-9, abs_tol=1e-12)
-        row = {"role": role, "kind": g["kind"], "parameters": len(names), "lr ours": g["initial_lr"], "lr nanochat": h["lr"],
+        row = {"role": role, "kind": g["kind"], "parameters": len(names), "lr ours": g["initial_lr"],
+               "lr nanochat": h["lr"],
                "lrs equal": lrs_equal, "betas equal": betas_equal, "weight decay equal": wd_equal,
                "max |update|": scale, "max |update diff|": diff, "relative": diff / scale,
                "cautious-decay ties": flips, "element updates": elements}
@@ -192,7 +194,8 @@ def compare(head: dict, args) -> tuple[list[dict], list[list]]:
 def record(args) -> None:
     """The test suite's reference: a 2-layer nanochat model (width 64, vocab 200 padded to 256), fp32, `--steps`
     steps, summarised per parameter as the last update's sum of squares and first 8 values."""
-    head_config = dict(sequence_len=256, vocab_size=200, n_layer=2, n_head=2, n_kv_head=2, n_embd=64, window_pattern="SSSL")
+    head_config = dict(sequence_len=256, vocab_size=200, n_layer=2, n_head=2, n_kv_head=2, n_embd=64,
+                       window_pattern="SSSL")
     with tempfile.TemporaryDirectory() as tmp:
         head = run_head(args, head_config, Path(tmp) / "head.pt")
     last = updates(head["start"], head["history"])
@@ -250,7 +253,8 @@ def main() -> None:
     table = markdown_table(["role", "kind", "params", "lr ours", "lr nanochat", "lr, betas, wd equal",
                             "max abs update", f"max abs diff ({args.steps} steps)", "relative",
                             "cautious-decay ties (excluded)"], rows)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("worker_out", "config")}
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                if k not in ("worker_out", "config")}
     save(args.json, table, results, settings)
 
 

@@ -3,8 +3,8 @@
 import io
 import re
 import threading
-import zipfile
 import urllib.request
+import zipfile
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -453,7 +453,8 @@ def test_climbmix_fetches_training_shards_and_its_validation_shard(server, shard
 
 def test_climbmix_source_and_limits(tmp_path):
     assert SOURCES["climbmix"].base_url == "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
-    with pytest.raises(UserError, match=r"climbmix publishes 6542 training shards \(and one validation shard\) but 6543"):
+    with pytest.raises(UserError, match=r"climbmix publishes 6542 training shards \(and one validation shard\) "
+                                        r"but 6543"):
         download("climbmix", 6543, tmp_path)
     assert list(tmp_path.iterdir()) == []
 

@@ -4,7 +4,6 @@ GPU with torchao (bench or a lent machine)."""
 
 import logging
 
-import pytest
 import torch
 from torch import nn
 

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from nanochat_optimizer_parity import SCHEDULE, our_run, updates
 
 REFERENCE = json.loads((Path(__file__).parent / "data" / "nanochat_optimizer_reference.json").read_text())

@@ -93,7 +93,8 @@ def test_the_2025_recipe_is_the_default():
     assert (o.embedding_lr, o.unembedding_lr, o.muon_weight_decay, dict(o.role_betas)) == (0.2, 0.004, 0.0, {})
     assert (s.warmup_steps, s.warmdown_ratio, s.final_lr_frac, s.momentum_final) == (-1, 0.2, 0.0, None)
     assert (h.param_data_ratio, h.ratio_params, t.lr, t.weight_decay) == (20, "total", False, False)
-    assert cfg.model.total_batch_size == 524288 and cfg.datamodule.packing == "concat" and cfg.model.arch.init == "nanochat2025"
+    assert cfg.model.total_batch_size == 524288 and cfg.datamodule.packing == "concat"
+    assert cfg.model.arch.init == "nanochat2025"
     assert compose(["stage=sft"]).datamodule.packing == "none"
     assert compose(["experiment=speedrun_d20"]).pipeline.steps.mid.stage == "mid"
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_chat_stages import SEQ, base_export, chat_files, chat_overrides  # noqa: F401  (fixtures)
 
 from nanochat.configs import compose
 from nanochat.data.conversations import BestFitConversationRows, pack_bestfit_padded
@@ -14,7 +15,6 @@ from nanochat.export import load_export
 from nanochat.stages import run_stage
 from nanochat.stages.fit import build
 from nanochat.tasks.registry import build_mixture
-from test_chat_stages import SEQ, base_export, chat_files, chat_overrides  # noqa: F401  (fixtures)
 
 PAD = 99
 
@@ -36,7 +36,7 @@ def test_padded_rows_by_hand():
     assert out[0][3]["buffer"] == [[0, 0, 0], [0, 1, 0], [0, 3, 0]] and out[0][2] == Position(0, 4)
 
 
-def test_sft_rows_start_with_bos_pad_with_bos_train_only_masked_tokens_and_resume(tiny_tokenizer, chat_files):
+def test_sft_rows_start_bos_padded_masked_and_resume(tiny_tokenizer, chat_files):  # noqa: F811
     mixture = build_mixture([{"name": "custom_json", "path": str(chat_files / "train.jsonl")}])
     bos = tiny_tokenizer.token_id("<|bos|>")
     width = 3 * SEQ + 1  # two ~50-token conversations and padding, or one cut to fill it
@@ -71,8 +71,8 @@ def test_sft_rows_start_with_bos_pad_with_bos_train_only_masked_tokens_and_resum
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_base_steps_of_the_2026_recipe(tiny_run, precision):
-    cfg = compose(tiny_run("recipe=nanochat2026", "arch=nanochat2026", "model.arch.short_window=4", f"precision={precision}",
-                           "logger=csv"))
+    cfg = compose(tiny_run("recipe=nanochat2026", "arch=nanochat2026", "model.arch.short_window=4",
+                           f"precision={precision}", "logger=csv"))
     trainer, module, datamodule, ckpt = build(cfg)
     assert module.config.value_embeds and datamodule.stream_kwargs["packing"] == "bestfit"
     assert module.lr_scale == pytest.approx((64 / 524288) ** 0.5)
@@ -95,14 +95,15 @@ def test_the_one_chat_stage_trains_from_base(base_export, chat_files):  # noqa: 
                                            "run=chat2026") if not o.startswith(("mixture.sft", "module.horizon"))]
     mixture = f"[{{name: custom_json, path: '{chat_files / 'train.jsonl'}', epochs: 2}}]"
     val = f"[{{name: custom_json, path: '{chat_files / 'val.jsonl'}'}}]"
-    cfg = compose(overrides + [f"mixture.chat.train={mixture}", f"mixture.chat.val={val}", "module.horizon.num_iterations=-1"])
+    chat = [f"mixture.chat.train={mixture}", f"mixture.chat.val={val}"]
+    cfg = compose(overrides + chat + ["module.horizon.num_iterations=-1"])
     trainer, module, datamodule, _ = build(cfg)
     # 128 conversations best-fit into rows of SEQ + 1 tokens, 4 x SEQ tokens per step: the horizon is measured
     rows = sum(1 for _ in pack_bestfit_padded(
         ((Position(0, i), *datamodule.mixtures.tokenizer.render_conversation(datamodule.mixtures.train[i], SEQ + 1))
          for i in range(len(datamodule.mixtures.train))), 1, SEQ + 1, 0, 100))
     assert module.num_iterations == math.ceil(rows / 4)  # 2 micro-batches of 2 rows per step
-    cfg = compose(overrides + [f"mixture.chat.train={mixture}", f"mixture.chat.val={val}", "module.horizon.num_iterations=4"])
+    cfg = compose(overrides + chat + ["module.horizon.num_iterations=4"])
     run_stage(cfg)
     _, _, meta = load_export(cfg.paths.run_dir)
     assert meta["stage"] == "sft" and meta["step"] == 4 and math.isfinite(meta["metrics"]["val/bpb"])

@@ -67,7 +67,8 @@ class OptimizerConfig:
         for name, roles in (("role_betas", self.role_betas), ("role_weight_decay", self.role_weight_decay)):
             unknown = sorted(set(roles) - set(ADAMW_ROLES))
             if unknown:
-                raise UserError(f"optimizer.{name} names {', '.join(unknown)}, not AdamW roles ({', '.join(ADAMW_ROLES)})")
+                raise UserError(f"optimizer.{name} names {', '.join(unknown)}, not AdamW roles "
+                                f"({', '.join(ADAMW_ROLES)})")
         decays = {"adamw_weight_decay": self.adamw_weight_decay, "muon_weight_decay": self.muon_weight_decay,
                   **{f"role_weight_decay.{r}": w for r, w in self.role_weight_decay.items()}}
         for name, value in decays.items():
@@ -78,7 +79,8 @@ class OptimizerConfig:
         if self.ns_coefficients not in NS_SCHEMES:
             raise UserError(f"optimizer.ns_coefficients={self.ns_coefficients!r} is not one of {', '.join(NS_SCHEMES)}")
         if self.ns_coefficients == "polar_express" and self.ns_steps > 5:
-            raise UserError(f"optimizer.ns_steps={self.ns_steps}: polar_express has coefficients for at most 5 iterations")
+            raise UserError(f"optimizer.ns_steps={self.ns_steps}: polar_express has coefficients for at most 5 "
+                            f"iterations")
         if not 0 <= self.normuon_beta2 < 1:
             raise UserError(f"optimizer.normuon_beta2={self.normuon_beta2} must be in [0, 1)")
 

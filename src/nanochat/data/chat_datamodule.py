@@ -20,8 +20,12 @@ from collections.abc import Iterator, Mapping
 import lightning as L
 import torch
 
-from nanochat.data.conversations import (BestFitConversationRows, ConversationRows, PackedConversations,
-                                         pack_bestfit_padded)
+from nanochat.data.conversations import (
+    BestFitConversationRows,
+    ConversationRows,
+    PackedConversations,
+    pack_bestfit_padded,
+)
 from nanochat.data.stream import Position
 from nanochat.data.stream_state import StreamState, make_loader, rank_and_world, val_rows
 from nanochat.errors import UserError
@@ -159,7 +163,8 @@ class SFTDataModule(L.LightningDataModule):
         # Best-fit rows: the rows an evenly spaced sample packs into, scaled to the mixture (padding included).
         n = len(m.train)
         picks = list(range(0, n, max(1, n // self.estimate_sample)))
-        items = ((Position(0, i), *m.tokenizer.render_conversation(m.train[j], self.max_tokens)) for i, j in enumerate(picks))
+        items = ((Position(0, i), *m.tokenizer.render_conversation(m.train[j], self.max_tokens))
+                 for i, j in enumerate(picks))
         width = self.seq_len + 1
         rows = sum(1 for _ in pack_bestfit_padded(items, 1, width, 0, self.buffer_size))
         rows_per_conversation = max(rows, 1) / len(picks)
@@ -180,8 +185,8 @@ class SFTDataModule(L.LightningDataModule):
         if self.packing == "none":
             return ConversationRows(mixture, rows=rows, accum=accum, **kwargs)
         resumed = self.stream_state.start_positions(*rank_and_world(self.trainer)) if infinite else {}
-        return BestFitConversationRows(mixture, rows=rows, seq_len=self.seq_len, accum=accum, buffer_size=self.buffer_size,
-                                       buffer=resumed.get("buffers", {}).get(0), counts=resumed.get("crop", {}).get(0),
+        return BestFitConversationRows(mixture, rows=rows, seq_len=self.seq_len, accum=accum,
+                                       buffer_size=self.buffer_size, buffer=resumed.get("buffers", {}).get(0), counts=resumed.get("crop", {}).get(0),
                                        **kwargs)
 
     def train_dataloader(self):

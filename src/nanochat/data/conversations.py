@@ -91,7 +91,7 @@ def sft_pair(rendered: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[
 
 def pack_bestfit_padded(items: Iterator[tuple[Position, list[int], list[int]]], rows: int, width: int, pad_id: int,
                         buffer_size: int = 100, *, buffer: list | None = None, counts: dict | None = None,
-                        start: Position = Position()) -> Iterator[tuple[torch.Tensor, torch.Tensor, Position, dict]]:
+                        start: Position | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, Position, dict]]:
     """(ids, mask) rows of `width` tokens best-fit from a buffer of `buffer_size` (position, ids, mask) items: the
     largest that fits the space left (the earliest of equals), again and again; when none fits, the rest of the row
     is `pad_id` with mask 0. Nothing is cropped: an item longer than `width` never fits, so it must not be given.
@@ -100,7 +100,7 @@ def pack_bestfit_padded(items: Iterator[tuple[Position, list[int], list[int]]], 
     """
     buf = list(buffer or [])
     counts = {"padded": 0, "tokens": 0, **(counts or {})}
-    nxt, exhausted = start, False
+    nxt, exhausted = start or Position(), False
     while True:
         ids_out = torch.full((rows, width), pad_id, dtype=torch.long)
         mask_out = torch.zeros(rows, width, dtype=torch.long)

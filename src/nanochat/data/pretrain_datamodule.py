@@ -74,8 +74,8 @@ class PretrainDataModule(L.LightningDataModule):
         self.prepare_kwargs = dict(gutenberg=gutenberg, val_fraction=val_fraction, shard_chars=shard_chars)
         self.total_batch_size = total_batch_size
         self.on_bad_data = on_bad_data
-        self.stream_kwargs = dict(tokenizer_batch=tokenizer_batch, tokenizer_threads=tokenizer_threads, on_bad_data=on_bad_data,
-                                  packing=packing, buffer_size=buffer_size)
+        self.stream_kwargs = dict(tokenizer_batch=tokenizer_batch, tokenizer_threads=tokenizer_threads,
+                                  on_bad_data=on_bad_data, packing=packing, buffer_size=buffer_size)
 
     def prepare_data(self) -> None:
         ensure_shards(self.dir, self.source, on_bad_data=self.on_bad_data, **self.prepare_kwargs)

@@ -77,7 +77,8 @@ def resolve_sources(cfg, forwarded: list[str]) -> tuple[list[str], list[list[str
     elif online():
         overrides.append(choice)
         prep.append(["-m", "nanochat", "data", "download", published, "-n", str(cfg.pipeline.shards)])
-        lines.append(f"pretraining text: {title} from the hub ({cfg.pipeline.shards} shards, skipping those already here)")
+        lines.append(f"pretraining text: {title} from the hub ({cfg.pipeline.shards} shards, skipping those "
+                     f"already here)")
     elif len(list(hub_dir.glob("*.parquet"))) >= 2:
         overrides.append(choice)
         lines.append(f"pretraining text: {title} shards already in {hub_dir} (hub unreachable)")

@@ -216,7 +216,7 @@ class TokenStream(IterableDataset):
         best-fit buffer."""
         units, cache, texts_of = self.slot_units(slot), {}, {}
         texts = []
-        for epoch, r, d in where:
+        for _, r, d in where:
             if r not in texts_of:
                 texts_of[r] = self._read_unit(units[r], cache) or []
             text, _, _ = document_fault(texts_of[r][d] if d < len(texts_of[r]) else None)
@@ -300,7 +300,7 @@ def pack_rows(
 def pack_bestfit(
     documents: Iterator[tuple[Position, list[int]]], rows: int, seq_len: int, buffer_size: int = 1000, *,
     buffer: list[tuple[Position, list[int]]] | None = None, counts: tuple[int, int] = (0, 0),
-    start: Position = Position(),
+    start: Position | None = None,
 ) -> Iterator[tuple[torch.Tensor, Position, dict]]:
     """BOS-aligned best-fit rows: (rows, seq_len + 1) batches in which every row starts at a document's first token.
 
@@ -315,7 +315,7 @@ def pack_bestfit(
     buf = list(buffer or [])
     lengths = [len(ids) for _, ids in buf]
     cropped, taken = counts
-    nxt = start
+    nxt = start or Position()
     exhausted = False
     while True:
         out = torch.empty(rows, width, dtype=torch.long)
@@ -361,7 +361,8 @@ def resume_positions(state: dict, rank: int, num_slots: int, stride: int) -> dic
         total = sum((Counter(c) for c in state.get("faults", {}).values()), Counter())
         return {slot: Position(epoch) for slot in range(num_slots)} | {"faults": {0: dict(total)}}
     # Fault and crop counts so far (rank 0's, like the positions); checkpoints from before they were kept have none.
-    start: dict = {"next_slot": state["next_slot"], "faults": {int(s): dict(c) for s, c in state.get("faults", {}).items()},
+    start: dict = {"next_slot": state["next_slot"],
+                   "faults": {int(s): dict(c) for s, c in state.get("faults", {}).items()},
                    "crop": {int(s): dict(c) for s, c in state.get("crop", {}).items()}, "buffers": {}}
     for slot, saved in state["slots"].items():
         p = Position(**{k: saved[k] for k in POSITION_KEYS})

@@ -36,7 +36,8 @@ def unavailable(device: torch.device) -> str | None:
         return f"the device is {device.type}, and fp8 matmuls need a CUDA GPU"
     capability = torch.cuda.get_device_capability(device)
     if capability < (8, 9):
-        return f"{torch.cuda.get_device_name(device)} has compute capability {capability[0]}.{capability[1]}; fp8 needs 8.9+"
+        name = torch.cuda.get_device_name(device)
+        return f"{name} has compute capability {capability[0]}.{capability[1]}; fp8 needs 8.9+"
     try:
         import torchao.float8  # noqa: F401
     except ImportError:

@@ -71,7 +71,8 @@ def auto_batch_size(params: int, reference_params: int, transfer: TransferConfig
     return 2 ** round(math.log2(predicted))
 
 
-def transfer_scales(total_batch_size: int, params: int, reference_params: int, transfer: TransferConfig) -> tuple[float, float]:
+def transfer_scales(total_batch_size: int, params: int, reference_params: int,
+                    transfer: TransferConfig) -> tuple[float, float]:
     """(lr scale, Muon weight-decay scale) for this batch and horizon: sqrt(B / B_ref) for the lrs; for the weight decay
     sqrt(B / B_ref) x D_ref / D, which keeps B / (lr x wd x D) constant. 1.0 where `transfer` switches one off."""
     batch = (total_batch_size / transfer.reference_batch_size) ** 0.5
@@ -125,4 +126,5 @@ def resolve_total_batch_size(cfg) -> None:
     with open_dict(cfg):
         cfg.model.total_batch_size = batch
     log.info(f"model.total_batch_size=auto: {batch:,} tokens per step for d{model.depth} ({params:,} block-matrix + "
-             f"head parameters; reference d{transfer.reference_depth}: {reference:,} at {transfer.reference_batch_size:,})")
+             f"head parameters; reference d{transfer.reference_depth}: {reference:,} at "
+             f"{transfer.reference_batch_size:,})")

@@ -87,19 +87,23 @@ class PretrainModule(L.LightningModule):
                 f"({tokens / counted:.1f} tokens/param{which}), {per_token * tokens:.3e} FLOPs")
         if self.transfer.lr or self.transfer.weight_decay:
             wd = self.optimizer_config.muon_weight_decay
-            text += (f"\ntransfer from d{self.transfer.reference_depth} at {self.transfer.reference_batch_size:,} tokens: "
+            t = self.transfer
+            text += (f"\ntransfer from d{t.reference_depth} at {t.reference_batch_size:,} tokens: "
                      f"lrs x {self.lr_scale:.4f}, Muon weight decay {wd} -> {wd * self.weight_decay_scale:.6f}")
         return text
 
     def report_items(self) -> dict:
         """This run's configuration and totals, for its report card section."""
-        items = {**stage_parts.common_report_items(self), **stage_parts.throughput_items(self, f"{self.total_batch_size:,}")}
+        items = {**stage_parts.common_report_items(self),
+                 **stage_parts.throughput_items(self, f"{self.total_batch_size:,}")}
         items["training time (nanochat's count)"] = stage_parts.nanochat_training_time(self)
         if self.lr_scale != 1.0 or self.weight_decay_scale != 1.0:
+            t = self.transfer
             items["transfer"] = (f"lrs x {self.lr_scale:.4f}, Muon weight decay x {self.weight_decay_scale:.4f} "
-                                 f"(from d{self.transfer.reference_depth} at {self.transfer.reference_batch_size:,} tokens)")
+                                 f"(from d{t.reference_depth} at {t.reference_batch_size:,} tokens)")
         if self.fp8:
-            items["fp8"] = f"{self.__dict__.get('_fp8', 0)} Linear layers" if self.__dict__.get("_fp8") else "off (no fp8 GPU)"
+            converted = self.__dict__.get("_fp8")
+            items["fp8"] = f"{converted} Linear layers" if converted else "off (no fp8 GPU)"
         return items
 
     def export_meta(self) -> dict:

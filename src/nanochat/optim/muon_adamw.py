@@ -15,9 +15,9 @@ from nanochat.optim.muon import muon_direction, muon_lr_scale, normuon_scale, no
 from nanochat.settings import NS_SCHEMES, OptimizerConfig
 
 _DEFAULT = OptimizerConfig()  # a group leaves out what it keeps at the project's defaults; its lr it must give
-MUON_DEFAULTS = dict(momentum=_DEFAULT.muon_momentum, nesterov=True, ns_steps=_DEFAULT.ns_steps, ns_dtype=_DEFAULT.ns_dtype,
-                     weight_decay=_DEFAULT.muon_weight_decay, ns_coefficients=_DEFAULT.ns_coefficients,
-                     muon_eq=_DEFAULT.muon_eq, muon_plus=_DEFAULT.muon_plus, normuon=_DEFAULT.normuon,
+MUON_DEFAULTS = dict(momentum=_DEFAULT.muon_momentum, nesterov=True, ns_steps=_DEFAULT.ns_steps,
+                     ns_dtype=_DEFAULT.ns_dtype, weight_decay=_DEFAULT.muon_weight_decay,
+                     ns_coefficients=_DEFAULT.ns_coefficients, muon_eq=_DEFAULT.muon_eq, muon_plus=_DEFAULT.muon_plus, normuon=_DEFAULT.normuon,
                      normuon_beta2=_DEFAULT.normuon_beta2, cautious_weight_decay=_DEFAULT.cautious_weight_decay)
 ADAMW_DEFAULTS = dict(betas=tuple(_DEFAULT.betas), eps=_DEFAULT.eps, weight_decay=_DEFAULT.adamw_weight_decay,
                       fp32_math=_DEFAULT.adamw_fp32_math)

@@ -38,8 +38,9 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig | None = None, *, 
         if not roles.get(role):
             continue
         lr = lr * (dmodel_scale if role in WIDTH_SCALED else 1.0) * (1.0 if role in NOT_TRANSFERRED else lr_scale)
-        groups.append(dict(params=roles[role], role=role, kind="adamw", lr=lr, betas=tuple(c.role_betas.get(role, c.betas)),
-                           eps=c.eps, weight_decay=c.role_weight_decay.get(role, c.adamw_weight_decay),
+        groups.append(dict(params=roles[role], role=role, kind="adamw", lr=lr,
+                           betas=tuple(c.role_betas.get(role, c.betas)), eps=c.eps,
+                           weight_decay=c.role_weight_decay.get(role, c.adamw_weight_decay),
                            fp32_math=c.adamw_fp32_math))
     check_partition(model, groups)
     return MuonAdamW(groups)
