@@ -32,7 +32,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from nanochat_parity import head_shape, reference_weights
+from nanochat_parity import nanochat_shape, reference_weights
 
 REPO = Path(__file__).resolve().parents[1]
 OPTIMIZER_PRESET = REPO / "conf" / "recipe_optimizer" / "nanochat2026.yaml"
@@ -49,7 +49,7 @@ def reference_grads(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, 
 
 
 # --- nanochat's side (child process: `nanochat` is the checkout's package) -------------------------------------
-def head_run(config_kwargs: dict, seed: int, steps: int, lr_scale: float, muon_wd: float) -> dict:
+def nanochat_run(config_kwargs: dict, seed: int, steps: int, lr_scale: float, muon_wd: float) -> dict:
     from nanochat.gpt import GPT, GPTConfig
 
     model = GPT(GPTConfig(**config_kwargs))
@@ -76,15 +76,15 @@ def head_run(config_kwargs: dict, seed: int, steps: int, lr_scale: float, muon_w
     return {"config": config_kwargs, "seed": seed, "groups": groups, "start": start, "history": history}
 
 
-def head_worker(args) -> None:
+def nanochat_worker(args) -> None:
     import nanochat.common
 
     print(f"nanochat side: {nanochat.common.COMPUTE_DTYPE_REASON}", file=sys.stderr)
     config = json.loads(args.config)
-    torch.save(head_run(config, args.seed, args.steps, args.lr_scale, args.muon_wd), args.worker_out)
+    torch.save(nanochat_run(config, args.seed, args.steps, args.lr_scale, args.muon_wd), args.worker_out)
 
 
-def run_head(args, config: dict, out: Path) -> dict:
+def run_nanochat(args, config: dict, out: Path) -> dict:
     cmd = [sys.executable, __file__, "--nanochat", str(args.nanochat), "--worker-out", str(out), "--config",
            json.dumps(config), "--seed", str(args.seed), "--steps", str(args.steps), "--lr-scale", str(args.lr_scale),
            "--muon-wd", str(args.muon_wd)]
@@ -147,28 +147,29 @@ def cautious_flips(diff: torch.Tensor, before: torch.Tensor, step: float, weight
     return (diff.abs() > tol) & ((diff.abs() - step * weight_decay * before.abs()).abs() <= tol)
 
 
-def compare(head: dict, args) -> tuple[list[dict], list[list]]:
+def compare(nanochat_out: dict, args) -> tuple[list[dict], list[list]]:
     from nanochat.optim.muon import muon_lr_scale
 
-    model, optimizer, start, history = our_run(head["config"], args.seed, args.steps, args.lr_scale, args.muon_wd)
+    model, optimizer, start, history = our_run(nanochat_out["config"], args.seed, args.steps, args.lr_scale,
+                                               args.muon_wd)
     ours_group = groups_of(model, optimizer)
     roles = {n: g["role"] for n, g in ours_group.items()}
-    head_group = {n: g for g in head["groups"] for n in g["params"]}
+    nanochat_group = {n: g for g in nanochat_out["groups"] for n in g["params"]}
     for n, p in start.items():
-        if not torch.equal(p, head["start"][n]):
+        if not torch.equal(p, nanochat_out["start"][n]):
             raise SystemExit(f"the start weights differ at {n}")
-    ours_up, head_up = updates(start, history), updates(head["start"], head["history"])
+    ours_up, nanochat_up = updates(start, history), updates(nanochat_out["start"], nanochat_out["history"])
     befores = [start] + history[:-1]
     results, rows = [], []
     for role in dict.fromkeys(roles.values()):
         names = [n for n, r in roles.items() if r == role]
-        g, h = ours_group[names[0]], head_group[names[0]]
-        scale = max(u[n].abs().max().item() for u in head_up for n in names)
+        g, h = ours_group[names[0]], nanochat_group[names[0]]
+        scale = max(u[n].abs().max().item() for u in nanochat_up for n in names)
         flips = elements = 0
         diff = 0.0
         for k, (lrm, _, wdm) in enumerate(SCHEDULE[: args.steps]):
             for n in names:
-                d = ours_up[k][n] - head_up[k][n]
+                d = ours_up[k][n] - nanochat_up[k][n]
                 elements += d.numel()
                 if g["kind"] == "muon" and g["cautious_weight_decay"]:
                     step = g["initial_lr"] * lrm * muon_lr_scale(d.shape)
@@ -176,8 +177,9 @@ def compare(head: dict, args) -> tuple[list[dict], list[list]]:
                     flips += int(flip.sum())
                     d = d[~flip]
                 diff = max(diff, d.abs().max().item() if d.numel() else 0.0)
-        lrs_equal = all(math.isclose(ours_group[n]["initial_lr"], head_group[n]["lr"], rel_tol=1e-12) for n in names)
-        betas_equal = g["kind"] != "adamw" or all(list(ours_group[n]["betas"]) == head_group[n]["betas"] for n in names)
+        pairs = [(ours_group[n], nanochat_group[n]) for n in names]
+        lrs_equal = all(math.isclose(o["initial_lr"], t["lr"], rel_tol=1e-12) for o, t in pairs)
+        betas_equal = g["kind"] != "adamw" or all(list(o["betas"]) == t["betas"] for o, t in pairs)
         wd_equal = math.isclose(g["initial_weight_decay"], h["weight_decay"], rel_tol=1e-9, abs_tol=1e-12)
         row = {"role": role, "kind": g["kind"], "parameters": len(names), "lr ours": g["initial_lr"],
                "lr nanochat": h["lr"],
@@ -194,20 +196,20 @@ def compare(head: dict, args) -> tuple[list[dict], list[list]]:
 def record(args) -> None:
     """The test suite's reference: a 2-layer nanochat model (width 64, vocab 200 padded to 256), fp32, `--steps`
     steps, summarised per parameter as the last update's sum of squares and first 8 values."""
-    head_config = dict(sequence_len=256, vocab_size=200, n_layer=2, n_head=2, n_kv_head=2, n_embd=64,
+    nanochat_config = dict(sequence_len=256, vocab_size=200, n_layer=2, n_head=2, n_kv_head=2, n_embd=64,
                        window_pattern="SSSL")
     with tempfile.TemporaryDirectory() as tmp:
-        head = run_head(args, head_config, Path(tmp) / "head.pt")
-    last = updates(head["start"], head["history"])
+        nanochat_out = run_nanochat(args, nanochat_config, Path(tmp) / "nanochat_out.pt")
+    last = updates(nanochat_out["start"], nanochat_out["history"])
     ref = {
         "source": f"nanochat {args.label}: nanochat/optim.py MuonAdamW via GPT.setup_optimizer on CPU, fp32, "
                   f"written by bench/nanochat_optimizer_parity.py --record",
-        "config": head_config, "seed": args.seed, "steps": args.steps, "lr_scale": args.lr_scale,
+        "config": nanochat_config, "seed": args.seed, "steps": args.steps, "lr_scale": args.lr_scale,
         "muon_wd": args.muon_wd, "schedule": SCHEDULE[: args.steps],
-        "lrs": {n: g["lr"] for g in head["groups"] for n in g["params"]},
+        "lrs": {n: g["lr"] for g in nanochat_out["groups"] for n in g["params"]},
         "updates": {n: {"sum_sq": [float(f"{u[n].double().square().sum().item():.9g}") for u in last],
                         "first": [float(f"{x:.7g}") for x in last[-1][n].flatten()[:8].tolist()]}
-                    for n in sorted(head["start"])},
+                    for n in sorted(nanochat_out["start"])},
     }
     Path(args.record).write_text(json.dumps(ref, separators=(",", ":")) + "\n")
     print(f"wrote {args.record} ({Path(args.record).stat().st_size:,} bytes)")
@@ -236,7 +238,7 @@ def main() -> None:
         return
     args.nanochat = args.nanochat.resolve()
     if args.worker_out:
-        head_worker(args)
+        nanochat_worker(args)
         return
     sys.path.insert(0, str(REPO / "src"))
     if args.record:
@@ -244,12 +246,12 @@ def main() -> None:
         return
     from common import markdown_table, save
 
-    width, heads = head_shape(args.depth, args.head_dim)
+    width, heads = nanochat_shape(args.depth, args.head_dim)
     config = dict(sequence_len=args.seq, vocab_size=args.vocab, n_layer=args.depth, n_head=heads, n_kv_head=heads,
                   n_embd=width, window_pattern="SSSL")
     with tempfile.TemporaryDirectory() as tmp:
-        head = run_head(args, config, Path(tmp) / "head.pt")
-    results, rows = compare(head, args)
+        nanochat_out = run_nanochat(args, config, Path(tmp) / "nanochat_out.pt")
+    results, rows = compare(nanochat_out, args)
     table = markdown_table(["role", "kind", "params", "lr ours", "lr nanochat", "lr, betas, wd equal",
                             "max abs update", f"max abs diff ({args.steps} steps)", "relative",
                             "cautious-decay ties (excluded)"], rows)

@@ -74,13 +74,13 @@ class StubTokenizer:
 
 
 # --- nanochat's side (child process: `nanochat` is the checkout's package) -------------------------------------
-def head_shape(depth: int, head_dim: int) -> tuple[int, int]:
+def nanochat_shape(depth: int, head_dim: int) -> tuple[int, int]:
     """nanochat's sizing from depth: width 64*depth rounded up to a multiple of head_dim; (width, heads)."""
     width = -(-depth * 64 // head_dim) * head_dim
     return width, width // head_dim
 
 
-def head_case(config_kwargs: dict, seed: int, rows: int, prompt_len: int, new_tokens: int) -> dict:
+def nanochat_case(config_kwargs: dict, seed: int, rows: int, prompt_len: int, new_tokens: int) -> dict:
     from nanochat.gpt import GPT, GPTConfig
 
     from nanochat.engine import Engine
@@ -105,20 +105,20 @@ def head_case(config_kwargs: dict, seed: int, rows: int, prompt_len: int, new_to
             "logits": logits, "loss": float(loss), "prompt": prompt, "cached": cached, "naive": naive}
 
 
-def head_worker(args) -> None:
+def nanochat_worker(args) -> None:
     import nanochat.common
 
     print(f"nanochat side: {nanochat.common.COMPUTE_DTYPE_REASON}", file=sys.stderr)
     cases = []
     for head_dim in args.head_dims:
-        width, heads = head_shape(args.depth, head_dim)
+        width, heads = nanochat_shape(args.depth, head_dim)
         kwargs = dict(sequence_len=args.seq, vocab_size=args.vocab, n_layer=args.depth, n_head=heads, n_kv_head=heads,
                       n_embd=width, window_pattern="SSSL")
-        cases.append(head_case(kwargs, args.seed, args.rows, args.prompt, args.new))
+        cases.append(nanochat_case(kwargs, args.seed, args.rows, args.prompt, args.new))
     torch.save(cases, args.worker_out)
 
 
-def run_head(args, dtype: str, out: Path, **overrides) -> list[dict]:
+def run_nanochat(args, dtype: str, out: Path, **overrides) -> list[dict]:
     """nanochat's cases computed in a child process with NANOCHAT_DTYPE=dtype."""
     cmd = [sys.executable, __file__, "--nanochat", str(args.nanochat), "--worker-out", str(out)]
     settings = {**vars(args), **overrides}
@@ -137,28 +137,28 @@ def preset() -> dict:
     return OmegaConf.to_container(OmegaConf.load(PRESET))
 
 
-def our_model(head_config: dict):
+def our_model(nanochat_config: dict):
     from nanochat.models.components import GPT, GPTConfig
 
-    shape = {k: v for k, v in head_config.items() if k != "window_pattern"}
+    shape = {k: v for k, v in nanochat_config.items() if k != "window_pattern"}
     config = GPTConfig(**shape, **preset())
-    if config.window_pattern != head_config["window_pattern"]:
+    if config.window_pattern != nanochat_config["window_pattern"]:
         raise SystemExit(f"{PRESET} has window_pattern {config.window_pattern}, nanochat's run "
-                         f"{head_config['window_pattern']}")
+                         f"{nanochat_config['window_pattern']}")
     return GPT(config)
 
 
-def compare(case: dict, dtype: torch.dtype, head_fp32: dict | None) -> dict:
+def compare(case: dict, dtype: torch.dtype, nanochat_fp32: dict | None) -> dict:
     from nanochat.engine.engine import Engine, generate_naive
     from nanochat.precision import computing
 
     model = our_model(case["config"])
     ours_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    head_shapes = {k: tuple(v.shape) for k, v in case["state"].items()}
-    if ours_shapes != head_shapes:
-        raise SystemExit(f"state dict layouts differ: ours only {sorted(set(ours_shapes) - set(head_shapes))}, "
-                         f"nanochat's only {sorted(set(head_shapes) - set(ours_shapes))}, shapes {ours_shapes} vs "
-                         f"{head_shapes}")
+    nanochat_shapes = {k: tuple(v.shape) for k, v in case["state"].items()}
+    if ours_shapes != nanochat_shapes:
+        raise SystemExit(f"state dict layouts differ: ours only {sorted(set(ours_shapes) - set(nanochat_shapes))}, "
+                         f"nanochat's only {sorted(set(nanochat_shapes) - set(ours_shapes))}, shapes {ours_shapes} vs "
+                         f"{nanochat_shapes}")
     row = {}
     if dtype == torch.float32:
         torch.manual_seed(case["seed"])
@@ -174,9 +174,9 @@ def compare(case: dict, dtype: torch.dtype, head_fp32: dict | None) -> dict:
     row["logits max |ours - nanochat|"] = (logits - case["logits"]).abs().max().item()
     row["loss |ours - nanochat|"] = abs(loss - case["loss"])
     row["loss"] = loss
-    if head_fp32 is not None:  # what bf16 itself costs each implementation against nanochat's fp32
-        row["ours bf16 vs nanochat fp32"] = (logits - head_fp32["logits"]).abs().max().item()
-        row["nanochat bf16 vs nanochat fp32"] = (case["logits"] - head_fp32["logits"]).abs().max().item()
+    if nanochat_fp32 is not None:  # what bf16 itself costs each implementation against nanochat's fp32
+        row["ours bf16 vs nanochat fp32"] = (logits - nanochat_fp32["logits"]).abs().max().item()
+        row["nanochat bf16 vs nanochat fp32"] = (case["logits"] - nanochat_fp32["logits"]).abs().max().item()
     row["logit scale (max |logit|)"] = case["logits"].abs().max().item()
     engine = Engine(model, StubTokenizer(), use_tools=False, dtype=dtype)
     cached = [column[0] for column, _ in engine.generate(case["prompt"], max_tokens=len(case["cached"]), temperature=0)]
@@ -200,11 +200,11 @@ def yes_no(first: int | None) -> str:
 def record(args) -> None:
     """The test suite's reference: a tiny nanochat model (3 layers, width 64, GQA, seq 256 so S layers get a
     128-token window, vocab 200 padded to 256) in fp32, summarised in a few KB."""
-    head = dict(sequence_len=256, vocab_size=200, n_layer=3, n_head=2, n_kv_head=1, n_embd=64, window_pattern="SSSL")
+    config = dict(sequence_len=256, vocab_size=200, n_layer=3, n_head=2, n_kv_head=1, n_embd=64, window_pattern="SSSL")
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "head.pt"
+        out = Path(tmp) / "nanochat.pt"
         cmd = [sys.executable, __file__, "--nanochat", str(args.nanochat), "--worker-out", str(out), "--record-config",
-               json.dumps(head), "--seed", str(args.seed), "--prompt", "160", "--new", "32", "--rows", "1"]
+               json.dumps(config), "--seed", str(args.seed), "--prompt", "160", "--new", "32", "--rows", "1"]
         env = {**os.environ, "PYTHONPATH": str(args.nanochat), "NANOCHAT_DTYPE": "float32"}
         subprocess.run(cmd, check=True, env=env, cwd=args.nanochat)
         case = torch.load(out, weights_only=False)[0]
@@ -213,7 +213,7 @@ def record(args) -> None:
     ref = {
         "source": f"nanochat {args.label}: nanochat/gpt.py GPT and nanochat/engine.py Engine on CPU, fp32, "
                   f"written by bench/nanochat_parity.py --record",
-        "config": head, "seed": args.seed,
+        "config": config, "seed": args.seed,
         "shapes": {k: list(v.shape) for k, v in case["state"].items()},
         "init": {k: [round(v.double().sum().item(), 6), round(v.double().square().sum().item(), 6)]
                  for k, v in case["init_state"].items()},
@@ -249,11 +249,11 @@ def main() -> None:
         return
     args.nanochat = args.nanochat.resolve()
     if args.worker_out and args.record_config:
-        torch.save([head_case(json.loads(args.record_config), args.seed, args.rows, args.prompt, args.new)],
+        torch.save([nanochat_case(json.loads(args.record_config), args.seed, args.rows, args.prompt, args.new)],
                    args.worker_out)
         return
     if args.worker_out:
-        head_worker(args)
+        nanochat_worker(args)
         return
     if args.record:
         record(args)
@@ -263,10 +263,10 @@ def main() -> None:
 
     results, rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        head = {name: run_head(args, name, Path(tmp) / f"{name}.pt") for name in ("float32", "bfloat16")}
+        theirs = {name: run_nanochat(args, name, Path(tmp) / f"{name}.pt") for name in ("float32", "bfloat16")}
     for dtype, name in ((torch.float32, "float32"), (torch.bfloat16, "bfloat16")):
-        for i, case in enumerate(head[name]):
-            fp32_case = head["float32"][i] if dtype == torch.bfloat16 else None
+        for i, case in enumerate(theirs[name]):
+            fp32_case = theirs["float32"][i] if dtype == torch.bfloat16 else None
             row = compare(case, dtype, fp32_case)
             c = case["config"]
             label = {"head_dim": c["n_embd"] // c["n_head"], "heads": c["n_head"], "width": c["n_embd"],

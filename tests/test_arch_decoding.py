@@ -12,6 +12,7 @@ from conftest import dtype_of, random_gpt
 from nanochat_parity import StubTokenizer
 from test_serving_batching import run_batched
 
+from nanochat.engine.batching import BatchDecoder
 from nanochat.engine.engine import Engine, generate_naive
 from nanochat.engine.kv_cache import KVCache
 from nanochat.precision import computing
@@ -88,7 +89,7 @@ def test_batch_decoder_rows_of_different_lengths_decode_as_alone(model, precisio
     reqs = [dict(tokens=p, num_samples=1 + i % 2, max_tokens=12 + 5 * i, temperature=0.0, top_k=None, seed=i)
             for i, p in enumerate(prompts())]
     alone = [list(engine.generate(**r)) for r in reqs]
-    decoder = engine.batch_decoder()
+    decoder = BatchDecoder(engine)
     batched = run_batched(decoder, reqs, remove_at={1: 4})
     assert decoder.rows == 0 and decoder.cache.prev_embedding is None
     for i, r in enumerate(reqs):
