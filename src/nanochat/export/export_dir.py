@@ -108,13 +108,15 @@ def load_weights(model, path: str | Path) -> Path:
     """Copy exported weights into `model`; the shapes must match (same depth, width and vocab)."""
     from safetensors.torch import load_file
 
+    from nanochat.models.components import GPTConfig
+
     export = find_export(path)
-    saved = read_export_config(export)["model"]
+    saved = GPTConfig.from_dict(read_export_config(export)["model"]).to_dict()  # keys an old export lacks: defaults
     if saved != model.config.to_dict():
         diff = {k: (saved.get(k), v) for k, v in model.config.to_dict().items() if saved.get(k) != v}
         raise UserError(
             f"the model in {export} (depth {saved.get('n_layer')}, vocab {saved.get('vocab_size')}) does not match this "
-            f"run's model (saved vs configured: {diff}); configure the model= and tokenizer it was trained with"
+            f"run's model (saved vs configured: {diff}); configure the model=, arch= and tokenizer it was trained with"
         )
     try:
         state = load_file(str(export / WEIGHTS_FILE))
