@@ -130,14 +130,16 @@ def test_bad_checkpoints_are_refused_with_one_line_each(model, tiny_tokenizer, s
 
     state = torch.load(ckpt / "model_000001.pt", weights_only=True)
     torch.save({**state, "resid_lambdas": torch.ones(2), "x0_lambdas": torch.zeros(2)}, ckpt / "model_000001.pt")
-    assert "per-layer residual scales" in one_line_error(capsys, ["import", f"nanochat:{ckpt}"])
+    between = load_export(find_export(f"nanochat:{ckpt}"))[0].config  # a version between the seed era and HEAD
+    assert between.layer_lambdas and not between.value_embeds and between.qk_scale == 1.2  # with HEAD's constants
 
-    state["_orig_mod.lm_head.weight"] = torch.zeros(1088, 64)  # a vocabulary padded to a multiple of 64
+    state["_orig_mod.lm_head.weight"] = torch.zeros(1088, 64)  # a head larger than the model_config's vocabulary
     torch.save(state, ckpt / "model_000001.pt")
     assert "lm_head.weight" in (line := one_line_error(capsys, ["import", f"nanochat:{ckpt}"])) and "(1088, 64)" in line
 
     ckpt = write_nanochat_checkpoint(home, model, tiny_tokenizer, step=2, window_pattern="SSSL")
-    assert "sliding-window attention" in one_line_error(capsys, ["import", f"nanochat:{ckpt}@2"])
+    line = one_line_error(capsys, ["import", f"nanochat:{ckpt}@2"])  # HEAD's short window exceeds this context
+    assert "window_pattern='SSSL'" in line and "not shorter than the context" in line
 
     ckpt = write_nanochat_checkpoint(home, model, tiny_tokenizer, step=3, window_pattern="L")  # full context: ours
     assert find_export(f"nanochat:{ckpt}@3").is_dir()
@@ -154,3 +156,26 @@ def test_bad_checkpoints_are_refused_with_one_line_each(model, tiny_tokenizer, s
 
     (home / "tokenizer" / "tokenizer.pkl").unlink()
     assert "no tokenizer.pkl" in one_line_error(capsys, ["import", f"nanochat:{ckpt}@4"])
+
+
+def test_a_checkpoint_of_nanochats_2026_model_imports_with_identical_logits(home):
+    """nanochat HEAD's layout: value embeddings, lambdas, smear, backout, SSSL windows, a vocabulary padded to 64."""
+    from conftest import corpus_documents
+    from nanochat.export.nanochat_checkpoint import head_architecture
+    from nanochat.models.components import GPT, GPTConfig
+    from nanochat.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(corpus_documents(), vocab_size=1000, show_progress=False)
+    torch.manual_seed(3)
+    config = GPTConfig.from_depth(2, tok.vocab_size, 512, head_dim=64, **head_architecture())
+    assert config.padded_vocab_size == 1024 and config.value_embeds and config.window_pattern == "SSSL"
+    source = GPT(config).eval()  # its own (2026) initialisation
+    with torch.no_grad():
+        for name in ("resid_lambdas", "x0_lambdas", "smear_lambda", "backout_lambda"):
+            getattr(source, name).uniform_(0.1, 1.0)  # no neutral values: every feature counts in the logits
+    ckpt = write_nanochat_checkpoint(home, source, tok, step=9, window_pattern="SSSL")
+    imported, _, meta = load_export(find_export(f"nanochat:{ckpt}@9"))
+    assert imported.config == config and meta["step"] == 9
+    x = torch.tensor([tok.encode("Hello there, friend. " * 40, prepend="<|bos|>")[:300]])
+    with torch.no_grad():
+        assert torch.equal(imported(x), source(x))

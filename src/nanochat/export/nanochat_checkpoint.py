@@ -5,8 +5,10 @@ a pickled tiktoken Encoding, with `token_bytes.pt` beside it).
 Nothing here runs pickled code. The weights load with `torch.load(weights_only=True)`. tokenizer.pkl goes through an
 unpickler that knows a single class, a stand-in for tiktoken's Encoding that only records the state a real one is
 then built from (name, split pattern, ranks, special tokens); any other object in the file is refused unopened.
-The architecture is that of the nanochat release transformers' NanoChat follows; weights of features added later
-(value embeddings, per-layer scalars, sliding windows, ...) are refused by name.
+Two architectures import: the seed-era one (c6b7ab7; transformers' NanoChat), and nanochat HEAD's (92d63d4: value
+embeddings, per-layer lambdas, smear, backout, sliding windows, a padded vocabulary), recognised by those weights
+or a window pattern and built with `conf/arch/nanochat2026.yaml` (HEAD's rope base and QK scale, which no file of a
+checkpoint records; versions between the two, whose constants differed, import with HEAD's).
 """
 
 from __future__ import annotations
@@ -20,15 +22,14 @@ from pathlib import Path
 import torch
 
 from nanochat.errors import UserError
+from nanochat.models.components.gpt_config import GPTConfig
 
 MODEL_CONFIG_KEYS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
-LATER_FEATURES = {  # state-dict names of later nanochat versions -> the feature they belong to
-    "resid_lambdas": "per-layer residual scales (resid_lambdas)",
-    "x0_lambdas": "per-layer embedding skips (x0_lambdas)",
-    "value_embeds": "value embeddings",
-    "ve_gate": "value embeddings",
-    "smear": "smear",
-    "backout": "backout",
+HEAD_FEATURES = {  # GPTConfig switch -> the state-dict name that says a checkpoint has it
+    "value_embeds": "value_embeds.",
+    "layer_lambdas": "resid_lambdas",
+    "smear": "smear_gate.weight",
+    "backout": "backout_lambda",
 }
 STAGES = {"base_checkpoints": "base", "mid_checkpoints": "mid", "chatsft_checkpoints": "sft",
           "chatrl_checkpoints": "rl"}
@@ -166,22 +167,32 @@ def load_tensors(path: Path):
         raise UserError(f"{path} is unreadable ({type(e).__name__}: {e})") from None
 
 
-def gpt_config(model_config, where: Path):
-    from nanochat.models.components import GPTConfig
-
+def gpt_config(model_config, where: Path, keys) -> GPTConfig:
+    """Our GPTConfig for a checkpoint's model_config and state-dict `keys` (prefixes stripped)."""
     if not isinstance(model_config, dict):
         raise UserError(f"{where} has no model_config object")
     extra = {k: v for k, v in model_config.items() if k not in MODEL_CONFIG_KEYS}
-    if set(str(extra.pop("window_pattern", "L"))) - {"L"}:  # "L" everywhere: full context, our attention
-        raise UserError(f"{where} uses sliding-window attention (window_pattern={model_config['window_pattern']!r}), "
-                        "which this project's GPT does not have")
+    window = str(extra.pop("window_pattern", "L"))
     if extra:
         raise UserError(f"{where} sets {', '.join(sorted(extra))} in its model_config, which this project's GPT "
                         "does not have")
     missing = [k for k in MODEL_CONFIG_KEYS if k not in model_config]
     if missing:
         raise UserError(f"{where} lacks {', '.join(missing)} in its model_config")
-    return GPTConfig(**{k: model_config[k] for k in MODEL_CONFIG_KEYS})
+    shape = {k: model_config[k] for k in MODEL_CONFIG_KEYS}
+    present = {switch: any(k.startswith(name) for k in keys) for switch, name in HEAD_FEATURES.items()}
+    if window == "L" and not any(present.values()):
+        return GPTConfig(**shape)  # the seed-era architecture
+    return GPTConfig(**shape, **{**head_architecture(), **present, "window_pattern": window})
+
+
+def head_architecture() -> dict:
+    """nanochat HEAD's switches, from the `arch=nanochat2026` preset (the one place they are written)."""
+    from omegaconf import OmegaConf
+
+    from nanochat.configs import CONF_DIR
+
+    return OmegaConf.to_container(OmegaConf.load(CONF_DIR / "arch" / "nanochat2026.yaml"))
 
 
 def checked_state(raw, model, where: Path) -> dict[str, torch.Tensor]:
@@ -189,10 +200,6 @@ def checked_state(raw, model, where: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"{where} is not a state dict of tensors")
     state = {k.removeprefix(ORIG_MOD): v for k, v in raw.items()}
     expected = model.state_dict()
-    later = sorted({feature for k in state for prefix, feature in LATER_FEATURES.items() if k.startswith(prefix)})
-    if later:
-        raise UserError(f"{where} holds weights of {', '.join(later)}, a later nanochat architecture this project's "
-                        "GPT does not have")
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise UserError(f"{where} does not hold the weights its model_config describes (missing {missing[:3]}, "
@@ -215,12 +222,14 @@ def import_checkpoint(ckpt: Path, step: int, out: Path, source: dict) -> Path:
         nanochat_meta = json.loads(meta_path.read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"{meta_path} is unreadable ({e})") from None
-    config = gpt_config(nanochat_meta.get("model_config") if isinstance(nanochat_meta, dict) else None, meta_path)
+    weights = model_file(ckpt, step)
+    raw = load_tensors(weights)
+    keys = [k.removeprefix(ORIG_MOD) for k in raw] if isinstance(raw, dict) else []
+    config = gpt_config(nanochat_meta.get("model_config") if isinstance(nanochat_meta, dict) else None, meta_path, keys)
     tokenizer = load_tokenizer(tokenizer_file(ckpt), config.vocab_size)
     with torch.device("meta"):
         model = GPT(config)
-    weights = model_file(ckpt, step)
-    model.load_state_dict(checked_state(load_tensors(weights), model, weights), assign=True)
+    model.load_state_dict(checked_state(raw, model, weights), assign=True)
     meta = {"step": step, "source": source}
     if ckpt.parent.name in STAGES:
         meta["stage"] = STAGES[ckpt.parent.name]
