@@ -38,7 +38,8 @@ def main() -> None:
     from nanochat.data.documents import iter_documents
     from nanochat.data.shards import list_shards, split_shards
     from nanochat.tokenizer import Tokenizer
-    from nanochat.tokenizer.training import TRAINERS, capped_documents
+    from nanochat.settings import TOKENIZER_TRAINERS
+    from nanochat.tokenizer.training import capped_documents
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shards", type=Path, help="a prepared shard dir (default: prepared from --text)")
@@ -60,7 +61,7 @@ def main() -> None:
     for vocab in args.vocab_sizes:
         best: dict[str, dict] = {}
         for _ in range(args.repeats):
-            for trainer in TRAINERS:
+            for trainer in TOKENIZER_TRAINERS:
                 t0 = time.perf_counter()
                 tok = Tokenizer.train(docs, vocab, show_progress=False, trainer=trainer)
                 seconds = time.perf_counter() - t0

@@ -3,8 +3,8 @@
 import io
 import re
 import threading
-import zipfile
 import urllib.request
+import zipfile
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -424,3 +424,44 @@ def test_cli_fetch_eval_bundle_default_home(server, tmp_path, capsys):
     assert_bundle(path)
     size = sum(len(v) for v in BUNDLE.values())
     assert capsys.readouterr().out.strip() == f"eval_bundle: {path} (3 files, {size:,} bytes)"
+
+
+# --- ClimbMix: the same download path, plus its fixed validation shard --------------------------------------------
+VAL = shard_name(6542)
+
+
+def test_climbmix_fetches_training_shards_and_its_validation_shard(server, shard_bytes, sleeps, tmp_path):
+    from nanochat.data.shards import list_shards, split_shards
+
+    server.files = {**shard_bytes, VAL: shard_bytes[shard_name(4)]}
+    server.fail[VAL] = 2  # retried with backoff
+    server.cut[shard_name(1)] = 1000  # a dropped connection: the same run resumes it with a Range request
+    out = tmp_path / "climbmix"
+    paths = download("climbmix", 2, out, base_url=server.url, sleep=sleeps.append, show_progress=False, timeout=10,
+                     workers=1)
+    assert paths == [out / shard_name(0), out / shard_name(1), out / VAL]
+    assert sorted(p.name for p in out.iterdir()) == [shard_name(0), shard_name(1), VAL]  # no .part left
+    for p in paths:
+        assert p.read_bytes() == server.files[p.name]
+    assert server.ranges(shard_name(1)) == [None, "bytes=1000-"]
+    assert len(server.ranges(VAL)) == 3 and sorted(sleeps) == [2.0, 2.0, 4.0]
+    train, val = split_shards(list_shards(out))
+    assert val == [out / VAL] and train == paths[:2]  # validation is shard_06542, as nanochat's
+    assert download("climbmix", 2, out, base_url=server.url, show_progress=False) == paths  # verified, not refetched
+    assert len(server.requests) == 1 + 2 + 3  # shard 0 once, shard 1 twice (resumed), the validation shard 3 times
+
+
+def test_climbmix_source_and_limits(tmp_path):
+    assert SOURCES["climbmix"].base_url == "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
+    with pytest.raises(UserError, match=r"climbmix publishes 6542 training shards \(and one validation shard\) "
+                                        r"but 6543"):
+        download("climbmix", 6543, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_data_climbmix_config_reads_the_download_directory():
+    from nanochat.configs import compose
+
+    cfg = compose(["stage=base", "data=climbmix"])
+    assert cfg.datamodule.dir == str(base_dir() / "data" / SOURCES["climbmix"].dirname)
+    assert cfg.data.download == "climbmix"

@@ -134,6 +134,24 @@ def test_validate_chat_normalizes_parts_and_defaults(tok, engine):
     assert e.value.field == "messages"
 
 
+def test_developer_is_system_and_same_role_runs_are_merged(tok, engine):
+    from nanochat.serving.limits import validate_messages
+
+    calc = [{"type": "python", "text": "1+1"}, {"type": "python_output", "text": "2"}]
+    messages = [{"role": "developer", "content": "Be brief."}, {"role": "system", "content": "Use tools."},
+                {"role": "user", "content": "Hi."}, {"role": "user", "content": [{"type": "text", "text": "1+1?"}]},
+                {"role": "assistant", "content": "Let me see."}, {"role": "assistant", "content": calc},
+                {"role": "user", "content": "Thanks"}]
+    assert validate_messages(messages) == [
+        {"role": "system", "content": "Be brief.\n\nUse tools."},
+        {"role": "user", "content": "Hi.\n\n1+1?"},
+        {"role": "assistant", "content": [{"type": "text", "text": "Let me see."}, *calc]},
+        {"role": "user", "content": "Thanks"},
+    ]
+    req = validate_chat(messages, tokenizer=tok, max_context=engine.max_context)
+    assert req.prompt_ids == tok.render_for_completion(validate_messages(messages))
+
+
 # --- generation ----------------------------------------------------------------------------------
 
 def test_utf8_is_never_split_and_stop_strings_cut(tok, scripted):
@@ -258,7 +276,8 @@ BAD_REQUESTS = [  # (body or raw bytes, expected status, expected param)
     ({"messages": [{"role": "user", "content": "x"}] * 501}, 400, "messages"),
     ({"messages": [{"role": "bot", "content": "x"}]}, 400, "messages[0].role"),
     ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}, 400, "messages"),
-    ({"messages": [{"role": "user", "content": "x"}, {"role": "user", "content": "y"}]}, 400, "messages[1].role"),
+    ({"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]}, 400, "messages[0].role"),
+    ({"messages": [{"role": r, "content": "x"} for r in ("user", "user", "system")]}, 400, "messages[2].role"),
     ({"messages": [{"role": "user", "content": "x"}, {"role": "system", "content": "y"}]}, 400, "messages[1].role"),
     ({"messages": [{"role": "user", "content": ""}]}, 400, "messages[0].content"),
     ({"messages": [{"role": "user", "content": 42}]}, 400, "messages[0].content"),

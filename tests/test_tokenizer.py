@@ -11,7 +11,7 @@ from nanochat.data.documents import iter_documents, strip_gutenberg
 from nanochat.errors import UserError
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 from nanochat.tokenizer.compression import compression_table
-from nanochat.tokenizer.training import TRAINERS
+from nanochat.settings import TOKENIZER_TRAINERS
 
 HARD_CASES = [
     "",
@@ -209,7 +209,7 @@ def test_both_trainers_follow_the_same_conventions():
     from conftest import corpus_documents
 
     docs = corpus_documents()
-    toks = {name: Tokenizer.train(docs, vocab_size=600, show_progress=False, trainer=name) for name in TRAINERS}
+    toks = {name: Tokenizer.train(docs, vocab_size=600, show_progress=False, trainer=name) for name in TOKENIZER_TRAINERS}
     for tok in toks.values():
         assert tok.vocab_size == 600
         assert [tok.token_id(t) for t in SPECIAL_TOKENS] == list(range(591, 600))
@@ -220,17 +220,19 @@ def test_both_trainers_follow_the_same_conventions():
     assert abs(sizes["rustbpe"] - sizes["hf"]) <= 0.02 * sizes["hf"], sizes
 
 
-def test_unknown_trainer_and_non_bpe_ranks_are_named(tmp_path):
-    from nanochat.tokenizer.bpe import ranks_to_hf
+def test_unknown_trainer_is_named(tmp_path):
+    from nanochat.configs import compose
     from nanochat.tokenizer.training import train_tokenizer
 
     (tmp_path / "t.txt").write_text("some text " * 20)
     with pytest.raises(UserError, match="'sentencepiece' is not one of rustbpe, hf"):
         train_tokenizer([tmp_path / "t.txt"], 300, tmp_path / "out", trainer="sentencepiece")
     assert not (tmp_path / "out").exists()
-    ranks = {bytes([b]): b for b in range(256)} | {b"abc": 256}  # not one merge of two earlier tokens
-    with pytest.raises(UserError, match="not one merge"):
-        ranks_to_hf(ranks)
+    assert compose(["stage=tokenizer"]).tokenizer.trainer == "rustbpe"
+    with pytest.raises(UserError, match="'sentencepiece' is not one of rustbpe, hf"):
+        from nanochat.settings import TokenizerConfig
+
+        TokenizerConfig(trainer="sentencepiece")
 
 
 def test_cli_errors_are_one_line_and_write_nothing(tmp_path):

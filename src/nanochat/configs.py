@@ -2,7 +2,7 @@
 
 The configs ship inside the package (`nanochat/conf`, the top-level `conf/` of a checkout), so an installed
 `nanochat` trains from any directory. Typed schemas (dataclasses registered under `schema/`) are the one source of
-the optimizer's, schedule's, horizon's, sampling's and server limits' defaults: the YAML selects them and
+the optimizer's, schedule's, horizon's, transfer's, sampling's and server limits' defaults: the YAML selects them and
 overrides values, Hydra rejects unknown keys and wrong types, and each dataclass checks its ranges when built.
 Kept free of torch and lightning imports so `nanochat train --help` stays fast.
 """
@@ -50,11 +50,13 @@ def register_schemas() -> None:
     """The typed schemas, as `schema/<name>` configs the YAML puts where it needs them."""
     from hydra.core.config_store import ConfigStore
 
-    from nanochat.settings import HorizonConfig, OptimizerConfig, SamplingConfig, ScheduleConfig, ServerLimits
+    from nanochat.settings import (HorizonConfig, OptimizerConfig, SamplingConfig, ScheduleConfig, ServerLimits,
+                                   TokenizerConfig, TransferConfig)
 
     store = ConfigStore.instance()
     schemas = {"optimizer": OptimizerConfig, "schedule": ScheduleConfig, "horizon": HorizonConfig,
-               "sampling": SamplingConfig, "server_limits": ServerLimits}
+               "transfer": TransferConfig, "sampling": SamplingConfig, "server_limits": ServerLimits,
+               "tokenizer": TokenizerConfig}
     for name, node in schemas.items():
         store.store(group="schema", name=name, node=node)
 

@@ -87,12 +87,15 @@ class EvalCallback(Periodic):
 
 @contextmanager
 def evaluating(trainer: L.Trainer, pl_module: L.LightningModule):
-    """Eval mode, no grad, the trainer's precision context; the time spent is excluded from throughput."""
+    """Eval mode, no grad, the trainer's precision context, fp8 layers as plain ones (evaluation in bf16); the time
+    spent is excluded from throughput."""
+    from nanochat.models.float8 import plain_linears
+
     t0 = time.perf_counter()
     was_training = pl_module.training
     pl_module.eval()
     try:
-        with torch.no_grad(), trainer.precision_plugin.forward_context():
+        with torch.no_grad(), trainer.precision_plugin.forward_context(), plain_linears(pl_module.model):
             yield
     finally:
         pl_module.train(was_training)

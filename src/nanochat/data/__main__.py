@@ -1,6 +1,6 @@
 """Pretraining data command line.
 
-    nanochat data download fineweb-edu -n 8 [--workers 4] [--out DIR]
+    nanochat data download fineweb-edu|climbmix -n 8 [--workers 4] [--out DIR]   (climbmix adds its validation shard)
     nanochat data fetch identity|words [--out DIR] [--url URL]   (single files for the chat mixtures)
     nanochat data fetch eval_bundle [--out DIR] [--url URL]      (CORE evaluation bundle -> DIR/eval_bundle/)
     nanochat data prepare <files or dirs>... --out DIR [--gutenberg] [--val-fraction 0.01]
@@ -70,8 +70,9 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
 
     dl = sub.add_parser("download", help="download published pretraining shards (resumable)")
-    dl.add_argument("name", help="data source, e.g. fineweb-edu")
-    dl.add_argument("-n", "--num-shards", type=int, required=True, help="shards 0..N-1 to fetch (-1: all)")
+    dl.add_argument("name", help="data source: fineweb-edu or climbmix")
+    dl.add_argument("-n", "--num-shards", type=int, required=True,
+                    help="shards 0..N-1 to fetch (-1: all); climbmix also fetches its validation shard 6542")
     dl.add_argument("--workers", type=int, default=4, help="parallel downloads")
     dl.add_argument("--out", type=Path, default=None, help=f"output directory (default {base_dir() / 'data'}/<source>)")
     dl.add_argument("--base-url", default=None, help="fetch from this mirror instead of the published URL")

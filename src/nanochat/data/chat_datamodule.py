@@ -2,8 +2,11 @@
 
     mid:  conversations -> render_conversation ids -> concatenated and packed (rows, T + 1) like pretraining text;
           every token is trained (nanochat's mid_train ignores the mask)
-    sft:  one conversation per row, rows padded to the longest in their micro-batch with <|assistant_end|>;
-          targets are -1 wherever render_conversation's mask is 0 (user text, tool outputs) and on padding
+    sft:  packing=none: one conversation per row, rows padded to the longest in their micro-batch with
+          <|assistant_end|>, `examples_per_step` conversations per step; packing=bestfit (the 2026 chat stage):
+          conversations best-fit into BOS-started rows of seq_len + 1, padded with BOS, `total_batch_size` tokens
+          per step. Either way targets are -1 wherever render_conversation's mask is 0 (user text, tool outputs)
+          and on padding
 
 Rank r of W reads conversations r, r + W, r + 2W, ... of the shuffled mixture, one reader per rank (conversations
 are indexed, not sharded, so more workers would repeat them), and resumes from the checkpointed position.
@@ -17,7 +20,13 @@ from collections.abc import Iterator, Mapping
 import lightning as L
 import torch
 
-from nanochat.data.conversations import ConversationRows, PackedConversations
+from nanochat.data.conversations import (
+    BestFitConversationRows,
+    ConversationRows,
+    PackedConversations,
+    pack_bestfit_padded,
+)
+from nanochat.data.stream import Position
 from nanochat.data.stream_state import StreamState, make_loader, rank_and_world, val_rows
 from nanochat.errors import UserError
 from nanochat.models.horizon import examples_grad_accum, grad_accum_steps
@@ -121,32 +130,64 @@ class MidDataModule(L.LightningDataModule):
 
 
 class SFTDataModule(L.LightningDataModule):
-    """SFT batches: `examples_per_step` conversations per optimizer step across ranks, one per padded row."""
+    """SFT batches: `examples_per_step` conversations per optimizer step across ranks, one per padded row
+    (packing=none), or `total_batch_size` tokens of best-fit rows (packing=bestfit)."""
 
     def __init__(self, *, train: list[Mapping], val: list[Mapping] | None = None, tokenizer_dir: str | None = None,
                  init_from: str | None = None, sequence_len: int, device_batch_size: int = 4,
                  examples_per_step: int = 32, seed: int = 42, num_workers: int = 1, max_conversation_tokens: int = 2048,
-                 offline: bool = False):
+                 offline: bool = False, packing: str = "none", total_batch_size: int | None = None,
+                 buffer_size: int = 100, estimate_sample: int = 2000):
         super().__init__()
-        if examples_per_step <= 0:
+        if packing not in ("none", "bestfit"):
+            raise UserError(f"datamodule.packing must be none or bestfit for SFT, got {packing!r}")
+        if packing == "none" and examples_per_step <= 0:
             raise UserError(f"datamodule.examples_per_step={examples_per_step} must be positive")
+        if packing == "bestfit" and not total_batch_size:
+            raise UserError("datamodule.packing=bestfit counts a step in tokens: set datamodule.total_batch_size")
         self.mixtures = ChatMixtures(train, val, tokenizer_dir, init_from, seed, offline)
         self.seq_len, self.device_batch_size, self.examples_per_step = sequence_len, device_batch_size, examples_per_step
+        self.packing, self.total_batch_size, self.buffer_size = packing, total_batch_size, buffer_size
         self.num_workers = min(num_workers, 1)
-        self.max_conversation_tokens = max_conversation_tokens
+        self.max_conversation_tokens, self.estimate_sample = max_conversation_tokens, estimate_sample
         self.stream_state = StreamState()
 
+    @property
+    def max_tokens(self) -> int:
+        return min(self.max_conversation_tokens, self.seq_len + 1)  # no conversation longer than a row
+
     def steps_per_epoch(self) -> float:
-        return len(self.mixtures.load().train) / self.examples_per_step
+        m = self.mixtures.load()
+        if self.packing == "none":
+            return len(m.train) / self.examples_per_step
+        # Best-fit rows: the rows an evenly spaced sample packs into, scaled to the mixture (padding included).
+        n = len(m.train)
+        picks = list(range(0, n, max(1, n // self.estimate_sample)))
+        items = ((Position(0, i), *m.tokenizer.render_conversation(m.train[j], self.max_tokens))
+                 for i, j in enumerate(picks))
+        width = self.seq_len + 1
+        rows = sum(1 for _ in pack_bestfit_padded(items, 1, width, 0, self.buffer_size))
+        rows_per_conversation = max(rows, 1) / len(picks)
+        log.info(f"sft epoch: ~{n * rows_per_conversation:,.0f} best-fit rows of {width} tokens ({n:,} conversations, "
+                 f"{rows_per_conversation:.3f} rows each over a sample of {len(picks):,})")
+        return n * rows_per_conversation * self.seq_len / self.total_batch_size
 
     def setup(self, stage: str | None = None) -> None:
         self.mixtures.load()
-        self.grad_accum = examples_grad_accum(self.examples_per_step, self.device_batch_size, rank_and_world(self.trainer)[1])
+        world = rank_and_world(self.trainer)[1]
+        if self.packing == "none":
+            self.grad_accum = examples_grad_accum(self.examples_per_step, self.device_batch_size, world)
+        else:
+            self.grad_accum = grad_accum_steps(self.total_batch_size, self.device_batch_size, self.seq_len, world)
 
-    def _rows(self, mixture, rows: int, accum: int, infinite: bool) -> ConversationRows:
-        max_tokens = min(self.max_conversation_tokens, self.seq_len + 1)  # inputs no longer than the model's context
-        kwargs = self.mixtures.stream_kwargs(self.trainer, self.stream_state, max_tokens, infinite)
-        return ConversationRows(mixture, rows=rows, accum=accum, **kwargs)
+    def _rows(self, mixture, rows: int, accum: int, infinite: bool):
+        kwargs = self.mixtures.stream_kwargs(self.trainer, self.stream_state, self.max_tokens, infinite)
+        if self.packing == "none":
+            return ConversationRows(mixture, rows=rows, accum=accum, **kwargs)
+        resumed = self.stream_state.start_positions(*rank_and_world(self.trainer)) if infinite else {}
+        return BestFitConversationRows(mixture, rows=rows, seq_len=self.seq_len, accum=accum,
+                                       buffer_size=self.buffer_size, buffer=resumed.get("buffers", {}).get(0), counts=resumed.get("crop", {}).get(0),
+                                       **kwargs)
 
     def train_dataloader(self):
         stream = self._rows(self.mixtures.train, self.device_batch_size, self.grad_accum, True)
@@ -166,6 +207,12 @@ class SFTDataModule(L.LightningDataModule):
     @property
     def data_faults(self) -> dict[str, int]:
         return self.stream_state.data_faults
+
+    @property
+    def packing_stats(self) -> dict[str, float]:
+        """Best-fit rows: the share of row tokens that are padding so far."""
+        share = self.stream_state.pad_share
+        return {} if share is None else {"pad_share": share}
 
     def val_batches(self, max_tokens: int, batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(inputs, targets) micro-batches of the validation mixture, this rank's share of `max_tokens` input tokens."""

@@ -1,5 +1,5 @@
-"""Download published pretraining shards (nanochat's shuffled FineWeb-Edu re-packaging), the single files the
-chat mixtures use (identity conversations, the English word list) and the CORE evaluation bundle.
+"""Download published pretraining shards (nanochat's shuffled re-packagings of FineWeb-Edu and of ClimbMix), the
+single files the chat mixtures use (identity conversations, the English word list) and the CORE evaluation bundle.
 
 Each shard is fetched into `<name>.part`, checked to be readable parquet and then renamed into place, so a
 `shard_XXXXX.parquet` on disk is always complete. An interrupted transfer keeps its `.part` file and the
@@ -36,9 +36,13 @@ USER_AGENT = "nanochat-data-download"
 
 @dataclass(frozen=True)
 class Source:
+    """A published set of shards `shard_00000.parquet` ... With `val_shard`, that shard is the validation split and
+    comes with every download besides the -n training shards; without, the last shard fetched is validation."""
+
     base_url: str
     num_shards: int
     dirname: str
+    val_shard: int | None = None
 
 
 SOURCES = {
@@ -46,6 +50,13 @@ SOURCES = {
         base_url="https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main",
         num_shards=1823,
         dirname="fineweb_edu",
+    ),
+    # NVIDIA's Nemotron-ClimbMix, shuffled and re-packaged as text shards of ~250M characters for nanochat.
+    "climbmix": Source(
+        base_url="https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main",
+        num_shards=6543,
+        dirname="climbmix",
+        val_shard=6542,
     ),
 }
 
@@ -91,14 +102,17 @@ def _source(name: str) -> Source:
     return SOURCES[name]
 
 
-def _shard_count(source_name: str, source: Source, num_shards: int) -> int:
+def _shard_indices(source_name: str, source: Source, num_shards: int) -> list[int]:
+    """Training shards 0 .. num_shards-1 (-1: all), then the validation shard when the source names one."""
+    train = source.num_shards - (source.val_shard is not None)
     if num_shards == -1:
-        return source.num_shards
+        num_shards = train
     if num_shards < 1:
         raise UserError(f"the number of shards must be positive (or -1 for all), got {num_shards}")
-    if num_shards > source.num_shards:
-        raise UserError(f"{source_name} publishes {source.num_shards} shards but {num_shards} were requested")
-    return num_shards
+    if num_shards > train:
+        what = "training shards (and one validation shard)" if source.val_shard is not None else "shards"
+        raise UserError(f"{source_name} publishes {train} {what} but {num_shards} were requested")
+    return list(range(num_shards)) + ([source.val_shard] if source.val_shard is not None else [])
 
 
 def _is_complete_shard(path: Path) -> bool:
@@ -197,7 +211,8 @@ def download(
     sleep: Callable[[float], None] = time.sleep,
     show_progress: bool = True,
 ) -> list[Path]:
-    """Make sure shards 0 .. num_shards-1 (-1: all) of a published source are on disk; return their paths.
+    """Make sure shards 0 .. num_shards-1 (-1: all) of a published source, and its validation shard if it has one,
+    are on disk; return their paths (the validation shard last).
 
     Shards already present and readable are kept. `base_url` points at a mirror, `opener` (anything with
     urllib's `open(request, timeout=)`) replaces the HTTP transport. Shards that still fail after `attempts`
@@ -207,7 +222,8 @@ def download(
     from tqdm import tqdm
 
     source = _source(name)
-    count = _shard_count(name, source, num_shards)
+    indices = _shard_indices(name, source, num_shards)
+    count = len(indices)
     if workers < 1 or attempts < 1:
         raise UserError(f"workers and attempts must be at least 1 (got workers={workers}, attempts={attempts})")
     out_dir = Path(out_dir) if out_dir is not None else base_dir() / "data" / source.dirname
@@ -215,7 +231,7 @@ def download(
     base_url = (base_url or source.base_url).rstrip("/")
     opener = opener or urllib.request.build_opener()
 
-    paths = [out_dir / shard_name(i) for i in range(count)]
+    paths = [out_dir / shard_name(i) for i in indices]
     todo = [p for p in paths if not _is_complete_shard(p)]
     for path in todo:
         path.unlink(missing_ok=True)  # a corrupt or empty shard must not linger if its download fails

@@ -1,5 +1,8 @@
 """PretrainDataModule: shards on disk -> the TokenStream -> (accum, device_batch, seq_len + 1) training batches.
 
+`packing` decides how documents become rows (nanochat.data.stream): concat (the 2025 loader) or bestfit (BOS-aligned
+rows, the 2026 loader), for the training and the validation rows alike.
+
 It owns the data position through a StreamState (nanochat.data.stream_state), as the chat stages' DataModules do.
 """
 
@@ -59,6 +62,8 @@ class PretrainDataModule(L.LightningDataModule):
         tokenizer_threads: int = 4,
         tokenizer_batch: int = 128,
         on_bad_data: str = "skip",
+        packing: str = "concat",
+        buffer_size: int = 1000,
     ):
         super().__init__()
         self.seq_len, self.device_batch_size, self.num_workers = sequence_len, device_batch_size, num_workers
@@ -69,7 +74,8 @@ class PretrainDataModule(L.LightningDataModule):
         self.prepare_kwargs = dict(gutenberg=gutenberg, val_fraction=val_fraction, shard_chars=shard_chars)
         self.total_batch_size = total_batch_size
         self.on_bad_data = on_bad_data
-        self.stream_kwargs = dict(tokenizer_batch=tokenizer_batch, tokenizer_threads=tokenizer_threads, on_bad_data=on_bad_data)
+        self.stream_kwargs = dict(tokenizer_batch=tokenizer_batch, tokenizer_threads=tokenizer_threads,
+                                  on_bad_data=on_bad_data, packing=packing, buffer_size=buffer_size)
 
     def prepare_data(self) -> None:
         ensure_shards(self.dir, self.source, on_bad_data=self.on_bad_data, **self.prepare_kwargs)
@@ -117,6 +123,12 @@ class PretrainDataModule(L.LightningDataModule):
     @property
     def data_faults(self) -> dict[str, int]:
         return self.stream_state.data_faults
+
+    @property
+    def packing_stats(self) -> dict[str, float]:
+        """Best-fit packing's share of tokens cropped off so far (nothing under concat, which crops nothing)."""
+        share = self.stream_state.crop_share
+        return {} if share is None else {"crop_share": share}
 
     def val_batches(self, max_tokens: int, batch_size: int | None = None) -> Iterator[torch.Tensor]:
         """The same fixed validation rows every call: (B, seq_len + 1) batches, this rank's share of `max_tokens`."""

@@ -1,8 +1,9 @@
 """Where a pipeline's data comes from, decided once before its first step and announced in one line each.
 
 Two sources, resolved separately, each in this order:
-  pretraining text   local (NANOCHAT_PRETRAIN_TEXT, ../shared/data/pretrain_text) -> FineWeb-Edu from the hub
-                     (downloaded by a first `data` step, or already cached) -> the built-in starter corpus
+  pretraining text   local (NANOCHAT_PRETRAIN_TEXT, ../shared/data/pretrain_text) -> the configured data's published
+                     shards from the hub (its `download` source: FineWeb-Edu, or ClimbMix for data=climbmix;
+                     downloaded by a first `data` step, or already cached) -> the built-in starter corpus
   chat conversations local (../shared/data: mixture=shared) -> the hub (mixture=hub) -> built-in
 The built-in starter corpus is allowed only where the experiment says so (`pipeline.data: auto_or_builtin`, the
 CPU demo presets); elsewhere a missing source is an error naming what to fetch. A source you choose yourself on
@@ -58,7 +59,10 @@ def resolve_sources(cfg, forwarded: list[str]) -> tuple[list[str], list[list[str
 
     overrides, prep, lines = [], [], []
     shared = shared_data_dir()
-    fineweb = Path(cfg.paths.data_dir) / SOURCES["fineweb-edu"].dirname  # where the download step puts the shards
+    published = cfg.data.get("download") or "fineweb-edu"  # the configured data's hub source, else FineWeb-Edu
+    choice = f"data={cfg.data.name}" if cfg.data.get("download") else "data=fineweb_edu"
+    title = {"fineweb-edu": "FineWeb-Edu", "climbmix": "ClimbMix"}.get(published, published)
+    hub_dir = Path(cfg.paths.data_dir) / SOURCES[published].dirname  # where the download step puts the shards
     # Pretraining text.
     if _chosen(forwarded, "data"):
         lines.append("pretraining text: as given on the command line")
@@ -71,17 +75,18 @@ def resolve_sources(cfg, forwarded: list[str]) -> tuple[list[str], list[list[str
         overrides += ["data=local", f"data.source={shared / 'pretrain_text'}"]
         lines.append(f"pretraining text: {shared / 'pretrain_text'}")
     elif online():
-        overrides.append("data=fineweb_edu")
-        prep.append(["-m", "nanochat", "data", "download", "fineweb-edu", "-n", str(cfg.pipeline.shards)])
-        lines.append(f"pretraining text: FineWeb-Edu from the hub ({cfg.pipeline.shards} shards, skipping those already here)")
-    elif len(list(fineweb.glob("*.parquet"))) >= 2:
-        overrides.append("data=fineweb_edu")
-        lines.append(f"pretraining text: FineWeb-Edu shards already in {fineweb} (hub unreachable)")
+        overrides.append(choice)
+        prep.append(["-m", "nanochat", "data", "download", published, "-n", str(cfg.pipeline.shards)])
+        lines.append(f"pretraining text: {title} from the hub ({cfg.pipeline.shards} shards, skipping those "
+                     f"already here)")
+    elif len(list(hub_dir.glob("*.parquet"))) >= 2:
+        overrides.append(choice)
+        lines.append(f"pretraining text: {title} shards already in {hub_dir} (hub unreachable)")
     elif allow_builtin:
         overrides.append("data=builtin")
     else:
         raise UserError("no pretraining text on this machine and the hub is unreachable: set NANOCHAT_PRETRAIN_TEXT=<dir of "
-                        ".txt/.jsonl/.parquet>, or fetch FineWeb-Edu (nanochat data download fineweb-edu -n "
+                        f".txt/.jsonl/.parquet>, or fetch {title} (nanochat data download {published} -n "
                         f"{cfg.pipeline.shards}) where there is network")
     # Chat conversations (midtraining, SFT, RL, chat evaluation).
     if _chosen(forwarded, "mixture"):

@@ -6,10 +6,15 @@ for W ranks and S slots (DataLoader workers, at least one), so two ranks with tw
 disjoint documents and together read every document once per epoch. The stream is endless: after its last
 unit a reader starts the next epoch.
 
+Packing (`packing`): `concat` joins the documents into one token stream cut into rows (rows start mid-document);
+`bestfit` starts every row with a document's BOS and fills it from a buffer of documents, largest that fits first,
+cropping the shortest when none fits (`pack_bestfit`); the share of tokens cropped off is counted.
+
 Resume is exact for one process: each batch carries the position of the next token its reader would emit
-(epoch, round, document, token), and `TokenStream(start=...)` restarts there. Under several ranks only
-rank 0's positions are checkpointed; other ranks restart at the same round of their own units, so resume is
-exact up to the current row group (nanochat does the same).
+(epoch, round, document, token) and, under bestfit, the positions of the documents still in the buffer (re-read
+on resume) and the crop counts; `TokenStream(start=...)` restarts there. Under several ranks only rank 0's
+positions are checkpointed; other ranks restart at the same round of their own units (with an empty buffer), so
+resume is exact up to the current row group (nanochat does the same).
 
 Bad data (`on_bad_data`): with "skip" (the default) a shard that cannot be opened is left out of the plan with
 one warning, an unreadable row group is passed over with one warning, and documents that are empty or not text
@@ -37,6 +42,8 @@ log = logging.getLogger(__name__)
 # What on_bad_data=skip passes over, in report order. Shards are counted once per stream (at plan time), the
 # others each time a reader meets them (so once per epoch).
 FAULT_KINDS = ("skipped_shards", "skipped_row_groups", "empty_documents", "invalid_documents")
+PACKINGS = ("concat", "bestfit")
+POSITION_KEYS = ("epoch", "round", "doc", "token")
 
 
 def one_line(error: Exception) -> str:
@@ -86,9 +93,16 @@ class TokenStream(IterableDataset):
         tokenizer_batch: int = 128,
         tokenizer_threads: int = 4,
         on_bad_data: str = "skip",
+        packing: str = "concat",
+        buffer_size: int = 1000,
     ):
         if on_bad_data not in ("skip", "fail"):
             raise UserError(f"data.on_bad_data must be 'skip' or 'fail', got {on_bad_data!r}")
+        if packing not in PACKINGS:
+            raise UserError(f"datamodule.packing must be one of {', '.join(PACKINGS)}, got {packing!r}")
+        if buffer_size < 1:
+            raise UserError(f"datamodule.buffer_size={buffer_size} must be at least 1")
+        self.packing, self.buffer_size = packing, buffer_size
         self.files = [Path(f) for f in files]
         self.tokenizer = tokenizer
         self.rows, self.seq_len = rows, seq_len
@@ -197,6 +211,23 @@ class TokenStream(IterableDataset):
                                 f"{len(self.files)} shard(s) and found no usable document ({why})")
             epoch, round_, whole_epoch = epoch + 1, 0, True
 
+    def _buffered(self, slot: int, where: list) -> list[tuple[Position, list[int]]]:
+        """The documents at `where` ([epoch, round, doc] each, buffer order) read and tokenized again: a resumed
+        best-fit buffer."""
+        units, cache, texts_of = self.slot_units(slot), {}, {}
+        texts = []
+        for _, r, d in where:
+            if r not in texts_of:
+                texts_of[r] = self._read_unit(units[r], cache) or []
+            text, _, _ = document_fault(texts_of[r][d] if d < len(texts_of[r]) else None)
+            if text is None:
+                raise UserError(f"reader {slot} of rank {self.rank} cannot re-read document {d} of its row group {r} "
+                                f"for the resumed best-fit buffer: the shards changed since the checkpoint")
+            texts.append(text)
+        bos = self.tokenizer.bos_token_id
+        encoded = self.tokenizer.encode_batch(texts, prepend=bos, num_threads=self.tokenizer_threads) if texts else []
+        return [(Position(e, r, d), ids) for (e, r, d), ids in zip(where, encoded)]
+
     def batches(self, slot: int) -> Iterator[dict]:
         """Reader `slot`'s batches; `__iter__` picks the slot from the DataLoader worker id."""
         pos = self.start.get(slot, Position())
@@ -204,14 +235,22 @@ class TokenStream(IterableDataset):
             pos = Position(pos.epoch + 1)
         counts = Counter(self.start.get("faults", {}).get(slot, {}))  # counted before a resume
         pending: list = []  # faults met by the document reader, which runs ahead of the packed rows
-        for tokens, nxt in pack_rows(self._documents(slot, pos, pending), self.rows, self.seq_len):
+        documents = self._documents(slot, pos, pending)
+        if self.packing == "bestfit":
+            buffer = self._buffered(slot, self.start.get("buffers", {}).get(slot, []))
+            crop = self.start.get("crop", {}).get(slot, {})
+            packed = pack_bestfit(documents, self.rows, self.seq_len, self.buffer_size, buffer=buffer,
+                                  counts=(crop.get("cropped", 0), crop.get("taken", 0)), start=pos)
+        else:
+            packed = ((tokens, nxt, {}) for tokens, nxt in pack_rows(documents, self.rows, self.seq_len))
+        for tokens, nxt, extra in packed:
             # Faults before `nxt` are behind this batch; a resume at `nxt` meets the others again, so they wait.
             here = (nxt.epoch, nxt.round, nxt.doc)
             counts.update(kind for where, kind in pending if where < here)
             pending[:] = [(where, kind) for where, kind in pending if where >= here]
             faults = {k: counts[k] for k in FAULT_KINDS if counts[k]}
             # `skipped` (their total) is the key the chat streams carry too.
-            state = {"slot": slot, "faults": faults, "skipped": sum(faults.values())}
+            state = {"slot": slot, "faults": faults, "skipped": sum(faults.values()), **extra}
             yield {"tokens": tokens, "state": {**state, **asdict(nxt)}}
 
     def __iter__(self) -> Iterator[dict]:
@@ -258,6 +297,60 @@ def pack_rows(
         yield torch.tensor(out, dtype=torch.long).view(rows, seq_len + 1), nxt
 
 
+def pack_bestfit(
+    documents: Iterator[tuple[Position, list[int]]], rows: int, seq_len: int, buffer_size: int = 1000, *,
+    buffer: list[tuple[Position, list[int]]] | None = None, counts: tuple[int, int] = (0, 0),
+    start: Position | None = None,
+) -> Iterator[tuple[torch.Tensor, Position, dict]]:
+    """BOS-aligned best-fit rows: (rows, seq_len + 1) batches in which every row starts at a document's first token.
+
+    Each row is filled from a buffer kept at `buffer_size` documents: the largest document that fits the space left
+    (the earliest of equals), again and again; when none fits, the shortest is cropped to fill the row exactly and
+    its rest dropped. No padding. Yields (batch, position of the next document to read, state) where the state has
+    the buffer's positions ([epoch, round, doc], in order) and the running counts `cropped` (tokens dropped) and
+    `taken` (tokens of every document taken from the buffer); `buffer` and `counts` continue a resumed stream.
+    Finite documents end with the last full batch.
+    """
+    width = seq_len + 1
+    buf = list(buffer or [])
+    lengths = [len(ids) for _, ids in buf]
+    cropped, taken = counts
+    nxt = start or Position()
+    exhausted = False
+    while True:
+        out = torch.empty(rows, width, dtype=torch.long)
+        for r in range(rows):
+            filled = 0
+            while filled < width:
+                while len(buf) < buffer_size and not exhausted:
+                    item = next(documents, None)
+                    if item is None:
+                        exhausted = True
+                    else:
+                        buf.append(item)
+                        lengths.append(len(item[1]))
+                        p = item[0]
+                        nxt = Position(p.epoch, p.round, p.doc + 1, 0)
+                if not buf:
+                    return
+                space = width - filled
+                best, best_len = -1, 0
+                for i, n in enumerate(lengths):
+                    if best_len < n <= space:
+                        best, best_len = i, n
+                if best < 0:  # nothing fits: crop the shortest document to the space left
+                    best = min(range(len(lengths)), key=lengths.__getitem__)
+                _, ids = buf.pop(best)
+                n = lengths.pop(best)
+                use = min(n, space)
+                out[r, filled : filled + use] = torch.tensor(ids[:use], dtype=torch.long)
+                filled += use
+                cropped += n - use
+                taken += n
+        state = {"buffer": [[p.epoch, p.round, p.doc] for p, _ in buf], "crop": {"cropped": cropped, "taken": taken}}
+        yield out, nxt, state
+
+
 def resume_positions(state: dict, rank: int, num_slots: int, stride: int) -> dict:
     """Turn a checkpointed stream state (rank 0's readers) into start positions for this rank's readers."""
     if not state:
@@ -267,10 +360,14 @@ def resume_positions(state: dict, rank: int, num_slots: int, stride: int) -> dic
         epoch = min(p["epoch"] for p in state["slots"].values()) if state.get("slots") else 0
         total = sum((Counter(c) for c in state.get("faults", {}).values()), Counter())
         return {slot: Position(epoch) for slot in range(num_slots)} | {"faults": {0: dict(total)}}
-    # Fault counts so far (rank 0's, like the positions); checkpoints from before they were kept have none.
-    start: dict = {"next_slot": state["next_slot"], "faults": {int(s): dict(c) for s, c in state.get("faults", {}).items()}}
-    for slot, p in state["slots"].items():
-        p = Position(**p)
-        # Other ranks only know rank 0's round, so they restart at the beginning of it.
+    # Fault and crop counts so far (rank 0's, like the positions); checkpoints from before they were kept have none.
+    start: dict = {"next_slot": state["next_slot"],
+                   "faults": {int(s): dict(c) for s, c in state.get("faults", {}).items()},
+                   "crop": {int(s): dict(c) for s, c in state.get("crop", {}).items()}, "buffers": {}}
+    for slot, saved in state["slots"].items():
+        p = Position(**{k: saved[k] for k in POSITION_KEYS})
+        # Other ranks only know rank 0's round, so they restart at the beginning of it, with an empty buffer.
         start[int(slot)] = p if rank == 0 else Position(p.epoch, p.round)
+        if rank == 0 and saved.get("buffer"):
+            start["buffers"][int(slot)] = [list(b) for b in saved["buffer"]]
     return start

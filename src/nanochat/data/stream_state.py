@@ -30,6 +30,7 @@ class StreamState:
         self.num_slots = max(1, num_slots)
         self.slots: dict[int, dict] = {}  # reader slot -> position after the last batch trained on
         self.faults: dict[int, dict[str, int]] = {}  # reader slot -> data it skipped up to that position
+        self.crop: dict[int, dict[str, int]] = {}  # reader slot -> best-fit packing's cropped and taken tokens so far
         self.skipped_shards = 0  # shards the training stream left out of its plan
         self.next_slot = 0
         self.loaded: dict = {}
@@ -42,6 +43,19 @@ class StreamState:
         kinds = list(FAULT_KINDS) + sorted(set(total) - set(FAULT_KINDS))
         return {k: total[k] for k in kinds if total[k]}
 
+    @property
+    def crop_share(self) -> float | None:
+        """Best-fit packing: the share of the tokens taken from the buffer so far that were cropped off (rank 0's
+        readers, resumes included); None under another packing or before the first batch."""
+        taken = sum(c.get("taken", 0) for c in self.crop.values())
+        return sum(c.get("cropped", 0) for c in self.crop.values()) / taken if taken else None
+
+    @property
+    def pad_share(self) -> float | None:
+        """Best-fit SFT rows: the share of row tokens that were padding so far (rank 0's reader, resumes included)."""
+        tokens = sum(c.get("tokens", 0) for c in self.crop.values())
+        return sum(c.get("padded", 0) for c in self.crop.values()) / tokens if tokens else None
+
     def start_positions(self, rank: int, world: int) -> dict:
         return resume_positions(self.loaded, rank, self.num_slots, world * self.num_slots)
 
@@ -52,6 +66,8 @@ class StreamState:
         skipped = state.pop("skipped", 0)
         # The chat streams carry only `skipped`: conversations with nothing to train on.
         self.faults[slot] = state.pop("faults", None) or ({"skipped_conversations": skipped} if skipped else {})
+        if "crop" in state:
+            self.crop[slot] = state.pop("crop")
         self.slots[slot] = state
         self.next_slot = (slot + 1) % self.num_slots
         return item
@@ -61,13 +77,14 @@ class StreamState:
             return dict(self.loaded)
         stride = world * self.num_slots  # readers across all ranks, as TokenStream.stride
         return {"slots": dict(self.slots), "next_slot": self.next_slot, "num_slots": self.num_slots, "stride": stride,
-                "faults": dict(self.faults)}
+                "faults": dict(self.faults), "crop": dict(self.crop)}
 
     def load_state_dict(self, state: dict) -> None:
         self.loaded = dict(state)
         self.slots = {int(k): dict(v) for k, v in state.get("slots", {}).items()}
         self.next_slot = state.get("next_slot", 0)
         self.faults = {int(k): dict(v) for k, v in state.get("faults", {}).items()}  # absent in older checkpoints
+        self.crop = {int(k): dict(v) for k, v in state.get("crop", {}).items()}
 
 
 def val_rows(stream, max_tokens: int, world: int, rows: int, seq_len: int) -> Iterator:

@@ -1,8 +1,9 @@
 """A pre-allocated key/value cache: one slab per layer, filled left to right as tokens are processed.
 
-The GPT talks to it through three members: `pos` (tokens already cached, the rotary offset of the next
+The GPT talks to it through four members: `pos` (tokens already cached, the rotary offset of the next
 token), `insert_kv(layer_idx, k, v)` (store this step's keys/values and return everything cached so far
-for that layer) and `advance(num_tokens)` (called once per forward, after the last layer).
+for that layer), `advance(num_tokens)` (called once per forward, after the last layer) and `prev_embedding`
+(a model with smear keeps each row's last token embedding there, (rows, 1, C), for the next token to mix in).
 
 Both caches hold the dtype they are built with - the engine's compute dtype - and refuse keys of another:
 a cache that took the dtype of the first keys it saw once held bf16 prefill keys while later decode steps
@@ -30,6 +31,7 @@ class KVCache:
         self.k: torch.Tensor | None = None  # allocated on first insert (a stand-in model may insert nothing)
         self.v: torch.Tensor | None = None
         self.pos = 0
+        self.prev_embedding: torch.Tensor | None = None
 
     @classmethod
     def for_model(cls, model, batch_size: int, max_len: int, dtype: torch.dtype) -> KVCache:
@@ -60,6 +62,8 @@ class KVCache:
             new.v = self.v.new_empty(new.shape)
             new.k[:, :, :, : self.pos] = self.k[:, :, :, : self.pos]  # broadcasts the one row to all rows
             new.v[:, :, :, : self.pos] = self.v[:, :, :, : self.pos]
+        if self.prev_embedding is not None:
+            new.prev_embedding = self.prev_embedding.expand(batch_size, -1, -1).clone()
         new.pos = self.pos
         return new
 
@@ -68,6 +72,7 @@ class KVCache:
 
     def reset(self) -> None:
         self.pos = 0
+        self.prev_embedding = None
 
 
 class RowKVCache:
@@ -90,6 +95,7 @@ class RowKVCache:
         self.v: torch.Tensor | None = None
         self.lengths: list[int] = []
         self.positions: torch.Tensor | None = None  # lengths as a tensor on the cache's device (`step_inputs`)
+        self.prev_embedding: torch.Tensor | None = None  # (rows, 1, C): each row's last token embedding (smear)
 
     @classmethod
     def for_model(cls, model, dtype: torch.dtype) -> RowKVCache:
@@ -129,6 +135,10 @@ class RowKVCache:
             self._reserve(first + copies, n + 1)
             self.k[:, first : first + copies, :, :n] = prefix.k[:, :, :, :n]  # broadcasts the one row
             self.v[:, first : first + copies, :, :n] = prefix.v[:, :, :, :n]
+        if prefix.prev_embedding is not None:
+            joining = prefix.prev_embedding.expand(copies, -1, -1)
+            before = [] if self.prev_embedding is None else [self.prev_embedding]
+            self.prev_embedding = torch.cat([*before, joining])
         self.lengths += [n] * copies
         return list(range(first, first + copies))
 
@@ -140,10 +150,14 @@ class RowKVCache:
             if self.k is not None:
                 self.k[:, row, :, :n] = self.k[:, last, :, :n]
                 self.v[:, row, :, :n] = self.v[:, last, :, :n]
+            if self.prev_embedding is not None:
+                self.prev_embedding[row] = self.prev_embedding[last]
             self.lengths[row] = n
         self.lengths.pop()
+        if self.prev_embedding is not None:
+            self.prev_embedding = self.prev_embedding[:last]
         if not self.lengths:
-            self.k = self.v = None
+            self.k = self.v = self.prev_embedding = None
 
     def step_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """For the next decode step: each row's position (rows,) and the slots each row attends to, its new

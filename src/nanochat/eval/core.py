@@ -137,11 +137,13 @@ def log_core(result: dict, prefix: str = "", tasks: bool = True) -> None:
 
 class CoreEval(Evaluator):
     """`core/score` and `core/<task>` on the bundle at `bundle_dir`; without one, an error (`required`) or a warning
-    and no evaluation (training goes on)."""
+    and no evaluation (training goes on). `reference` ({name, score}, e.g. GPT-2's 0.256525): the log and the report
+    compare the score with it."""
 
     def __init__(self, bundle_dir: str, max_per_task: int = -1, baselines: str = "eval_meta_data.csv",
-                 tasks: list[str] | None = None, required: bool = True):
+                 tasks: list[str] | None = None, required: bool = True, reference: dict | None = None):
         super().__init__()
+        self.reference = dict(reference) if reference else None
         self.bundle_dir, self.baselines, self.only = bundle_dir, baselines, tasks
         self.max_per_task = max_per_task
         self.required = required
@@ -162,9 +164,17 @@ class CoreEval(Evaluator):
 
     def log_latest(self, prefix: str = "", tasks: bool = True) -> None:
         log_core(self.latest, prefix, tasks)
+        if self.reference:
+            log.info(f"{prefix}{self.against_reference()}")
+
+    def against_reference(self) -> str:
+        name, target, score = self.reference["name"], self.reference["score"], self.latest["score"]
+        verdict = "reached" if score >= target else "not reached"
+        return f"CORE {score:.4f} vs {name}'s {target:.6g}: {score - target:+.4f} ({verdict})"
 
     def tables(self) -> list[dict]:
         return [core_table(self.latest)]
 
     def note(self) -> str:
-        return f"CORE over {self.latest['coverage']}, max {self.max_per_task} examples per task"
+        note = f"CORE over {self.latest['coverage']}, max {self.max_per_task} examples per task"
+        return f"{note}; {self.against_reference()}" if self.reference else note

@@ -18,6 +18,7 @@ from nanochat.settings import OptimizerConfig, ScheduleConfig
 
 log = logging.getLogger(__name__)
 
+UNTIMED_STEPS = 11  # nanochat's leaderboard time leaves out steps 0..10 (compilation and warm-up)
 MAX_NONFINITE_IN_A_ROW = 10  # with on_nonfinite=skip: more bad batches in a row than this means divergence, not bad data
 
 
@@ -84,11 +85,13 @@ class OptimizerStep:
         return False
 
     def __call__(self, opt, step: int, num_steps: int, device_type: str) -> float:
-        """Set this step's lr multiplier and Muon momentum, step, clear the gradients; returns the multiplier."""
-        from nanochat.optim import lr_multiplier, muon_momentum
+        """Set this step's lr multiplier, Muon momentum and weight decay, step, clear the gradients; returns the
+        lr multiplier."""
+        from nanochat.optim import lr_multiplier, muon_momentum, muon_weight_decay_multiplier
 
         lrm = lr_multiplier(step, num_steps, self.schedule)
-        opt.optimizer.apply_schedule(lrm, muon_momentum(step, self.schedule))
+        opt.optimizer.apply_schedule(lrm, muon_momentum(step, self.schedule, num_steps),
+                                     muon_weight_decay_multiplier(step, num_steps, self.schedule))
         # Lightning's bf16-mixed autocast spans the whole training_step; the optimizer chooses its own dtypes
         # (Newton-Schulz in the run's precision), so it steps outside autocast.
         with torch.autocast(device_type, enabled=False):
@@ -103,6 +106,8 @@ class Meter:
 
     def __init__(self):
         self.totals = {"tokens": 0, "seconds": 0.0}  # trained by this process's fit, all ranks, eval time excluded
+        self.from_checkpoint: dict | None = None  # a resumed interval's sums, until the fit starts
+        self.clock_at_untimed_end: float | None = None  # training clock when step UNTIMED_STEPS finished
         self.reset()
 
     def reset(self) -> None:
@@ -118,6 +123,10 @@ class Meter:
 
     def seconds(self) -> float:
         return max(time.perf_counter() - self.t0 - self.excluded_seconds, 1e-9)
+
+    def clock(self) -> float:
+        """Seconds of training in this process's fit so far, evaluation excluded."""
+        return self.totals["seconds"] + self.seconds()
 
     def state(self) -> dict:
         return {k: float(v) for k, v in self.sums.items()}
@@ -137,6 +146,12 @@ def data_faults(module) -> dict[str, int]:
     """Unreadable or unusable data the stream passed over so far in this run (on_bad_data=skip), by kind."""
     datamodule = module.trainer.datamodule if module._trainer is not None else None
     return dict(getattr(datamodule, "data_faults", {}))
+
+
+def packing_stats(module) -> dict[str, float]:
+    """How the stage's packing did so far (best-fit: the share of tokens cropped off, or of rows padded), by name."""
+    datamodule = module.trainer.datamodule if module._trainer is not None else None
+    return dict(getattr(datamodule, "packing_stats", {}))
 
 
 def lr_summary(optimizer: OptimizerConfig, schedule: ScheduleConfig) -> str:
@@ -187,6 +202,8 @@ def common_report_items(module) -> dict:
              "optimizer steps": module.global_step, "learning rates": lr_summary(module.optimizer_config, module.stepper.schedule)}
     if module.stepper.skipped:
         items["non-finite batches skipped"] = module.stepper.skipped
+    for name, share in packing_stats(module).items():
+        items[name.replace("_", " ")] = f"{100 * share:.2f} %"
     faults = data_faults(module)
     if faults:
         items["data faults skipped"] = ", ".join(f"{n:,} {name.replace('_', ' ')}" for name, n in faults.items())
@@ -201,7 +218,8 @@ def start_fit(module) -> None:
     if module.trainer.is_global_zero:
         log.info(module.describe())
     module.meter.reset()
-    module.meter.restore(module.__dict__.pop("_restored_meter", None))
+    module.meter.restore(module.meter.from_checkpoint)
+    module.meter.from_checkpoint = None
 
 
 def save_state(module, checkpoint: dict) -> None:
@@ -213,7 +231,7 @@ def save_state(module, checkpoint: dict) -> None:
 
 def load_state(module, checkpoint: dict) -> None:
     module.stepper.skipped = checkpoint.get("nonfinite_skipped", 0)
-    module._restored_meter = checkpoint.get("meter")  # applied in start_fit, after the meter's reset
+    module.meter.from_checkpoint = checkpoint.get("meter")  # applied in start_fit, after the meter's reset
 
 
 def lm_training_step(module, batch) -> None:
@@ -229,6 +247,8 @@ def lm_training_step(module, batch) -> None:
     module.meter.steps += 1
     module.meter.tokens += tokens
     done = step + 1
+    if done == UNTIMED_STEPS:
+        module.meter.clock_at_untimed_end = module.meter.clock()
     if done % module.log_every == 0 or done == module.num_iterations:
         log_progress(module, done, lrm)
 
@@ -270,6 +290,8 @@ def log_progress(module, done: int, lrm: float) -> None:
                "perf/tok_per_s": tok_per_s, "perf/mfu": mfu, "perf/step_seconds": seconds / m.steps}
     for name, count in data_faults(module).items():
         metrics[f"data/{name}"] = float(count)
+    for name, share in packing_stats(module).items():
+        metrics[f"data/{name}"] = share
     if module.stepper.skipped:
         metrics["train/nonfinite_skipped"] = float(module.stepper.skipped)
     log_scalars(module.trainer, metrics)  # at step = optimizer steps done, like the evaluation callbacks
@@ -280,6 +302,15 @@ def log_progress(module, done: int, lrm: float) -> None:
         log.info(f"step {done:6d}/{module.num_iterations} ({100 * done / module.num_iterations:5.1f}%) | loss {loss:.4f} | "
                  f"lrm {lrm:.3f} | {tok_per_s:,.0f} tok/s | mfu {100 * mfu:.2f}% | eta {eta / 60:.1f} min")
     m.reset()
+
+
+def nanochat_training_time(module) -> str:
+    """Training time as nanochat's leaderboard counts it: after the first UNTIMED_STEPS steps, evaluation excluded."""
+    start = module.meter.clock_at_untimed_end
+    if start is None:
+        return f"n/a (this process trained fewer than {UNTIMED_STEPS + 1} steps from the start)"
+    seconds = module.meter.clock() - start
+    return f"{seconds / 60:.2f} min ({seconds:.1f} s; steps {UNTIMED_STEPS + 1} on, evaluation excluded)"
 
 
 def throughput_items(module, tokens_per_step: str) -> dict:

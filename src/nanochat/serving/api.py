@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP API: `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`.
+"""The OpenAI-compatible HTTP API: `POST /v1/chat/completions`, `POST /v1/completions` (nanochat.serving.completions),
+`GET /v1/models`, `GET /health`.
 
 The request body is parsed by hand rather than by a pydantic model so that every mistake, including
 malformed JSON and wrong types, comes back as a 4xx in OpenAI's error shape naming the field:
@@ -33,6 +34,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from nanochat.serving.completions import COMPLETIONS_PATH, Completions
 from nanochat.serving.generation import Finish, GenerationQueue, QueueFull, TextDelta
 from nanochat.serving.limits import RequestError, shown, validate_chat
 from nanochat.settings import SamplingConfig, ServerLimits
@@ -40,7 +42,7 @@ from nanochat.settings import SamplingConfig, ServerLimits
 log = logging.getLogger(__name__)
 
 CHAT_PATH = "/v1/chat/completions"
-ROUTES = {CHAT_PATH: {"POST"}, "/v1/models": {"GET"}}
+ROUTES = {CHAT_PATH: {"POST"}, COMPLETIONS_PATH: {"POST"}, "/v1/models": {"GET"}}
 
 # Fields whose only supported value is the default: anything else is a 400 naming the field.
 UNSUPPORTED_UNLESS = {
@@ -335,12 +337,18 @@ def create_app(engine, tokenizer, model_name: str = "nanochat", *, api_key: str 
     guard = [Depends(bearer_guard(api_key))]
     completions = ChatCompletions(queue, tokenizer, model_name, engine.max_context, app.state.defaults,
                                   limits.max_body_bytes, limits.body_timeout, limits.send_timeout)
+    text_completions = Completions(queue, tokenizer, model_name, engine.max_context, app.state.defaults,
+                                   limits.max_body_bytes, limits.body_timeout)
     created = int(time.time())
     model_card = {"id": model_name, "object": "model", "created": created, "owned_by": "nanochat"}
 
     @app.post(CHAT_PATH, dependencies=guard)
     async def chat_completions(request: Request):
         return await completions(request)
+
+    @app.post(COMPLETIONS_PATH, dependencies=guard)
+    async def completions_endpoint(request: Request):
+        return await text_completions(request)
 
     @app.get("/v1/models", dependencies=guard)
     async def models():

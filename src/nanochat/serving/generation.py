@@ -9,13 +9,15 @@
   pair becomes plain text in the reply, `\\n[calculator] 12*7 = 84\\n` (`= (no result)` when the calculator
   refused), so any OpenAI client shows it; the UI and CLI ask for `ToolUse` events and show them apart.
 * `Finish`: the choice ended: "stop" (the model ended its turn or a stop string appeared; the text is cut
-  before the stop string) or "length" (max_tokens ran out), with the number of tokens it generated.
+  before the stop string) or "length" (max_tokens ran out), with the tokens it generated (ending token included).
 
 `GenerationQueue` owns the engine for a server: a single worker thread decodes the requests in its batch
 together (continuous batching, nanochat.engine.batching: one forward per step for all their rows; a request
 joins between steps after its own prefill, so its first token does not wait for the others to finish), others
 wait in FIFO order in a bounded queue (`QueueFull` when it is full), and a cancelled request (a client that
 went away) stops at its next decoding step and leaves the batch, which frees its rows of the KV cache.
+Scoring (`ScoreRequest`, for /v1/completions' logprobs) is one forward over a token sequence that the worker runs
+between two decoding steps, so it neither waits for the batch to drain nor races it for the model.
 It also knows whether the engine works, for /health: `problem()` names what keeps it from being ready
 (warming up, a failed warm-up generation, a generation that stopped making progress, shut down).
 """
@@ -30,7 +32,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from nanochat.engine.batching import BatchDecoder
 from nanochat.serving.limits import ChatRequest
@@ -58,6 +60,39 @@ class Finish:
     index: int
     reason: str  # "stop" | "length"
     tokens: int  # tokens this choice generated, forced tool output and the closing token included
+    ids: tuple[int, ...] = field(default=(), compare=False)  # those tokens (for logprobs)
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """Log-probabilities of every token of `tokens` after the first, with the `top` likeliest at each position."""
+
+    tokens: list[int]
+    top: int = 0
+    n: int = 0  # rows of the decoding batch it takes: none, it is one forward between two decoding steps
+
+
+@dataclass(frozen=True)
+class Scores:
+    token_logprobs: list[float]  # of tokens[1:]
+    top_logprobs: list[list[tuple[int, float]]]  # per position of tokens[1:]: (id, logprob), likeliest first
+
+
+def score_tokens(engine, tokens: list[int], top: int = 0) -> Scores:
+    """One forward over `tokens` in the engine's compute dtype; log-softmax in fp32."""
+    import torch
+
+    from nanochat.precision import computing
+
+    with torch.inference_mode(), computing(engine.model, engine.compute_dtype()):
+        logits = engine.model(torch.tensor([tokens], device=engine.device))[0, :-1]
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    targets = torch.tensor(tokens[1:], device=logprobs.device)
+    chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+    if top <= 0:
+        return Scores(chosen, [[] for _ in chosen])
+    values, indices = logprobs.topk(top, dim=-1)
+    return Scores(chosen, [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())])
 
 
 def tool_marker(expression: str, output: str | None) -> str:
@@ -81,6 +116,7 @@ class _Choice:
         self.text = ""  # the reply so far as the client sees it (for stop strings)
         self.sent = 0  # characters of self.text already released
         self.tokens = 0
+        self.generated: list[int] = []
         self.done = False
 
     # --- text and stop strings ----------------------------------------------------------------
@@ -126,6 +162,7 @@ class _Choice:
     # --- the state machine ------------------------------------------------------------------------
     def feed(self, token: int) -> list:
         self.tokens += 1
+        self.generated.append(token)
         ids = self.ids
         if token in self.end_ids:
             return self.finish("stop")
@@ -164,7 +201,7 @@ class _Choice:
 
     def _finish(self, reason: str) -> list:
         self.done = True
-        return [Finish(self.index, reason, self.tokens)]
+        return [Finish(self.index, reason, self.tokens, tuple(self.generated))]
 
     def finish(self, reason: str) -> list:
         """End the choice: release everything pending (an unfinished call or output counts as no result)."""
@@ -327,8 +364,9 @@ class GenerationQueue:
         finally:
             self.generating, self._last_step = 0, None
 
-    def submit(self, request: ChatRequest, tools_as_text: bool = True) -> Job:
-        """Queue a request (call from inside the event loop); raises QueueFull instead of waiting forever."""
+    def submit(self, request: ChatRequest | ScoreRequest, tools_as_text: bool = True) -> Job:
+        """Queue a request (call from inside the event loop); raises QueueFull instead of waiting forever.
+        A ScoreRequest's one event is its Scores, computed between two decoding steps of the batch."""
         job = Job(request, tools_as_text, asyncio.get_running_loop())
         with self._lock:
             if self.stopped:
@@ -385,6 +423,13 @@ class GenerationQueue:
         if job.cancelled.is_set():  # a client that left while waiting costs nothing
             return self._end(job)
         request = job.request
+        if isinstance(request, ScoreRequest):
+            try:
+                job.put(score_tokens(self.engine, request.tokens, request.top))
+            except Exception as e:
+                job.put(e)
+            self._beat()
+            return self._end(job)
         self.generating = len(self._active) + 1
         self._beat()
         try:  # the prefill: its first tokens go out at once, its rows decode with the batch from the next step

@@ -23,7 +23,7 @@ MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 100
 MIN_TEMPERATURE = 1e-6  # below this, sampling is greedy in all but name (see validate_chat)
 SHOWN_CHARS = 60  # how much of a bad value an error message quotes
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant")  # developer: OpenAI's newer name for a system message
 
 
 class RequestError(UserError):
@@ -65,7 +65,7 @@ def _is_number(value) -> bool:
     return _is_int(value) or (isinstance(value, float) and math.isfinite(value))
 
 
-def _int_in(name: str, value, low: int, high: int) -> int:
+def int_in(name: str, value, low: int, high: int) -> int:
     if not _is_int(value):
         raise RequestError(name, f"{name} must be an integer, got {type(value).__name__}")
     if not low <= value <= high:
@@ -101,17 +101,29 @@ def content_chars(content: str | list[dict]) -> int:
     return len(content) if isinstance(content, str) else sum(len(part["text"]) for part in content)
 
 
-def validate_messages(messages) -> list[dict]:
-    """Plain {"role", "content": str} messages in the order the chat renderer accepts, or a RequestError.
+def merged(first: str | list[dict], second: str | list[dict]) -> str | list[dict]:
+    """Two consecutive messages of one role as one: texts joined by a blank line, part lists concatenated."""
+    if isinstance(first, str) and isinstance(second, str):
+        return first + "\n\n" + second
+    def parts(content):
+        return [{"type": "text", "text": content}] if isinstance(content, str) else content
 
-    The renderer wants an optional leading system message, then user/assistant turns alternating and
-    ending with the user's turn (the one the model answers), so that is what is enforced here.
+    return parts(first) + parts(second)
+
+
+def validate_messages(messages) -> list[dict]:
+    """Plain {"role", "content"} messages in the order the chat renderer accepts, or a RequestError.
+
+    A `developer` message is a system message. Consecutive messages of one role are merged into one (clients
+    such as OpenWebUI and agent frameworks send them). The renderer then wants an optional leading system
+    message, then user/assistant turns alternating and ending with the user's turn (the one the model
+    answers), so that is what is enforced here; an error names the message as the client numbered it.
     """
     if not isinstance(messages, list):
         raise RequestError("messages", f"messages must be a list of messages, got {type(messages).__name__}")
     if not 1 <= len(messages) <= MAX_MESSAGES:
         raise RequestError("messages", f"messages must hold 1..{MAX_MESSAGES} messages, got {len(messages)}")
-    clean, total = [], 0
+    clean, origin, total = [], [], 0
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
@@ -119,6 +131,7 @@ def validate_messages(messages) -> list[dict]:
         role = message.get("role")
         if role not in ROLES:
             raise RequestError(f"{where}.role", f"{where}.role must be one of {', '.join(ROLES)}, got {shown(role)}")
+        role = "system" if role == "developer" else role
         content = message_content(message.get("content"), f"{where}.content", role)
         chars = content_chars(content)
         # An assistant turn may be empty (the model can end its turn at once); a question may not.
@@ -127,14 +140,19 @@ def validate_messages(messages) -> list[dict]:
         if chars > MAX_MESSAGE_CHARS:
             raise RequestError(f"{where}.content", f"{where}.content has {chars:,} characters; the limit is {MAX_MESSAGE_CHARS:,}")
         total += chars
-        clean.append({"role": role, "content": content})
+        if clean and clean[-1]["role"] == role:
+            clean[-1]["content"] = merged(clean[-1]["content"], content)
+        else:
+            clean.append({"role": role, "content": content})
+            origin.append(i)
     if total > MAX_TOTAL_CHARS:
         raise RequestError("messages", f"messages hold {total:,} characters in all; the limit is {MAX_TOTAL_CHARS:,}")
     if (bad := out_of_turn(clean)) is not None:
         i, expected = bad
+        at = f"messages[{origin[i]}].role"
         raise RequestError(
-            f"messages[{i}].role",
-            f"messages[{i}].role is {clean[i]['role']!r} but {expected!r} was expected: after an optional first "
+            at,
+            f"{at} is {clean[i]['role']!r} but {expected!r} was expected: after an optional first "
             "system message, user and assistant messages must alternate, starting and ending with user",
         )
     if clean[-1]["role"] != "user":
@@ -154,6 +172,21 @@ def validate_stop(stop) -> tuple[str, ...]:
         if not s or len(s) > MAX_STOP_CHARS:
             raise RequestError("stop", f"each stop sequence must have 1..{MAX_STOP_CHARS} characters")
     return tuple(stops)
+
+
+def validate_sampling(temperature, top_k, n, seed, stop, vocab_size: int) -> tuple[float, int, int, int | None, tuple]:
+    """(temperature, top_k, n, seed, stops) checked; None for temperature, top_k or n means the default."""
+    temperature = SamplingConfig.temperature if temperature is None else temperature
+    if not _is_number(temperature) or not 0 <= temperature <= MAX_TEMPERATURE:
+        raise RequestError("temperature",
+                           f"temperature must be a number in 0..{MAX_TEMPERATURE:g}, got {shown(temperature)}")
+    if temperature < MIN_TEMPERATURE:  # logits / 1e-40 overflow float32 into inf and NaN probabilities: greedy it is
+        temperature = 0.0
+    top_k = int_in("top_k", SamplingConfig.top_k if top_k is None else top_k, 1, vocab_size)
+    n = int_in("n", 1 if n is None else n, 1, MAX_SAMPLES)
+    if seed is not None:
+        seed = int_in("seed", seed, 0, 2**63 - 1)
+    return float(temperature), top_k, n, seed, validate_stop(stop)
 
 
 def validate_chat(
@@ -176,18 +209,9 @@ def validate_chat(
     the prompt is an error on `messages`, since the conversation is what has grown too long.
     """
     clean = validate_messages(messages)
-    temperature = SamplingConfig.temperature if temperature is None else temperature
-    if not _is_number(temperature) or not 0 <= temperature <= MAX_TEMPERATURE:
-        raise RequestError("temperature", f"temperature must be a number in 0..{MAX_TEMPERATURE:g}, got {shown(temperature)}")
-    if temperature < MIN_TEMPERATURE:  # logits / 1e-40 overflow float32 into inf and NaN probabilities: greedy it is
-        temperature = 0.0
-    top_k = _int_in("top_k", SamplingConfig.top_k if top_k is None else top_k, 1, tokenizer.vocab_size)
-    n = _int_in("n", 1 if n is None else n, 1, MAX_SAMPLES)
-    if seed is not None:
-        seed = _int_in("seed", seed, 0, 2**63 - 1)
+    temperature, top_k, n, seed, stops = validate_sampling(temperature, top_k, n, seed, stop, tokenizer.vocab_size)
     if max_tokens is not None:
-        max_tokens = _int_in("max_tokens", max_tokens, 1, max_context)
-    stops = validate_stop(stop)
+        max_tokens = int_in("max_tokens", max_tokens, 1, max_context)
 
     prompt_ids = tokenizer.render_for_completion(clean)
     room = max_context - len(prompt_ids)
@@ -200,4 +224,4 @@ def validate_chat(
         )
     if max_tokens is None:
         max_tokens = min(default_max_tokens, room)
-    return ChatRequest(clean, float(temperature), top_k, max_tokens, n, seed, stops, prompt_ids)
+    return ChatRequest(clean, temperature, top_k, max_tokens, n, seed, stops, prompt_ids)

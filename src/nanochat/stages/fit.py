@@ -58,7 +58,10 @@ def build(cfg):
     import lightning as L
     from hydra.utils import instantiate
 
+    from nanochat.models.horizon import resolve_total_batch_size
+
     quiet_lightning_logging()
+    resolve_total_batch_size(cfg)
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     run_dir = Path(cfg.paths.run_dir)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from nanochat.errors import UserError, exit_on_error
 from nanochat.paths import base_dir, shared_data_dir
-from nanochat.tokenizer.training import TRAINERS
+from nanochat.settings import TOKENIZER_TRAINERS, TokenizerConfig
 
 
 def _count(text: str) -> int:
@@ -59,11 +59,13 @@ def main(argv: list[str] | None = None) -> None:
     train = sub.add_parser("train", help="train a byte-level BPE tokenizer on text files")
     train.add_argument("--input", nargs="+", required=True, help="text (.txt), .jsonl (text field) or .parquet files or directories")
     train.add_argument("--vocab-size", type=_count, default=65536, help="final vocabulary size incl. 9 special tokens")
-    train.add_argument("--max-chars", type=_count, default=2_000_000_000, help="stop reading after this many characters")
-    train.add_argument("--doc-cap", type=_count, default=10_000, help="crop each document to this many chars (0: no crop)")
+    train.add_argument("--max-chars", type=_count, default=TokenizerConfig.max_chars,
+                       help="stop reading after this many characters")
+    train.add_argument("--doc-cap", type=_count, default=TokenizerConfig.doc_cap,
+                       help="crop each document to this many chars (0: no crop)")
     train.add_argument("--gutenberg", action="store_true", help="strip Project Gutenberg licence headers/footers")
     train.add_argument("--out", type=Path, default=default_dir, help=f"output directory (default {default_dir})")
-    train.add_argument("--trainer", choices=TRAINERS, default=TRAINERS[0],
+    train.add_argument("--trainer", choices=TOKENIZER_TRAINERS, default=TokenizerConfig.trainer,
                        help="BPE trainer: rustbpe (faster) or hf (HF tokenizers); same ids and files either way")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.set_defaults(func=cmd_train)

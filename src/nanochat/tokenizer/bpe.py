@@ -113,39 +113,6 @@ def _renumber_bytes_first(trained: Tokenizer) -> Tokenizer:
     return tok
 
 
-def ranks_to_hf(ranks: dict[bytes, int]) -> Tokenizer:
-    """The HF tokenizer of mergeable ranks (bytes first, merges in learned order), special tokens appended.
-
-    Each merged token's pair is the split that BPE itself makes of its bytes with only the lower ranks, so HF,
-    applying merges by priority, gives tiktoken's ids."""
-    to_unicode = byte_to_unicode()
-    merges = []
-    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
-        if rank < 256:
-            continue
-        left, right = _last_merge(ranks, token, rank)
-        merges.append(("".join(to_unicode[b] for b in left), "".join(to_unicode[b] for b in right)))
-    vocab = {ch: b for b, ch in to_unicode.items()}
-    for left, right in merges:
-        vocab[left + right] = len(vocab)
-    tok = _hf_tokenizer(BPE(vocab=vocab, merges=merges, ignore_merges=True))
-    tok.add_special_tokens(list(SPECIAL_TOKENS))
-    return tok
-
-
-def _last_merge(ranks: dict[bytes, int], token: bytes, rank: int) -> tuple[bytes, bytes]:
-    parts = [token[i : i + 1] for i in range(len(token))]
-    while len(parts) > 2:
-        pair_ranks = [ranks.get(a + b, rank) for a, b in zip(parts[:-1], parts[1:])]
-        best = min(range(len(pair_ranks)), key=pair_ranks.__getitem__)
-        if pair_ranks[best] >= rank:
-            break
-        parts[best : best + 2] = [parts[best] + parts[best + 1]]
-    if len(parts) != 2:
-        raise UserError(f"token {token!r} (id {rank}) is not one merge of two earlier tokens; the ranks are not a BPE")
-    return parts[0], parts[1]
-
-
 def hf_to_tiktoken(hf: Tokenizer, name: str = "nanochat") -> tiktoken.Encoding:
     """The same tokenizer as a tiktoken Encoding: ranks are the HF ids, specials keep their ids."""
     unicode_to_byte = {ch: b for b, ch in byte_to_unicode().items()}
@@ -153,6 +120,26 @@ def hf_to_tiktoken(hf: Tokenizer, name: str = "nanochat") -> tiktoken.Encoding:
     ranks = {bytes(unicode_to_byte[ch] for ch in token): idx for token, idx in vocab.items()}
     specials = {t: hf.token_to_id(t) for t in SPECIAL_TOKENS}
     return make_encoding(ranks, specials, name)
+
+
+def tiktoken_to_hf(enc: tiktoken.Encoding) -> Tokenizer:
+    """The HF `tokenizers` version of a tiktoken Encoding that follows these conventions (the inverse of
+    hf_to_tiktoken). tiktoken merges whichever adjacent pair forms the lowest-ranked token, so every split of a
+    token into two tokens becomes a merge, ordered by the rank of the token it forms."""
+    to_unicode = byte_to_unicode()
+    ranks = {enc.decode_single_token_bytes(i): i for i in range(enc.n_vocab - len(SPECIAL_TOKENS))}
+    text = {rank: "".join(to_unicode[b] for b in token) for token, rank in ranks.items()}
+    merges = sorted(
+        (rank, ranks[token[:i]], ranks[token[i:]])
+        for token, rank in ranks.items()
+        for i in range(1, len(token))
+        if token[:i] in ranks and token[i:] in ranks
+    )
+    model = BPE(vocab={t: rank for rank, t in text.items()}, merges=[(text[a], text[b]) for _, a, b in merges],
+                ignore_merges=True)
+    tok = _hf_tokenizer(model)
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    return tok
 
 
 def make_encoding(ranks: dict[bytes, int], specials: dict[str, int], name: str = "nanochat") -> tiktoken.Encoding:

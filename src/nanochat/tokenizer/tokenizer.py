@@ -19,9 +19,15 @@ import torch
 from nanochat.errors import UserError
 from nanochat.io import atomic_write
 from nanochat.tokenizer import chat_format
-from nanochat.tokenizer.training import TRAINERS
-from nanochat.tokenizer.bpe import (SPECIAL_TOKENS, SPLIT_PATTERN, hf_to_tiktoken, make_encoding, ranks_to_hf,
-                                    train_hf_bpe)
+from nanochat.settings import TOKENIZER_TRAINERS, TokenizerConfig, check_tokenizer_trainer
+from nanochat.tokenizer.bpe import (
+    SPECIAL_TOKENS,
+    SPLIT_PATTERN,
+    hf_to_tiktoken,
+    make_encoding,
+    tiktoken_to_hf,
+    train_hf_bpe,
+)
 
 RANKS_FILE = "tokenizer.tiktoken"
 CONFIG_FILE = "tokenizer_config.json"
@@ -38,19 +44,18 @@ class Tokenizer:
     # --- construction -------------------------------------------------------------------------
     @classmethod
     def train(cls, texts, vocab_size: int = 65536, *, show_progress: bool = True,
-              trainer: str = TRAINERS[0]) -> Tokenizer:
+              trainer: str = TokenizerConfig.trainer) -> Tokenizer:
         """BPE from `texts`: `trainer` rustbpe (default, the faster) or hf (HF `tokenizers`); the same conventions and
         files either way."""
         if trainer == "rustbpe":
             from nanochat.tokenizer.rustbpe_trainer import train_rustbpe
 
             ranks = train_rustbpe(texts, vocab_size)
-            specials = {t: len(ranks) + i for i, t in enumerate(SPECIAL_TOKENS)}
-            return cls(make_encoding(ranks, specials), ranks_to_hf(ranks))
-        if trainer == "hf":
-            hf = train_hf_bpe(texts, vocab_size, show_progress=show_progress)
-            return cls(hf_to_tiktoken(hf), hf)
-        raise UserError(f"tokenizer trainer {trainer!r} is not one of {', '.join(TRAINERS)}")
+            enc = make_encoding(ranks, {t: len(ranks) + i for i, t in enumerate(SPECIAL_TOKENS)})
+            return cls(enc, tiktoken_to_hf(enc))
+        check_tokenizer_trainer(trainer)
+        hf = train_hf_bpe(texts, vocab_size, show_progress=show_progress)
+        return cls(hf_to_tiktoken(hf), hf)
 
     def save(self, directory: str | Path) -> Path:
         directory = Path(directory)
@@ -90,6 +95,12 @@ class Tokenizer:
 
             hf = HFTokenizer.from_file(str(directory / HF_FILE))
         return cls(encoding, hf)
+
+    def hf_tokenizer(self):
+        """The HF `tokenizers` version (tokenizer.json): the one trained or loaded, else converted from the ranks."""
+        if self.hf is None:
+            self.hf = tiktoken_to_hf(self.enc)
+        return self.hf
 
     # --- vocabulary ---------------------------------------------------------------------------
     @property

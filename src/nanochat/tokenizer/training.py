@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-TRAINERS = ("rustbpe", "hf")  # the BPE trainers; the first is the default (measured ~2x faster, docs/benchmarks.md)
+from nanochat.settings import TokenizerConfig, check_tokenizer_trainer
 
 
 def capped_documents(docs: Iterable[str], max_chars: int, doc_cap: int) -> Iterator[str]:
@@ -25,9 +25,9 @@ def capped_documents(docs: Iterable[str], max_chars: int, doc_cap: int) -> Itera
             return
 
 
-def train_tokenizer(inputs: list[str | Path], vocab_size: int, out: str | Path, *, max_chars: int = 2_000_000_000,
-                    doc_cap: int = 10_000, gutenberg: bool = False, show_progress: bool = True,
-                    trainer: str = TRAINERS[0]) -> dict:
+def train_tokenizer(inputs: list[str | Path], vocab_size: int, out: str | Path, *,
+                    max_chars: int = TokenizerConfig.max_chars, doc_cap: int = TokenizerConfig.doc_cap,
+                    gutenberg: bool = False, show_progress: bool = True, trainer: str = TokenizerConfig.trainer) -> dict:
     """Train with `trainer` (rustbpe | hf), save to `out`, and return the summary (vocab size, documents, characters,
     time, token byte lengths)."""
     import sys
@@ -36,13 +36,11 @@ def train_tokenizer(inputs: list[str | Path], vocab_size: int, out: str | Path, 
 
     from nanochat.data.documents import iter_documents, list_files
     from nanochat.io import atomic_write
-    from nanochat.errors import UserError
     from nanochat.tokenizer import Tokenizer
     from nanochat.tokenizer.bpe import check_vocab_size
 
     check_vocab_size(vocab_size)  # fail on bad arguments before any work
-    if trainer not in TRAINERS:
-        raise UserError(f"tokenizer trainer {trainer!r} is not one of {', '.join(TRAINERS)}")
+    check_tokenizer_trainer(trainer)
     files = list_files(inputs)
     estimate = min(max_chars, sum(f.stat().st_size for f in files))
     progress = tqdm(total=estimate, unit="char", unit_scale=True, desc="reading text", disable=not show_progress)

@@ -6,11 +6,15 @@
       tokenizer.tiktoken, tokenizer_config.json, tokenizer.json
 
 The directory is written beside the target and swapped in with renames, so a reader sees the old export or
-the new one, never a mix (after a kill between the two renames, the next reader or writer restores the old one). `init_from=` and serving accept an export dir or a stage run dir holding `export/`.
+the new one, never a mix (after a kill between the two renames, the next reader or writer restores the old one).
+`init_from=`, `ckpt=` and serving accept an export dir, a stage run dir holding `export/`, a Hugging Face NanoChat
+dir, or a spec `hf:<dir or repo id>` / `nanochat:<checkpoint dir>[@step]`, which `find_export` converts once into an
+export dir under the nanochat home (nanochat.export.imports).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -35,15 +39,27 @@ def save_export(model, tokenizer, out_dir: str | Path, meta: dict | None = None)
     bad = nonfinite_tensors(state)
     if bad:
         raise NonFiniteError(f"refusing to export to {out_dir}: the weights {', '.join(bad[:3])} hold NaN or infinite values")
+    with staged_dir(out_dir) as staging:
+        save_file(state, str(staging / WEIGHTS_FILE))
+        with open(staging / WEIGHTS_FILE, "rb+") as f:
+            os.fsync(f.fileno())
+        atomic_write(staging / CONFIG_FILE, json.dumps({"model": model.config.to_dict(), "meta": meta or {}}, indent=2))
+        tokenizer.save(staging)
+    return out_dir
+
+
+@contextlib.contextmanager
+def staged_dir(out_dir: Path):
+    """Yield an empty `<out_dir>.partial` to write into, then swap it in for `out_dir` (kept as it was on an error)."""
     recover_export(out_dir)
     staging = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    save_file(state, str(staging / WEIGHTS_FILE))
-    with open(staging / WEIGHTS_FILE, "rb+") as f:
-        os.fsync(f.fileno())
-    atomic_write(staging / CONFIG_FILE, json.dumps({"model": model.config.to_dict(), "meta": meta or {}}, indent=2))
-    tokenizer.save(staging)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     fsync_dir(staging)
     old = out_dir.with_name(out_dir.name + ".old")
     if out_dir.exists():
@@ -53,7 +69,6 @@ def save_export(model, tokenizer, out_dir: str | Path, meta: dict | None = None)
     os.replace(staging, out_dir)
     fsync_dir(out_dir.parent)
     shutil.rmtree(old, ignore_errors=True)
-    return out_dir
 
 
 def recover_export(out_dir: Path) -> None:
@@ -65,8 +80,15 @@ def recover_export(out_dir: Path) -> None:
 
 
 def find_export(path: str | Path) -> Path:
-    """An export dir itself, or a run dir with `export/` inside; a clear error otherwise."""
+    """An export dir itself, or a run dir with `export/` inside, or the import of a spec or a Hugging Face dir
+    (see nanochat.export.imports); a clear error otherwise."""
+    from nanochat.export import imports
+
+    if imports.is_spec(path):
+        return imports.resolve(str(path))
     path = Path(path).expanduser()
+    if imports.is_hf_dir(path):
+        return imports.resolve(f"hf:{path}")
     for candidate in (path, path / "export"):
         recover_export(candidate)
         if (candidate / WEIGHTS_FILE).is_file() and (candidate / CONFIG_FILE).is_file():
@@ -86,13 +108,15 @@ def load_weights(model, path: str | Path) -> Path:
     """Copy exported weights into `model`; the shapes must match (same depth, width and vocab)."""
     from safetensors.torch import load_file
 
+    from nanochat.models.components import GPTConfig
+
     export = find_export(path)
-    saved = read_export_config(export)["model"]
+    saved = GPTConfig.from_dict(read_export_config(export)["model"]).to_dict()  # keys an old export lacks: defaults
     if saved != model.config.to_dict():
         diff = {k: (saved.get(k), v) for k, v in model.config.to_dict().items() if saved.get(k) != v}
         raise UserError(
             f"the model in {export} (depth {saved.get('n_layer')}, vocab {saved.get('vocab_size')}) does not match this "
-            f"run's model (saved vs configured: {diff}); configure the model= and tokenizer it was trained with"
+            f"run's model (saved vs configured: {diff}); configure the model=, arch= and tokenizer it was trained with"
         )
     try:
         state = load_file(str(export / WEIGHTS_FILE))
