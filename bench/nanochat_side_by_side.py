@@ -4,7 +4,8 @@ then decoding of the same weights in each engine (prefill, time to first token, 
 
     python bench/nanochat_side_by_side.py --nanochat DIR [--work DIR] [--text DIR] [--vocab 32768] [--depth 4]
         [--seq-len 512] [--batch 16] [--steps 60] [--threads 2] [--precision bf16|fp32] [--eval-tokens 65536]
-        [--prompt 256] [--new 128] [--repeats 3] [--quiet 0.05] [--baseline CHECKOUT] [--ours OVERRIDE ...]
+        [--prompt 256] [--new 128] [--repeats 3] [--quiet 0.05] [--ours OVERRIDE ...] [--variant LABEL:OVERRIDES]
+        [--baseline CHECKOUT]
         [--skip-train] [--skip-decode] [--json PATH]
 
 `--nanochat` is a checkout of github.com/karpathy/nanochat. Its scripts run from its own directory in their own
@@ -27,12 +28,12 @@ script prints why it skipped and exits 0.
 - Common evaluator: the first `--eval-tokens` tokens of the val shard, documents BOS-prefixed and concatenated, cut
   into rows of sequence + 1; each trained model scores them in fp32 with `nanochat.eval.bpb.bpb_sums` (nanochat's
   GPT takes the same `model(x, y, loss_reduction="none")` call; the function's file is loaded by path there).
-- Decoding: our trained weights, copied into nanochat's GPT with its later additions set to identity (residual
-  lambdas 1, x0 lambdas 0, smear 0, backout 0, value embeddings 0); its fixed q/k gain of 1.2 and rotary base
-  100,000 remain, so the two compute slightly different functions at the same cost. Greedy, `--prompt` tokens of
-  val text, `--new` tokens; prefill = one forward of the prompt into an empty KV cache; TTFT = from calling each
-  engine's `generate` to its first yield; decode tok/s = rows x steps after the first / their time. Best of
-  `--repeats`, both engines in the bench's precision, `--threads` threads.
+- Decoding: nanochat's trained checkpoint in both engines, the same function: nanochat's Engine on its own GPT, and
+  ours on our GPT with the checkpoint imported (`nanochat:<dir>@<step>`, arch=nanochat2026, identical logits). Greedy,
+  `--prompt` tokens of val text, `--new` tokens; prefill = one forward of the prompt into an empty KV cache; TTFT =
+  from calling each engine's `generate` to its first yield; decode tok/s = rows x steps after the first / their
+  time. Best of `--repeats`, both engines in the bench's precision, `--threads` threads. The table also says how
+  many of the first batch-1 tokens the two engines agree on (bf16 rounds differently in each).
 """
 
 from __future__ import annotations
@@ -57,9 +58,6 @@ NANOCHAT_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 NANOCHAT_STEP = re.compile(r"^step (\d+)/(\d+) .*\| dt: ([\d.]+)ms \| tok/sec: ([\d,]+)")
 # ours: "step     11/60 ( 18.3%) | loss 7.1234 | lrm 1.000 | 10,084 tok/s | mfu ..."
 OUR_STEP = re.compile(r"step\s+(\d+)/(\d+) .*\| ([\d,]+) tok/s")
-# nanochat's GPT keys besides ours, with the value that makes each an identity
-NANOCHAT_IDENTITY = {"resid_lambdas": 1.0, "x0_lambdas": 0.0, "smear_lambda": 0.0, "backout_lambda": 0.0}
-
 
 # --- pieces that need neither program -------------------------------------------------------------
 def step_rates(log: str, pattern: re.Pattern, first: int, one_based: bool) -> dict[int, float]:
@@ -121,45 +119,27 @@ def score(model, rows: torch.Tensor, token_bytes: torch.Tensor, batch: int) -> d
     return {"bpb": nats / (math.log(2) * nbytes), "loss": all_nats / count, "tokens": int(count)}
 
 
-def nanochat_state_dict(ours: dict[str, torch.Tensor], nanochat_keys: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
-    """nanochat's state dict from ours: shared names copied, its later additions set to identity (NANOCHAT_IDENTITY;
-    value embeddings and their gates zero, smear gate zero)."""
-    out = {}
-    for key, shape in nanochat_keys.items():
-        if key in ours:
-            if ours[key].shape != shape:
-                raise SystemExit(f"{key}: ours {tuple(ours[key].shape)} vs nanochat {tuple(shape)}")
-            out[key] = ours[key].clone()
-        elif key in NANOCHAT_IDENTITY:
-            out[key] = torch.full(shape, NANOCHAT_IDENTITY[key])
-        elif key.startswith("value_embeds.") or key.endswith("ve_gate.weight") or key == "smear_gate.weight":
-            out[key] = torch.zeros(shape)
-        else:
-            raise SystemExit(f"nanochat's GPT has {key}, which this bench cannot map")
-    missing = sorted(set(ours) - set(out))
-    if missing:
-        raise SystemExit(f"our weights {missing} have no place in nanochat's GPT")
-    return out
-
-
 def decode_prompt(rows: torch.Tensor, length: int) -> list[int]:
     return rows.flatten()[:length].tolist()
 
 
 def time_generation(generate, prompt: list[int], rows: int, new: int, repeats: int) -> dict:
-    """Best-of-`repeats` TTFT (call to first yield) and decode tok/s (steps after the first) of a generator."""
+    """Best-of-`repeats` TTFT (call to first yield) and decode tok/s (steps after the first) of a generator that
+    yields (token per row, mask per row); also the first row's tokens."""
     best = {"ttft_s": float("inf"), "decode_tok_per_s": 0.0, "steps": 0}
     for _ in range(repeats):
         t0 = time.perf_counter()
         stream = generate(prompt, rows, new)
-        next(stream)
+        tokens = [next(stream)[0][0]]
         t1 = time.perf_counter()
-        steps = sum(1 for _ in stream)
+        tokens += [column[0] for column, _ in stream]
+        steps = len(tokens) - 1
         t2 = time.perf_counter()
         best["ttft_s"] = min(best["ttft_s"], t1 - t0)
         if steps:
             best["decode_tok_per_s"] = max(best["decode_tok_per_s"], rows * steps / (t2 - t1))
         best["steps"] = steps + 1
+        best["tokens"] = tokens
     return best
 
 
@@ -181,26 +161,14 @@ def worker(args) -> None:
     from nanochat.checkpoint_manager import build_model
     from nanochat.common import COMPUTE_DTYPE
     from nanochat.engine import Engine, KVCache
-    from nanochat.gpt import GPT, GPTConfig
 
     device = torch.device("cpu")
     if args.worker == "score":
         model, _, _ = build_model(job["checkpoint_dir"], job["step"], device, phase="eval")
         result = score(model, torch.load(job["rows"]), torch.load(job["token_bytes"]), job["batch"])
     else:
-        cfg = GPTConfig(**job["config"])
-        with torch.device("meta"):
-            model = GPT(cfg)
-        model.to_empty(device=device)
-        model.init_weights()
-        ours = torch.load(job["weights"])
-        keys = {k: v.shape for k, v in model.state_dict().items()}
-        state = {k: v.to(model.state_dict()[k].dtype) for k, v in nanochat_state_dict(ours, keys).items()}
-        model.load_state_dict(state, strict=True)
-        model.eval()
-        from nanochat.tokenizer import get_tokenizer
-
-        engine = Engine(model, get_tokenizer())
+        model, tokenizer, _ = build_model(job["checkpoint_dir"], job["step"], device, phase="eval")
+        engine = Engine(model, tokenizer)
         m = model.config
         kv = {"num_heads": m.n_kv_head, "head_dim": m.n_embd // m.n_head, "num_layers": m.n_layer}
 
@@ -272,7 +240,7 @@ def timed_process(cmd: list[str], cwd: Path, env: dict, log: Path) -> dict:
     and how much of the machine other processes used since the previous line (`others`, 0..1 of all CPUs)."""
     lines, samples = [], []
     t0 = time.perf_counter()
-    with open(log, "w") as out:
+    with open(log, "w", buffering=1) as out:
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         mark = (time.perf_counter(), busy_ticks(), tree_ticks(proc.pid))
         for line in proc.stdout:
@@ -329,7 +297,7 @@ def train_nanochat(args, work: Path, checkout: Path) -> dict:
     return {**run, **rates, **scored, "command": " ".join(cmd), "log": str(log)}
 
 
-def train_ours(args, work: Path, repo: Path = REPO, name: str = "ours") -> dict:
+def train_ours(args, work: Path, repo: Path = REPO, name: str = "ours", extra: list[str] = ()) -> dict:
     from nanochat.export import load_export
 
     home = work / f"{name}_home"
@@ -340,7 +308,7 @@ def train_ours(args, work: Path, repo: Path = REPO, name: str = "ours") -> dict:
            f"model.device_batch_size={args.batch}", f"model.total_batch_size={args.batch * args.seq_len}",
            f"budget.base_steps={args.steps}", "budget.log_every=1", f"budget.save_every={args.steps}",
            "~callbacks.val_bpb", "~callbacks.samples", "~callbacks.core", "logger=none", "resume=never",
-           f"run={run}", f"precision={args.precision}", *args.ours]
+           f"run={run}", f"precision={args.precision}", *args.ours, *extra]
     env = thread_env(args.threads, NANOCHAT_BASE_DIR=str(home), PYTHONPATH=str(repo / "src"))
     log = work / f"{name}_train_{args.precision}.log"
     out = timed_process(cmd, repo, env, log)
@@ -353,14 +321,14 @@ def train_ours(args, work: Path, repo: Path = REPO, name: str = "ours") -> dict:
 
 
 # --- decoding -------------------------------------------------------------------------------------------
-def decode_ours(args, export: str, prompt: list[int]) -> dict:
+def decode_ours(args, source: str, prompt: list[int]) -> dict:
     from nanochat.engine.engine import Engine
     from nanochat.engine.kv_cache import KVCache
     from nanochat.export import load_export
     from nanochat.precision import computing, resolve
 
     dtype = resolve(args.precision).dtype
-    model, tokenizer, _ = load_export(export, dtype=dtype)
+    model, tokenizer, _ = load_export(source, dtype=dtype)
     engine = Engine(model, tokenizer, dtype=dtype)
 
     @torch.inference_mode()
@@ -376,26 +344,22 @@ def decode_ours(args, export: str, prompt: list[int]) -> dict:
     return decode_results(prefill, generate, job)
 
 
-def decode_side_by_side(args, work: Path, checkout: Path, export: str) -> dict:
-    from safetensors.torch import load_file
-
-    from nanochat.export import read_export_config
-
+def decode_side_by_side(args, work: Path, checkout: Path) -> dict:
+    """nanochat's trained checkpoint decoded by its Engine and, imported, by ours."""
     rows = torch.load(work / "val_rows.pt")
     prompt = decode_prompt(rows, args.prompt)
-    weights = work / "decode_weights.pt"
-    torch.save(load_file(str(Path(export) / "model.safetensors")), weights)
-    c = read_export_config(export)["model"]
-    config = {"sequence_len": c["sequence_len"], "vocab_size": c["vocab_size"], "n_layer": c["n_layer"],
-              "n_head": c["n_head"], "n_kv_head": c["n_kv_head"], "n_embd": c["n_embd"], "window_pattern": "L"}
-    job = {"config": config, "weights": str(weights), "prompt_ids": prompt, "repeats": args.repeats, "new": args.new,
-           "threads": args.threads}
-    env = thread_env(args.threads, NANOCHAT_BASE_DIR=str(work / "nanochat_home"),
-                     NANOCHAT_DTYPE=NANOCHAT_DTYPES[args.precision])
+    home = work / "nanochat_home"
+    ckpt = home / "base_checkpoints" / "side_by_side"
+    job = {"checkpoint_dir": str(ckpt), "step": args.steps, "prompt_ids": prompt, "repeats": args.repeats,
+           "new": args.new, "threads": args.threads}
+    env = thread_env(args.threads, NANOCHAT_BASE_DIR=str(home), NANOCHAT_DTYPE=NANOCHAT_DTYPES[args.precision])
     theirs = run_worker(checkout, "decode", job, env)
     torch.set_num_threads(args.threads)
-    ours = decode_ours(args, export, prompt)
-    return {"nanochat": theirs, "ours": ours}
+    os.environ["NANOCHAT_BASE_DIR"] = str(work / "imports_home")  # where the imported checkpoint is converted to
+    ours = decode_ours(args, f"nanochat:{ckpt}@{args.steps}", prompt)
+    a, b = theirs["batch1"]["tokens"], ours["batch1"]["tokens"]
+    agree = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return {"nanochat": theirs, "ours": ours, "agree": agree}
 
 
 # --- set-up and report -----------------------------------------------------------------------------
@@ -446,10 +410,16 @@ def decode_table(results: dict) -> str:
     from common import markdown_table
 
     rows = []
-    for name, r in results.items():
+    for name in ("nanochat", "ours"):
+        r = results[name]
         rows.append([name, f"{1000 * r['prefill_s']:.1f}", f"{1000 * r['batch1']['ttft_s']:.1f}",
                      f"{r['batch1']['decode_tok_per_s']:,.1f}", f"{1000 * r['batch8']['ttft_s']:.1f}",
                      f"{r['batch8']['decode_tok_per_s']:,.1f}", f"{r['batch1']['steps']} / {r['batch8']['steps']}"])
+    base = results["nanochat"]
+    rows.append(["ours / nanochat", f"{base['prefill_s'] / results['ours']['prefill_s']:.2f}x faster", "",
+                 f"{results['ours']['batch1']['decode_tok_per_s'] / base['batch1']['decode_tok_per_s']:.2f}x", "",
+                 f"{results['ours']['batch8']['decode_tok_per_s'] / base['batch8']['decode_tok_per_s']:.2f}x",
+                 f"first {results['agree']} greedy tokens identical"])
     return markdown_table(["engine", "prefill (ms)", "TTFT b1 (ms)", "decode tok/s b1", "TTFT b8 (ms)",
                            "decode tok/s b8", "steps b1 / b8"], rows)
 
@@ -473,6 +443,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--new", type=int, default=128, help="decode: tokens generated per row")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--ours", nargs="*", default=[], help="extra overrides for our run (e.g. compile=false)")
+    p.add_argument("--variant", action="append", default=[], metavar="LABEL:OVERRIDES",
+                   help="one more row of ours with these overrides, e.g. 'nanochat's network:arch=nanochat2026 "
+                        "model.arch.window_pattern=L'")
     p.add_argument("--baseline", type=Path, help="another checkout of this project (e.g. an earlier commit) to train "
                    "as one more row, same settings")
     p.add_argument("--skip-train", action="store_true", help="decode only, from the runs already in --work")
@@ -506,6 +479,10 @@ def main(argv=None) -> None:
         results["train"] = json.loads(record.read_text())
     else:
         results["train"] = {"nanochat": train_nanochat(args, work, args.nanochat), "ours": train_ours(args, work)}
+        for variant in args.variant:
+            label, _, overrides = variant.partition(":")
+            results["train"][f"ours, {label}"] = train_ours(args, work, name=f"variant_{len(results['train'])}",
+                                                            extra=overrides.split())
         if args.baseline:
             rev = subprocess.run(["git", "-C", str(args.baseline), "rev-parse", "--short", "HEAD"], capture_output=True,
                                  text=True).stdout.strip() or args.baseline.name
@@ -513,7 +490,7 @@ def main(argv=None) -> None:
         record.write_text(json.dumps(results["train"], indent=2))
     tables.append(training_table(results["train"]))
     if not args.skip_decode:
-        results["decode"] = decode_side_by_side(args, work, args.nanochat, results["train"]["ours"]["export"])
+        results["decode"] = decode_side_by_side(args, work, args.nanochat)
         tables.append(decode_table(results["decode"]))
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("worker", "job")}
     settings["wall_seconds"] = round(time.perf_counter() - started, 1)
