@@ -29,8 +29,8 @@ lint: $(STAMP)  ## ruff: formatting (check only) and lint, line length 120
 	$(PY) -m ruff format --check .
 	$(PY) -m ruff check .
 
-bench: $(STAMP)  ## every hot path's benchmark (~10 min on 2 CPU cores); refreshes docs/benchmarks.md tables
-	$(PY) bench/run_all.py
+bench: $(STAMP)  ## every hot path's benchmark (~10 min on 2 CPU cores; NANOCHAT=<checkout> adds the side-by-side)
+	$(PY) bench/run_all.py $(if $(NANOCHAT),--nanochat $(NANOCHAT))
 
 clean:  ## remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info src/*.egg-info

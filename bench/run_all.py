@@ -1,10 +1,11 @@
 """`make bench`: every hot path's benchmark at a size that fits ~10 minutes on a 2-core CPU, then
 docs/benchmarks.md's "Latest `make bench`" tables refreshed from the JSON files the scripts write.
 
-    python bench/run_all.py [--only NAME ...] [--no-docs] [--list]
+    python bench/run_all.py [--only NAME ...] [--no-docs] [--list] [--nanochat CHECKOUT]
 
 On a machine with CUDA the training entry measures d12 and d20 at sequence 2,048 in bf16 with torch.compile
-(the GPU items) instead of the CPU sizes.
+(the GPU items) instead of the CPU sizes. With `--nanochat` (a karpathy/nanochat checkout; `make bench
+NANOCHAT=DIR`) the side-by-side with nanochat's own training and decoding runs too (~10 more minutes).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ RESULTS = ROOT / "bench" / "results"
 DOCS = ROOT / "docs" / "benchmarks.md"
 
 
-def entries() -> dict[str, tuple[str, list[str]]]:
+def entries(nanochat: str | None = None) -> dict[str, tuple[str, list[str]]]:
     """name -> (section title, script + arguments). Sizes chosen for the 10-minute budget on 2 CPU cores."""
     if torch.cuda.is_available():
         train = ["train_step.py", "--depths", "12", "20", "--seq-len", "2048", "--batch", "16", "--steps", "10",
@@ -43,6 +44,12 @@ def entries() -> dict[str, tuple[str, list[str]]]:
         "decode": ("Inference: prefill, decode, TTFT, KV memory, cache vs naive", ["decode.py"]),
         "serving": ("Serving: streaming clients on 127.0.0.1", ["serving.py"]),
         "comm_volume": ("Distributed communication per step on paper (8 GPUs)", ["comm_volume.py"]),
+        "tokenizer_trainers": ("Tokenizer training: rustbpe vs HF tokenizers",
+                               ["tokenizer_trainers.py", "--max-chars", "20000000", "--repeats", "1"]),
+        "head_loss_memory": ("Peak memory of the d20 head + loss (fake tensors): plain ops vs chunked",
+                             ["head_loss_memory.py"]),
+        **({"nanochat_side_by_side": ("Side by side with nanochat: training, common evaluator, decoding",
+                                      ["nanochat_side_by_side.py", "--nanochat", nanochat])} if nanochat else {}),
     }
 
 
@@ -63,8 +70,10 @@ def refresh_docs(names: list[str], seconds: dict[str, float]) -> None:
 
 
 def main() -> None:
-    table = entries()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--nanochat", help="a karpathy/nanochat checkout: also run the side-by-side with it")
+    known, _ = p.parse_known_args()
+    table = entries(known.nanochat)
     p.add_argument("--only", nargs="+", choices=sorted(table), help="run these entries only")
     p.add_argument("--no-docs", action="store_true", help="leave docs/benchmarks.md alone")
     p.add_argument("--list", action="store_true", help="print the commands and exit")
