@@ -63,9 +63,16 @@ SMALL_ADAMW = 1024  # nanochat all-reduces AdamW params with fewer elements inst
 def meta_model(config: GPTConfig) -> GPT:
     """The real GPT on the `meta` device: every parameter's shape and dtype, no memory. Initialisers are skipped
     (they only fill values, and random fills on `meta` go through a slow first-use path in torch)."""
-    no_init = lambda self: None
-    with (torch.device("meta"), patch.object(GPT, "init_weights", no_init),
-          patch.object(torch.nn.Linear, "reset_parameters", no_init), patch.object(torch.nn.Embedding, "reset_parameters", no_init)):
+
+    def no_init(self):
+        return None
+
+    with (
+        torch.device("meta"),
+        patch.object(GPT, "init_weights", no_init),
+        patch.object(torch.nn.Linear, "reset_parameters", no_init),
+        patch.object(torch.nn.Embedding, "reset_parameters", no_init),
+    ):
         return GPT(config)
 
 
@@ -132,7 +139,9 @@ def fsdp_comm_bytes(precision: str = "bf16-mixed") -> int:
     from lightning.pytorch.plugins.precision import FSDPPrecision
 
     mp = FSDPPrecision(precision).mixed_precision_config
-    return max(torch.empty((), dtype=mp.param_dtype).element_size(), torch.empty((), dtype=mp.reduce_dtype).element_size())
+    return max(
+        torch.empty((), dtype=mp.param_dtype).element_size(), torch.empty((), dtype=mp.reduce_dtype).element_size()
+    )
 
 
 def fitting_device_batch(total: int, device_batch: int, world: int) -> int:
@@ -180,9 +189,13 @@ def sharded_layout(stats: dict, world: int) -> dict:
         else:
             sharded_elems += numel
             adamw_state += 2 * numel // world  # exp_avg + exp_avg_sq of the slice
-    return {"sharded_elems": sharded_elems, "all_reduced_elems": all_reduced_elems,
-            "padding_elems": sharded_elems + all_reduced_elems - stats["total"],
-            "muon_state_elems": muon_state, "adamw_state_elems": adamw_state}
+    return {
+        "sharded_elems": sharded_elems,
+        "all_reduced_elems": all_reduced_elems,
+        "padding_elems": sharded_elems + all_reduced_elems - stats["total"],
+        "muon_state_elems": muon_state,
+        "adamw_state_elems": adamw_state,
+    }
 
 
 def sharded_bytes(stats: dict, world: int, grad_bytes: int) -> float:
@@ -213,8 +226,19 @@ def optimizer_state_bytes(stats: dict, world: int = 1) -> int:
 
 
 # --- one configuration ------------------------------------------------------------------------------
-def estimate(config: GPTConfig, *, world: int, total_batch_size: int, device_batch_size: int, bus_gbps: float,
-             mfu: float, peak_flops: float, grad_bytes: int | None = None, fsdp_bytes: int = 2, stats: dict | None = None) -> dict:
+def estimate(
+    config: GPTConfig,
+    *,
+    world: int,
+    total_batch_size: int,
+    device_batch_size: int,
+    bus_gbps: float,
+    mfu: float,
+    peak_flops: float,
+    grad_bytes: int | None = None,
+    fsdp_bytes: int = 2,
+    stats: dict | None = None,
+) -> dict:
     stats = stats or model_stats(config)
     grad_bytes = grad_bytes or stats["param_bytes"]
     accum = grad_accum_steps(total_batch_size, device_batch_size, config.sequence_len, world)
@@ -236,25 +260,34 @@ def estimate(config: GPTConfig, *, world: int, total_batch_size: int, device_bat
     grads = weights  # .grad has the weights' dtype whatever DDP sends (a compression hook casts a copy)
     opt_full, opt_shard = optimizer_state_bytes(stats), optimizer_state_bytes(stats, world)
     return {
-        "depth": config.n_layer, "world": world, "params": stats,
-        "total_batch_size": total_batch_size, "device_batch_size": device_batch_size, "accum": accum,
+        "depth": config.n_layer,
+        "world": world,
+        "params": stats,
+        "total_batch_size": total_batch_size,
+        "device_batch_size": device_batch_size,
+        "accum": accum,
         "compute_s": compute_s,
         # the last micro-step's backward (2/3 of its FLOPs) is the window DDP's bucketed all-reduce hides in
         "overlap_window_s": compute_s / accum * 2 / 3,
-        "grad_bytes": grad_bytes, "fsdp_comm_bytes": fsdp_bytes,
+        "grad_bytes": grad_bytes,
+        "fsdp_comm_bytes": fsdp_bytes,
         "sharded_padding_elems": sharded_layout(stats, world)["padding_elems"],
         "bytes": volume,
         "seconds": seconds,
         "share_of_compute": {k: v / compute_s for k, v in seconds.items()},
         "memory": {
-            "weights": weights, "grads": grads,
-            "optimizer_replicated": opt_full, "optimizer_sharded": opt_shard,
+            "weights": weights,
+            "grads": grads,
+            "optimizer_replicated": opt_full,
+            "optimizer_sharded": opt_shard,
             "ddp": weights + grads + opt_full,
             "sharded": weights + grads + opt_shard,
             "fsdp_sharded_part": (weights + grads + opt_full) / world,  # flat shards: no padding
             "fp32_logits_copy": device_batch_size * config.sequence_len * config.vocab_size * 4,
         },
-        "bus_gbps": bus_gbps, "mfu": mfu, "peak_flops": peak_flops,
+        "bus_gbps": bus_gbps,
+        "mfu": mfu,
+        "peak_flops": peak_flops,
     }
 
 
@@ -278,53 +311,159 @@ def pct(x: float) -> str:
 def tables(rows: list[dict], nodes: list[dict], args) -> str:
     w = args.world
     t1 = markdown_table(
-        ["model", "parameters", "Muon (block matrices)", "AdamW (wte + lm_head)", "param / grad dtype",
-         "tokens per step", f"device batch x accumulation ({w} GPUs)", "DDP buckets (25 MiB)", "compute per step"],
-        [[f"d{r['depth']}", f"{r['params']['total']:,}", f"{r['params']['muon']:,}",
-          f"{r['params']['embedding']:,} + {r['params']['unembedding']:,}",
-          f"{r['params']['param_dtype']} / {'fp32' if r['grad_bytes'] == 4 else 'bf16'}",
-          f"{r['total_batch_size']:,}", f"{r['device_batch_size']} x {r['accum']}",
-          r["params"]["bucket_count"], ms(r["compute_s"])] for r in rows])
+        [
+            "model",
+            "parameters",
+            "Muon (block matrices)",
+            "AdamW (wte + lm_head)",
+            "param / grad dtype",
+            "tokens per step",
+            f"device batch x accumulation ({w} GPUs)",
+            "DDP buckets (25 MiB)",
+            "compute per step",
+        ],
+        [
+            [
+                f"d{r['depth']}",
+                f"{r['params']['total']:,}",
+                f"{r['params']['muon']:,}",
+                f"{r['params']['embedding']:,} + {r['params']['unembedding']:,}",
+                f"{r['params']['param_dtype']} / {'fp32' if r['grad_bytes'] == 4 else 'bf16'}",
+                f"{r['total_batch_size']:,}",
+                f"{r['device_batch_size']} x {r['accum']}",
+                r["params"]["bucket_count"],
+                ms(r["compute_s"]),
+            ]
+            for r in rows
+        ],
+    )
     t2 = markdown_table(
-        ["model", "DDP all-reduce, fp32 (as run)", "DDP if every micro-step synced", "sharded optimizer RS + AG, fp32",
-         "FSDP FULL_SHARD, bf16, per micro-step", "FSDP per optimizer step"],
-        [[f"d{r['depth']}", gb(r["bytes"]["ddp"]), f"{gb(r['bytes']['ddp_every_micro_step'])} ({r['accum']}x)",
-          gb(r["bytes"]["sharded"]) + (f" (incl. {r['sharded_padding_elems'] / 1e6:.1f}M padding elements)"
-                                        if r["sharded_padding_elems"] else ""),
-          gb(r["bytes"]["fsdp_per_micro_step"]), f"{gb(r['bytes']['fsdp'])} ({r['accum']}x)"] for r in rows])
+        [
+            "model",
+            "DDP all-reduce, fp32 (as run)",
+            "DDP if every micro-step synced",
+            "sharded optimizer RS + AG, fp32",
+            "FSDP FULL_SHARD, bf16, per micro-step",
+            "FSDP per optimizer step",
+        ],
+        [
+            [
+                f"d{r['depth']}",
+                gb(r["bytes"]["ddp"]),
+                f"{gb(r['bytes']['ddp_every_micro_step'])} ({r['accum']}x)",
+                gb(r["bytes"]["sharded"])
+                + (
+                    f" (incl. {r['sharded_padding_elems'] / 1e6:.1f}M padding elements)"
+                    if r["sharded_padding_elems"]
+                    else ""
+                ),
+                gb(r["bytes"]["fsdp_per_micro_step"]),
+                f"{gb(r['bytes']['fsdp'])} ({r['accum']}x)",
+            ]
+            for r in rows
+        ],
+    )
     t3 = markdown_table(
-        ["model", "compute per step", "DDP", "DDP / compute", "overlap window (last backward)", "DDP exposed tail (wte bucket)",
-         "DDP if every micro-step", "sharded RS + AG (not overlapped)", "FSDP", "DDP / compute at nanochat's auto batch"],
-        [[f"d{r['depth']}", ms(r["compute_s"]), ms(r["seconds"]["ddp"]), pct(r["share_of_compute"]["ddp"]),
-          ms(r["overlap_window_s"]), ms(r["seconds"]["ddp_wte_bucket"]),
-          f"{ms(r['seconds']['ddp_every_micro_step'])} ({pct(r['share_of_compute']['ddp_every_micro_step'])})",
-          f"{ms(r['seconds']['sharded'])} ({pct(r['share_of_compute']['sharded'])})",
-          f"{ms(r['seconds']['fsdp'])} ({pct(r['share_of_compute']['fsdp'])})",
-          f"{pct(r['auto_batch_share'])} (B = {r['auto_batch']:,})"] for r in rows])
+        [
+            "model",
+            "compute per step",
+            "DDP",
+            "DDP / compute",
+            "overlap window (last backward)",
+            "DDP exposed tail (wte bucket)",
+            "DDP if every micro-step",
+            "sharded RS + AG (not overlapped)",
+            "FSDP",
+            "DDP / compute at nanochat's auto batch",
+        ],
+        [
+            [
+                f"d{r['depth']}",
+                ms(r["compute_s"]),
+                ms(r["seconds"]["ddp"]),
+                pct(r["share_of_compute"]["ddp"]),
+                ms(r["overlap_window_s"]),
+                ms(r["seconds"]["ddp_wte_bucket"]),
+                f"{ms(r['seconds']['ddp_every_micro_step'])} ({pct(r['share_of_compute']['ddp_every_micro_step'])})",
+                f"{ms(r['seconds']['sharded'])} ({pct(r['share_of_compute']['sharded'])})",
+                f"{ms(r['seconds']['fsdp'])} ({pct(r['share_of_compute']['fsdp'])})",
+                f"{pct(r['auto_batch_share'])} (B = {r['auto_batch']:,})",
+            ]
+            for r in rows
+        ],
+    )
     t4 = markdown_table(
-        ["model", "weights fp32", "gradients fp32", "optimizer state, replicated (DDP today)", f"optimizer state, sharded /{w}",
-         "DDP total", "sharded-optimizer total", "FSDP FULL_SHARD (sharded part)", "one fp32 logits tensor at the device batch"],
-        [[f"d{r['depth']}", gib(m["weights"]), gib(m["grads"]), gib(m["optimizer_replicated"]), gib(m["optimizer_sharded"]),
-          gib(m["ddp"]), gib(m["sharded"]), gib(m["fsdp_sharded_part"]), gib(m["fp32_logits_copy"])]
-         for r in rows for m in [r["memory"]]])
+        [
+            "model",
+            "weights fp32",
+            "gradients fp32",
+            "optimizer state, replicated (DDP today)",
+            f"optimizer state, sharded /{w}",
+            "DDP total",
+            "sharded-optimizer total",
+            "FSDP FULL_SHARD (sharded part)",
+            "one fp32 logits tensor at the device batch",
+        ],
+        [
+            [
+                f"d{r['depth']}",
+                gib(m["weights"]),
+                gib(m["grads"]),
+                gib(m["optimizer_replicated"]),
+                gib(m["optimizer_sharded"]),
+                gib(m["ddp"]),
+                gib(m["sharded"]),
+                gib(m["fsdp_sharded_part"]),
+                gib(m["fp32_logits_copy"]),
+            ]
+            for r in rows
+            for m in [r["memory"]]
+        ],
+    )
     t5 = markdown_table(
-        ["model", "GPUs", "device batch x accumulation", "compute per step", "overlap window", "DDP fp32 per GPU",
-         f"at {args.internode_gbps:g} GB/s", f"at {args.slow_internode_gbps:g} GB/s",
-         f"at {args.slow_internode_gbps:g} GB/s with bf16_compress_hook"],
-        [[f"d{r['depth']}", r["world"], f"{r['device_batch_size']} x {r['accum']}", ms(r["compute_s"]),
-          ms(r["overlap_window_s"]), gb(r["bytes"]["ddp"]),
-          f"{ms(r['seconds']['ddp'])} ({pct(r['share_of_compute']['ddp'])})",
-          f"{ms(slow['seconds']['ddp'])} ({pct(slow['share_of_compute']['ddp'])})",
-          f"{ms(slow['seconds']['ddp'] / 2)} ({pct(slow['share_of_compute']['ddp'] / 2)})"]
-         for r, slow in nodes])
-    return "\n\n".join([
-        f"Parameters, batch and compute ({w} GPUs, {args.mfu:.0%} MFU of {args.peak_tflops:g} TFLOP/s bf16):\n\n{t1}",
-        f"Bytes each GPU sends per optimizer step (it receives as many), {w} GPUs:\n\n{t2}",
-        f"Time at {args.bus_gbps:g} GB/s bus bandwidth (NVLink 4 within one node) against compute:\n\n{t3}",
-        f"Static memory per GPU (GiB, activations not included), {w} GPUs:\n\n{t4}",
-        (f"Two nodes, {args.nodes_world} GPUs, DDP (trainer=multinode): inter-node bus bandwidth {args.internode_gbps:g} GB/s "
-         f"(8 x 400 Gb/s InfiniBand per node) or {args.slow_internode_gbps:g} GB/s (one 100 Gb/s Ethernet link per node):\n\n{t5}"),
-    ])
+        [
+            "model",
+            "GPUs",
+            "device batch x accumulation",
+            "compute per step",
+            "overlap window",
+            "DDP fp32 per GPU",
+            f"at {args.internode_gbps:g} GB/s",
+            f"at {args.slow_internode_gbps:g} GB/s",
+            f"at {args.slow_internode_gbps:g} GB/s with bf16_compress_hook",
+        ],
+        [
+            [
+                f"d{r['depth']}",
+                r["world"],
+                f"{r['device_batch_size']} x {r['accum']}",
+                ms(r["compute_s"]),
+                ms(r["overlap_window_s"]),
+                gb(r["bytes"]["ddp"]),
+                f"{ms(r['seconds']['ddp'])} ({pct(r['share_of_compute']['ddp'])})",
+                f"{ms(slow['seconds']['ddp'])} ({pct(slow['share_of_compute']['ddp'])})",
+                f"{ms(slow['seconds']['ddp'] / 2)} ({pct(slow['share_of_compute']['ddp'] / 2)})",
+            ]
+            for r, slow in nodes
+        ],
+    )
+    return "\n\n".join(
+        [
+            (
+                f"Parameters, batch and compute ({w} GPUs, {args.mfu:.0%} MFU of {args.peak_tflops:g} TFLOP/s bf16):"
+                f"\n\n{t1}"
+            ),
+            f"Bytes each GPU sends per optimizer step (it receives as many), {w} GPUs:\n\n{t2}",
+            f"Time at {args.bus_gbps:g} GB/s bus bandwidth (NVLink 4 within one node) against compute:\n\n{t3}",
+            f"Static memory per GPU (GiB, activations not included), {w} GPUs:\n\n{t4}",
+            (
+                f"Two nodes, {args.nodes_world} GPUs, DDP (trainer=multinode): "
+                f"inter-node bus bandwidth {args.internode_gbps:g} GB/s "
+                f"(8 x 400 Gb/s InfiniBand per node) or {args.slow_internode_gbps:g} GB/s "
+                f"(one 100 Gb/s Ethernet link per node):\n\n{t5}"
+            ),
+        ]
+    )
 
 
 def run(args) -> tuple[list[dict], list[dict]]:
@@ -337,17 +476,40 @@ def run(args) -> tuple[list[dict], list[dict]]:
         stats = model_stats(config)
         grad_b = ddp_grad_bytes(strategy, stats["param_bytes"])
         total, device_batch = model_batch(depth)
-        r = estimate(config, world=args.world, total_batch_size=total, device_batch_size=device_batch,
-                     bus_gbps=args.bus_gbps, mfu=args.mfu, peak_flops=peak, grad_bytes=grad_b, fsdp_bytes=fsdp_b, stats=stats)
+        r = estimate(
+            config,
+            world=args.world,
+            total_batch_size=total,
+            device_batch_size=device_batch,
+            bus_gbps=args.bus_gbps,
+            mfu=args.mfu,
+            peak_flops=peak,
+            grad_bytes=grad_b,
+            fsdp_bytes=fsdp_b,
+            stats=stats,
+        )
         auto = NANOCHAT_AUTO_BATCH.get(depth, total)
         r["auto_batch"] = auto
         r["auto_batch_share"] = r["seconds"]["ddp"] / (r["compute_s"] * auto / total)
         rows.append(r)
         db = fitting_device_batch(total, device_batch, args.nodes_world)
-        nodes.append(tuple(
-            estimate(config, world=args.nodes_world, total_batch_size=total, device_batch_size=db, bus_gbps=bw,
-                     mfu=args.mfu, peak_flops=peak, grad_bytes=grad_b, fsdp_bytes=fsdp_b, stats=stats)
-            for bw in (args.internode_gbps, args.slow_internode_gbps)))
+        nodes.append(
+            tuple(
+                estimate(
+                    config,
+                    world=args.nodes_world,
+                    total_batch_size=total,
+                    device_batch_size=db,
+                    bus_gbps=bw,
+                    mfu=args.mfu,
+                    peak_flops=peak,
+                    grad_bytes=grad_b,
+                    fsdp_bytes=fsdp_b,
+                    stats=stats,
+                )
+                for bw in (args.internode_gbps, args.slow_internode_gbps)
+            )
+        )
     return rows, nodes
 
 
@@ -357,8 +519,12 @@ def main() -> None:
     p.add_argument("--world", type=int, default=8, help="GPUs in one node")
     p.add_argument("--bus-gbps", type=float, default=450.0, help="all-reduce bus bandwidth within a node, GB/s")
     p.add_argument("--nodes-world", type=int, default=16, help="GPUs over two nodes")
-    p.add_argument("--internode-gbps", type=float, default=400.0,
-                   help="all-reduce bus bandwidth across nodes, GB/s (about a node's total NIC bandwidth: 8 x 400 Gb/s)")
+    p.add_argument(
+        "--internode-gbps",
+        type=float,
+        default=400.0,
+        help="all-reduce bus bandwidth across nodes, GB/s (about a node's total NIC bandwidth: 8 x 400 Gb/s)",
+    )
     p.add_argument("--slow-internode-gbps", type=float, default=12.5, help="the same for one 100 Gb/s link per node")
     p.add_argument("--mfu", type=float, default=0.5)
     p.add_argument("--peak-tflops", type=float, default=dict(GPU_PEAK_BF16)["H100"] / 1e12)
@@ -366,9 +532,18 @@ def main() -> None:
     args = p.parse_args()
     rows, nodes = run(args)
     settings = {k: v for k, v in vars(args).items() if k != "json"}
-    settings |= {"vocab_size": VOCAB_SIZE, "sequence_len": SEQ_LEN, "strategy_8xh100": trainer_strategy("8xh100"),
-                 "fsdp_comm_bytes_bf16_mixed": fsdp_comm_bytes("bf16-mixed"), "units": "GB = 1e9 bytes, GiB = 2^30 bytes"}
-    results = {"8_gpus": rows, "2_nodes": [fast for fast, _ in nodes], "2_nodes_slow_network": [slow for _, slow in nodes]}
+    settings |= {
+        "vocab_size": VOCAB_SIZE,
+        "sequence_len": SEQ_LEN,
+        "strategy_8xh100": trainer_strategy("8xh100"),
+        "fsdp_comm_bytes_bf16_mixed": fsdp_comm_bytes("bf16-mixed"),
+        "units": "GB = 1e9 bytes, GiB = 2^30 bytes",
+    }
+    results = {
+        "8_gpus": rows,
+        "2_nodes": [fast for fast, _ in nodes],
+        "2_nodes_slow_network": [slow for _, slow in nodes],
+    }
     save(args.json, tables(rows, nodes, args), results, settings)
 
 

@@ -102,17 +102,27 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve_process(export_dir: Path, overrides: list[str], env: dict, log: Path, ready_timeout: float = 90, ui: bool = False):
+def serve_process(
+    export_dir: Path, overrides: list[str], env: dict, log: Path, ready_timeout: float = 90, ui: bool = False
+):
     """`python serve.py` for `export_dir` on 127.0.0.1 and a free port (CPU, API only unless `ui`, plus `overrides`),
     its output in `log`; yields (process, port) once /health answers 200, and stops it with SIGINT (then kill)."""
     import httpx
 
     port = free_port()
-    cmd = [sys.executable, str(REPO / "serve.py"), f"ckpt={export_dir}", f"port={port}", "device=cpu", f"ui={str(ui).lower()}",
-           *overrides]
+    cmd = [
+        sys.executable,
+        str(REPO / "serve.py"),
+        f"ckpt={export_dir}",
+        f"port={port}",
+        "device=cpu",
+        f"ui={str(ui).lower()}",
+        *overrides,
+    ]
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, env={**env, "PYTHONPATH": str(REPO / "src")}, stdout=out, stderr=subprocess.STDOUT,
-                                cwd=REPO)
+        proc = subprocess.Popen(
+            cmd, env={**env, "PYTHONPATH": str(REPO / "src")}, stdout=out, stderr=subprocess.STDOUT, cwd=REPO
+        )
     try:
         deadline = time.monotonic() + ready_timeout
         while True:

@@ -93,7 +93,7 @@ def write_jsonl(path: Path, docs: list[str]) -> Path:
 
 
 def pick_files(text_dir: Path, max_bytes: int) -> list[Path]:
-    """Files of the text folder up to ~`max_bytes`: the web and small files first (a mix), then books in sorted order."""
+    """Files of the text folder up to ~`max_bytes`: web and small files first (a mix), then books in sorted order."""
     from nanochat.data.documents import list_files
 
     files = sorted(list_files([text_dir]), key=lambda f: ("gutenberg" in f.parts[-2], f))
@@ -119,15 +119,27 @@ def text_source(text_dir: Path | None, work: Path, chars: int) -> tuple[list[str
 
 
 # --- the training configuration -------------------------------------------------------------------
-def datamodule_kwargs(shard_dir: Path, tokenizer_dir: Path, source: list[str] | None, overrides: list[str] = ()) -> dict:
+def datamodule_kwargs(
+    shard_dir: Path, tokenizer_dir: Path, source: list[str] | None, overrides: list[str] = ()
+) -> dict:
     """PretrainDataModule's arguments as `train.py stage=base data=local trainer=8xh100 model=d20` composes them,
     with one rank's micro-batch as the batch (no accumulation) and the given shard/tokenizer dirs."""
     from omegaconf import OmegaConf
 
     from nanochat.configs import compose
 
-    cfg = compose(["stage=base", "data=local", "trainer=8xh100", "model=d20", "model.total_batch_size=65536",
-                   f"data.dir={shard_dir}", f"paths.tokenizer_dir={tokenizer_dir}", *overrides])
+    cfg = compose(
+        [
+            "stage=base",
+            "data=local",
+            "trainer=8xh100",
+            "model=d20",
+            "model.total_batch_size=65536",
+            f"data.dir={shard_dir}",
+            f"paths.tokenizer_dir={tokenizer_dir}",
+            *overrides,
+        ]
+    )
     kwargs = OmegaConf.to_container(cfg.datamodule, resolve=True)
     kwargs.pop("_target_")
     kwargs["source"] = source
@@ -163,8 +175,17 @@ def train_tokenizer(shard_dir: Path, out: Path, vocab_size: int, max_chars: int,
 
     train_files, _ = split_shards(list_shards(shard_dir))
     with contextlib.redirect_stdout(io.StringIO()):  # its one-line summary; the stats come back as a dict
-        return cmd_train(Namespace(input=[str(f) for f in train_files], vocab_size=vocab_size, max_chars=max_chars,
-                                   doc_cap=doc_cap, gutenberg=False, out=out, quiet=True))
+        return cmd_train(
+            Namespace(
+                input=[str(f) for f in train_files],
+                vocab_size=vocab_size,
+                max_chars=max_chars,
+                doc_cap=doc_cap,
+                gutenberg=False,
+                out=out,
+                quiet=True,
+            )
+        )
 
 
 # --- measurements ---------------------------------------------------------------------------------
@@ -180,8 +201,16 @@ def cpu_seconds(pids=("self",)) -> float:
     return total
 
 
-def measure_stream(kwargs: dict, num_workers: int, *, warmup: int = 2, seconds: float = 6.0, min_batches: int = 3,
-                   max_batches: int | None = None, on_batch=None) -> dict:
+def measure_stream(
+    kwargs: dict,
+    num_workers: int,
+    *,
+    warmup: int = 2,
+    seconds: float = 6.0,
+    min_batches: int = 3,
+    max_batches: int | None = None,
+    on_batch=None,
+) -> dict:
     """Tokens/s of `train_dataloader()` with `num_workers` loader workers, after `warmup` batches.
 
     Counts every token of every batch timed (rows x (T + 1)); stops after `seconds` (once `min_batches` are in) or
@@ -235,8 +264,9 @@ def measure_stream(kwargs: dict, num_workers: int, *, warmup: int = 2, seconds: 
     }
 
 
-def gpu_tokens_per_s(depth: int = DEPTH, vocab_size: int = GPU_VOCAB, seq_len: int = GPU_SEQ, gpu: str = GPU_NAME,
-                     mfus=MFUS) -> dict:
+def gpu_tokens_per_s(
+    depth: int = DEPTH, vocab_size: int = GPU_VOCAB, seq_len: int = GPU_SEQ, gpu: str = GPU_NAME, mfus=MFUS
+) -> dict:
     """Training tokens/s one GPU consumes: peak bf16 FLOP/s x MFU / flops_per_token (model built on `meta`)."""
     import torch
 
@@ -247,9 +277,16 @@ def gpu_tokens_per_s(depth: int = DEPTH, vocab_size: int = GPU_VOCAB, seq_len: i
         model = GPT(GPTConfig.from_depth(depth, vocab_size, seq_len))
     flops = model.flops_per_token()
     peak = next(value for key, value in GPU_PEAK_BF16 if key in gpu)
-    return {"depth": depth, "vocab_size": vocab_size, "sequence_len": seq_len, "params": model.num_params(),
-            "flops_per_token": flops, "gpu": gpu, "peak_bf16": peak,
-            "tok_s": {label: peak * mfu / flops for label, mfu in mfus}}
+    return {
+        "depth": depth,
+        "vocab_size": vocab_size,
+        "sequence_len": seq_len,
+        "params": model.num_params(),
+        "flops_per_token": flops,
+        "gpu": gpu,
+        "peak_bf16": peak,
+        "tok_s": {label: peak * mfu / flops for label, mfu in mfus},
+    }
 
 
 def profile_stages(kwargs: dict, *, docs: int = 512, threads: tuple[int, ...] | None = None) -> dict:
@@ -313,11 +350,24 @@ def profile_stages(kwargs: dict, *, docs: int = 512, threads: tuple[int, ...] | 
     stages = {}
     for name in order:
         wall, cpu = clock[name]
-        stages[name] = {"seconds": wall, "cpu_s": cpu, "tok_s": tokens / wall, "MB_s": nbytes / wall / 1e6,
-                        "tok_per_cpu_s": tokens / cpu if cpu > 0 else None,
-                        "share": wall / stream_s if not name.startswith("tokenize") or name == names[threads[0]] else None}
-    return {"row_groups": groups, "documents": len(kept), "chars": chars, "bytes": nbytes, "tokens": tokens,
-            "packed_tokens": packed, "bytes_per_token": nbytes / tokens, "stages": stages}
+        stages[name] = {
+            "seconds": wall,
+            "cpu_s": cpu,
+            "tok_s": tokens / wall,
+            "MB_s": nbytes / wall / 1e6,
+            "tok_per_cpu_s": tokens / cpu if cpu > 0 else None,
+            "share": wall / stream_s if not name.startswith("tokenize") or name == names[threads[0]] else None,
+        }
+    return {
+        "row_groups": groups,
+        "documents": len(kept),
+        "chars": chars,
+        "bytes": nbytes,
+        "tokens": tokens,
+        "packed_tokens": packed,
+        "bytes_per_token": nbytes / tokens,
+        "stages": stages,
+    }
 
 
 # --- report ---------------------------------------------------------------------------------------
@@ -328,35 +378,82 @@ def headroom(stream_tok_s: float, gpu: dict) -> dict:
 def tables(runs: list[dict], gpu: dict, profile: dict | None, source_line: str) -> str:
     labels = list(gpu["tok_s"])
     last = labels[-1]
-    header = ["readers", "batch (accum, B, T+1)", "batches timed", "tokens", "seconds", "stream tok/s",
-              *[f"headroom @ {label} MFU" for label in labels], f">= {HEADROOM_BAR:g}x",
-              "CPU cores busy", "tok per CPU-second", f"headroom per busy core @ {last} MFU"]
+    header = [
+        "readers",
+        "batch (accum, B, T+1)",
+        "batches timed",
+        "tokens",
+        "seconds",
+        "stream tok/s",
+        *[f"headroom @ {label} MFU" for label in labels],
+        f">= {HEADROOM_BAR:g}x",
+        "CPU cores busy",
+        "tok per CPU-second",
+        f"headroom per busy core @ {last} MFU",
+    ]
     rows = []
     for r in runs:
         who = "main process (num_workers=0)" if r["num_workers"] == 0 else f"num_workers={r['num_workers']}"
         room = r["headroom"]
         per_core = r["tok_per_cpu_s"]
-        rows.append([f"{who}, {r['tokenizer_threads']} tokenizer threads", "x".join(map(str, r["shape"])), r["batches"],
-                     f"{r['tokens']:,}", f"{r['seconds']:.2f}", f"{r['tok_s']:,.0f}",
-                     *[f"{room[label]:.2f}x" for label in labels],
-                     "yes" if min(room.values()) >= HEADROOM_BAR else "**no**",
-                     f"{r['cores_busy']:.2f}", f"{per_core:,.0f}" if per_core else "n/a",
-                     f"{per_core / gpu['tok_s'][last]:.2f}x" if per_core else "n/a"])
+        rows.append(
+            [
+                f"{who}, {r['tokenizer_threads']} tokenizer threads",
+                "x".join(map(str, r["shape"])),
+                r["batches"],
+                f"{r['tokens']:,}",
+                f"{r['seconds']:.2f}",
+                f"{r['tok_s']:,.0f}",
+                *[f"{room[label]:.2f}x" for label in labels],
+                "yes" if min(room.values()) >= HEADROOM_BAR else "**no**",
+                f"{r['cores_busy']:.2f}",
+                f"{per_core:,.0f}" if per_core else "n/a",
+                f"{per_core / gpu['tok_s'][last]:.2f}x" if per_core else "n/a",
+            ]
+        )
     out = [f"Data: {source_line}", "", markdown_table(header, rows), ""]
-    out.append(markdown_table(
-        ["GPU consumer", "flops/token", *[f"tok/s @ {label} MFU" for label in labels]],
-        [[(f"d{gpu['depth']} (vocab {gpu['vocab_size']:,}, T {gpu['sequence_len']}) on one {gpu['gpu']} "
-           f"({gpu['peak_bf16'] / 1e12:.0f} TFLOP/s bf16)"), f"{gpu['flops_per_token']:.3e}",
-          *[f"{gpu['tok_s'][label]:,.0f}" for label in labels]]]))
+    out.append(
+        markdown_table(
+            ["GPU consumer", "flops/token", *[f"tok/s @ {label} MFU" for label in labels]],
+            [
+                [
+                    (
+                        f"d{gpu['depth']} (vocab {gpu['vocab_size']:,}, T {gpu['sequence_len']}) on one {gpu['gpu']} "
+                        f"({gpu['peak_bf16'] / 1e12:.0f} TFLOP/s bf16)"
+                    ),
+                    f"{gpu['flops_per_token']:.3e}",
+                    *[f"{gpu['tok_s'][label]:,.0f}" for label in labels],
+                ]
+            ],
+        )
+    )
     if profile:
-        out += ["", (f"Stage profile ({profile['documents']:,} documents of {profile['row_groups']} row group(s), "
-                     f"{profile['bytes'] / 1e6:.1f} MB, {profile['tokens']:,} tokens, "
-                     f"{profile['bytes_per_token']:.2f} bytes/token), each stage alone in the main process:"), ""]
-        out.append(markdown_table(
-            ["stage", "seconds", "share of the stream", "CPU s", "tok/s", "tok per CPU-second", "MB/s"],
-            [[name, f"{s['seconds']:.3f}", f"{s['share']:.0%}" if s["share"] is not None else "-", f"{s['cpu_s']:.2f}",
-              f"{s['tok_s']:,.0f}", f"{s['tok_per_cpu_s']:,.0f}" if s["tok_per_cpu_s"] else "n/a", f"{s['MB_s']:.1f}"]
-             for name, s in profile["stages"].items()]))
+        out += [
+            "",
+            (
+                f"Stage profile ({profile['documents']:,} documents of {profile['row_groups']} row group(s), "
+                f"{profile['bytes'] / 1e6:.1f} MB, {profile['tokens']:,} tokens, "
+                f"{profile['bytes_per_token']:.2f} bytes/token), each stage alone in the main process:"
+            ),
+            "",
+        ]
+        out.append(
+            markdown_table(
+                ["stage", "seconds", "share of the stream", "CPU s", "tok/s", "tok per CPU-second", "MB/s"],
+                [
+                    [
+                        name,
+                        f"{s['seconds']:.3f}",
+                        f"{s['share']:.0%}" if s["share"] is not None else "-",
+                        f"{s['cpu_s']:.2f}",
+                        f"{s['tok_s']:,.0f}",
+                        f"{s['tok_per_cpu_s']:,.0f}" if s["tok_per_cpu_s"] else "n/a",
+                        f"{s['MB_s']:.1f}",
+                    ]
+                    for name, s in profile["stages"].items()
+                ],
+            )
+        )
     return "\n".join(out)
 
 
@@ -369,10 +466,16 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="batches discarded before timing")
     parser.add_argument("--vocab-size", type=int, default=32768)
     parser.add_argument("--tokenizer-chars", type=float, default=5e6, help="characters to train the tokenizer on")
-    parser.add_argument("--tokenizer", type=Path, default=None, help="reuse this saved tokenizer instead of training one")
+    parser.add_argument(
+        "--tokenizer", type=Path, default=None, help="reuse this saved tokenizer instead of training one"
+    )
     parser.add_argument("--text", type=Path, default=None, help="text folder (default ../shared/data/pretrain_text)")
-    parser.add_argument("--text-chars", type=float, default=30e6,
-                        help="about this much text (bytes of real files, or generated characters) goes into the shards")
+    parser.add_argument(
+        "--text-chars",
+        type=float,
+        default=30e6,
+        help="about this much text (bytes of real files, or generated characters) goes into the shards",
+    )
     parser.add_argument("--profile-docs", type=int, default=512, help="documents in the stage profile (0: no profile)")
     parser.add_argument("--json", type=Path, default=Path("bench/results/data_stream.json"))
     args = parser.parse_args()
@@ -390,12 +493,22 @@ def main() -> None:
         t0 = time.perf_counter()
         manifest = prepare_shards(kwargs)
         prepare_s = time.perf_counter() - t0
-        print(f"shards: {manifest['num_shards']} ({manifest['train']['chars']:,} train chars) in {prepare_s:.1f} s", flush=True)
+        print(
+            f"shards: {manifest['num_shards']} ({manifest['train']['chars']:,} train chars) in {prepare_s:.1f} s",
+            flush=True,
+        )
         if args.tokenizer is None:
             tok_stats = train_tokenizer(work / "shards", tokenizer_dir, args.vocab_size, int(args.tokenizer_chars))
-            asked = "" if tok_stats["vocab_size"] == args.vocab_size else f" (asked for {args.vocab_size:,}: the text has no more merges)"
-            print(f"tokenizer: {tok_stats['vocab_size']:,} tokens{asked} trained on {tok_stats['chars']:,} chars in "
-                  f"{tok_stats['train_time_s']} s", flush=True)
+            asked = (
+                ""
+                if tok_stats["vocab_size"] == args.vocab_size
+                else f" (asked for {args.vocab_size:,}: the text has no more merges)"
+            )
+            print(
+                f"tokenizer: {tok_stats['vocab_size']:,} tokens{asked} trained on {tok_stats['chars']:,} chars in "
+                f"{tok_stats['train_time_s']} s",
+                flush=True,
+            )
         else:
             from nanochat.tokenizer import Tokenizer
 
@@ -413,12 +526,18 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
     settings = {
-        "data": source_line, "shard_prepare_s": round(prepare_s, 2),
-        "shards": {"count": manifest["num_shards"], "train_chars": manifest["train"]["chars"],
-                   "train_docs": manifest["train"]["docs"]},
+        "data": source_line,
+        "shard_prepare_s": round(prepare_s, 2),
+        "shards": {
+            "count": manifest["num_shards"],
+            "train_chars": manifest["train"]["chars"],
+            "train_docs": manifest["train"]["docs"],
+        },
         "tokenizer": tok_stats,
         "datamodule": {k: v for k, v in kwargs.items() if k not in ("dir", "tokenizer_dir", "source")},
-        "warmup_batches": args.warmup, "seconds": args.seconds, "headroom_bar": HEADROOM_BAR,
+        "warmup_batches": args.warmup,
+        "seconds": args.seconds,
+        "headroom_bar": HEADROOM_BAR,
         "wall_s": round(time.perf_counter() - t_all, 1),
     }
     print()

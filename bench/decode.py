@@ -48,8 +48,17 @@ PRESETS = {4: (4096, 256), 6: (8192, 512)}  # depth -> (vocab, sequence_len), as
 class StubTokenizer:
     """Just enough tokenizer for tool-free decoding: special tokens at the top of the vocabulary."""
 
-    names = ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
-             "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")
+    names = (
+        "<|bos|>",
+        "<|user_start|>",
+        "<|user_end|>",
+        "<|assistant_start|>",
+        "<|assistant_end|>",
+        "<|python_start|>",
+        "<|python_end|>",
+        "<|output_start|>",
+        "<|output_end|>",
+    )
 
     def __init__(self, vocab_size: int):
         self.ids = {name: vocab_size - len(self.names) + i for i, name in enumerate(self.names)}
@@ -120,9 +129,15 @@ def kv_bytes_per_token(engine: Engine, prompt: list[int], num_samples: int = 1, 
     c = engine.model.config
     expected = engine.compute_dtype()
     formula = 2 * c.n_layer * c.n_kv_head * c.head_dim * expected.itemsize
-    return {"bytes_per_token": nbytes / (rows * positions), "formula": formula, "cache_bytes": nbytes,
-            "rows": rows, "positions": positions, "dtype": str(dtype).removeprefix("torch."),
-            "formula_dtype": str(expected).removeprefix("torch.")}
+    return {
+        "bytes_per_token": nbytes / (rows * positions),
+        "formula": formula,
+        "cache_bytes": nbytes,
+        "rows": rows,
+        "positions": positions,
+        "dtype": str(dtype).removeprefix("torch."),
+        "formula_dtype": str(expected).removeprefix("torch."),
+    }
 
 
 def prefill(engine: Engine, length: int, repeats: int) -> dict:
@@ -163,7 +178,10 @@ def naive_seconds(model, prompt: list[int], max_tokens: int, stride: int = 1, re
         return {"seconds": time.perf_counter() - t0, "measured": "one full run"}
     steps = list(range(stride // 2, max_tokens, stride))
     seconds = stride * sum(naive_step_seconds(model, len(prompt) + t, repeats) for t in steps)
-    return {"seconds": seconds, "measured": f"{len(steps)} of {max_tokens} steps (every {stride}th, best of {repeats}) x {stride}"}
+    return {
+        "seconds": seconds,
+        "measured": f"{len(steps)} of {max_tokens} steps (every {stride}th, best of {repeats}) x {stride}",
+    }
 
 
 def bench_depth(depth: int, args, precision: str = "fp32") -> dict:
@@ -172,9 +190,17 @@ def bench_depth(depth: int, args, precision: str = "fp32") -> dict:
     prompt = prompt_of(args.prompt)
     run_generate(engine, prompt, 8, 8)  # warm-up: thread pools, allocator
     long_len = min(args.long_prompt, config.sequence_len)
-    out = {"depth": depth, "precision": precision, "params": model.num_params(), "vocab": config.vocab_size,
-           "sequence_len": config.sequence_len,
-           "prompt": args.prompt, "n_layer": config.n_layer, "n_kv_head": config.n_kv_head, "head_dim": config.head_dim}
+    out = {
+        "depth": depth,
+        "precision": precision,
+        "params": model.num_params(),
+        "vocab": config.vocab_size,
+        "sequence_len": config.sequence_len,
+        "prompt": args.prompt,
+        "n_layer": config.n_layer,
+        "n_kv_head": config.n_kv_head,
+        "head_dim": config.head_dim,
+    }
     out["prefill"] = prefill(engine, long_len, args.repeats)
     out["ttft"] = best_generate(engine, prompt_of(long_len), 1, 1, args.repeats)
     out["kv"] = kv_bytes_per_token(engine, prompt)
@@ -186,43 +212,122 @@ def bench_depth(depth: int, args, precision: str = "fp32") -> dict:
     for n, stride in lengths:
         cache = best_generate(engine, prompt, 1, n, args.repeats)
         naive = naive_seconds(model, prompt, n, stride, args.repeats)
-        out["decode"].append({"new_tokens": n, "cache": cache, "naive": naive,
-                              "cache_tok_per_s": n / cache["total_s"], "naive_tok_per_s": n / naive["seconds"],
-                              "speedup": naive["seconds"] / cache["total_s"]})
+        out["decode"].append(
+            {
+                "new_tokens": n,
+                "cache": cache,
+                "naive": naive,
+                "cache_tok_per_s": n / cache["total_s"],
+                "naive_tok_per_s": n / naive["seconds"],
+                "speedup": naive["seconds"] / cache["total_s"],
+            }
+        )
     n = args.new[0]
     single = out["decode"][0]["cache"]
     batched = best_generate(engine, prompt, 8, n, args.repeats)
-    out["batch1"] = {"new_tokens": n, "decode_tok_per_s": decode_rate(single, 1), "step_ms": 1e3 * single["decode_s"] / (n - 1)}
-    out["batch8"] = {"new_tokens": n, "decode_tok_per_s": decode_rate(batched, 8), "step_ms": 1e3 * batched["decode_s"] / (n - 1),
-                     "run": batched}
+    out["batch1"] = {
+        "new_tokens": n,
+        "decode_tok_per_s": decode_rate(single, 1),
+        "step_ms": 1e3 * single["decode_s"] / (n - 1),
+    }
+    out["batch8"] = {
+        "new_tokens": n,
+        "decode_tok_per_s": decode_rate(batched, 8),
+        "step_ms": 1e3 * batched["decode_s"] / (n - 1),
+        "run": batched,
+    }
     sequential_s = 8 * single["total_s"]
-    out["samples8"] = {"new_tokens": n, "batched_tok_per_s": 8 * n / batched["total_s"], "sequential_tok_per_s": 8 * n / sequential_s,
-                       "speedup": sequential_s / batched["total_s"]}
+    out["samples8"] = {
+        "new_tokens": n,
+        "batched_tok_per_s": 8 * n / batched["total_s"],
+        "sequential_tok_per_s": 8 * n / sequential_s,
+        "speedup": sequential_s / batched["total_s"],
+    }
     return out
 
 
 def tables(results: list[dict]) -> str:
     r0 = results[0]
-    caption = (f"Prefill and TTFT: one row, the prompt length shown (at most the model's sequence_len). Decode: "
-               f"{r0['prompt']}-token prompt, {r0['batch1']['new_tokens']} new tokens, rate after the first token. "
-               f"KV bytes/token: the engine's cache tensors / 2 x n_layer x n_kv_head x head_dim x dtype bytes.")
+    caption = (
+        f"Prefill and TTFT: one row, the prompt length shown (at most the model's sequence_len). Decode: "
+        f"{r0['prompt']}-token prompt, {r0['batch1']['new_tokens']} new tokens, rate after the first token. "
+        f"KV bytes/token: the engine's cache tensors / 2 x n_layer x n_kv_head x head_dim x dtype bytes."
+    )
     out = [caption, ""]
     rows = []
     for r in results:
         kv, b1, b8 = r["kv"], r["batch1"], r["batch8"]
-        rows.append([f"d{r['depth']} ({r['params'] / 1e6:.1f}M)", r["precision"], f"{r['prefill']['tokens']}", f"{r['prefill']['tok_per_s']:,.0f}",
-                     f"{1e3 * r['ttft']['ttft_s']:.1f}", f"{b1['decode_tok_per_s']:,.0f} ({b1['step_ms']:.2f} ms/step)",
-                     f"{b8['decode_tok_per_s']:,.0f} ({b8['step_ms']:.2f} ms/step)",
-                     f"{kv['bytes_per_token']:,.0f} / {kv['formula']:,} ({kv['dtype']})", f"{kv['full_context_mb']:.1f}"])
-    out += [markdown_table(["model", "precision", "prefill prompt", "prefill tok/s", "TTFT ms", "decode tok/s, batch 1",
-                           "decode tok/s, batch 8", "KV bytes/token: cache / formula", "KV MB at sequence_len"], rows), ""]
-    rows = [[f"d{r['depth']}", r["precision"], d["new_tokens"], f"{d['cache_tok_per_s']:,.0f}", f"{d['naive_tok_per_s']:,.1f}",
-             f"{d['speedup']:.1f}x" + ("" if d["naive"]["measured"] == "one full run" else " (naive estimated)")]
-            for r in results for d in r["decode"]]
-    out += [markdown_table(["model", "precision", "new tokens", "KV cache tok/s", "naive tok/s", "cache speedup"], rows), ""]
-    rows = [[f"d{r['depth']}", r["precision"], s["new_tokens"], f"{s['batched_tok_per_s']:,.0f}", f"{s['sequential_tok_per_s']:,.0f}", f"{s['speedup']:.1f}x"]
-            for r in results for s in [r["samples8"]]]
-    out.append(markdown_table(["model", "precision", "new tokens", "8 rows in one batch, tok/s", "8 x batch 1, tok/s", "batching speedup"], rows))
+        rows.append(
+            [
+                f"d{r['depth']} ({r['params'] / 1e6:.1f}M)",
+                r["precision"],
+                f"{r['prefill']['tokens']}",
+                f"{r['prefill']['tok_per_s']:,.0f}",
+                f"{1e3 * r['ttft']['ttft_s']:.1f}",
+                f"{b1['decode_tok_per_s']:,.0f} ({b1['step_ms']:.2f} ms/step)",
+                f"{b8['decode_tok_per_s']:,.0f} ({b8['step_ms']:.2f} ms/step)",
+                f"{kv['bytes_per_token']:,.0f} / {kv['formula']:,} ({kv['dtype']})",
+                f"{kv['full_context_mb']:.1f}",
+            ]
+        )
+    out += [
+        markdown_table(
+            [
+                "model",
+                "precision",
+                "prefill prompt",
+                "prefill tok/s",
+                "TTFT ms",
+                "decode tok/s, batch 1",
+                "decode tok/s, batch 8",
+                "KV bytes/token: cache / formula",
+                "KV MB at sequence_len",
+            ],
+            rows,
+        ),
+        "",
+    ]
+    rows = [
+        [
+            f"d{r['depth']}",
+            r["precision"],
+            d["new_tokens"],
+            f"{d['cache_tok_per_s']:,.0f}",
+            f"{d['naive_tok_per_s']:,.1f}",
+            f"{d['speedup']:.1f}x" + ("" if d["naive"]["measured"] == "one full run" else " (naive estimated)"),
+        ]
+        for r in results
+        for d in r["decode"]
+    ]
+    out += [
+        markdown_table(["model", "precision", "new tokens", "KV cache tok/s", "naive tok/s", "cache speedup"], rows),
+        "",
+    ]
+    rows = [
+        [
+            f"d{r['depth']}",
+            r["precision"],
+            s["new_tokens"],
+            f"{s['batched_tok_per_s']:,.0f}",
+            f"{s['sequential_tok_per_s']:,.0f}",
+            f"{s['speedup']:.1f}x",
+        ]
+        for r in results
+        for s in [r["samples8"]]
+    ]
+    out.append(
+        markdown_table(
+            [
+                "model",
+                "precision",
+                "new tokens",
+                "8 rows in one batch, tok/s",
+                "8 x batch 1, tok/s",
+                "batching speedup",
+            ],
+            rows,
+        )
+    )
     return "\n".join(out)
 
 
@@ -230,14 +335,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--depths", type=int, nargs="+", default=[4, 6], choices=sorted(PRESETS))
     parser.add_argument("--prompt", type=int, default=16, help="prompt tokens for decoding runs")
-    parser.add_argument("--new", type=int, nargs="+", default=[128, 256], help="new tokens, cache vs naive (first: batch runs)")
-    parser.add_argument("--long-new", type=int, default=512, help="extra cache-vs-naive length on the deepest model (0: none)")
-    parser.add_argument("--naive-stride", type=int, default=16, help="time every n-th naive step at --long-new (1: all)")
+    parser.add_argument(
+        "--new", type=int, nargs="+", default=[128, 256], help="new tokens, cache vs naive (first: batch runs)"
+    )
+    parser.add_argument(
+        "--long-new", type=int, default=512, help="extra cache-vs-naive length on the deepest model (0: none)"
+    )
+    parser.add_argument(
+        "--naive-stride", type=int, default=16, help="time every n-th naive step at --long-new (1: all)"
+    )
     parser.add_argument("--long-prompt", type=int, default=512, help="prefill / TTFT prompt, clamped to sequence_len")
     parser.add_argument("--repeats", type=int, default=3, help="best of this many runs (naive full runs: one)")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    parser.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=[resolve("auto").name],
-                        help="weights and compute dtype, one run each (default: what precision=auto gives here)")
+    parser.add_argument(
+        "--precision",
+        nargs="+",
+        choices=("fp32", "bf16"),
+        default=[resolve("auto").name],
+        help="weights and compute dtype, one run each (default: what precision=auto gives here)",
+    )
     parser.add_argument("--json", type=Path, default=Path("bench/results/decode.json"))
     args = parser.parse_args()
     if args.threads:

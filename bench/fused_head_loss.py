@@ -17,8 +17,8 @@ import time
 
 import torch
 import torch.nn.functional as F
-
 from common import markdown_table, save
+
 from nanochat.models.components import GPT, GPTConfig
 from nanochat.models.components import gpt as gpt_module
 from nanochat.models.components.head_loss import softcap_cross_entropy
@@ -103,17 +103,30 @@ def main() -> None:
     if not args.skip_step:
         results["step"] = whole_step(args.depth, args.vocab, args.rows, args.seq_len, args.repeats)
     rows = []
-    for part, label in (("head", f"head + loss ({n:,} x {dim} -> {args.vocab:,})"), ("step", f"d{args.depth} training step")):
+    for part, label in (
+        ("head", f"head + loss ({n:,} x {dim} -> {args.vocab:,})"),
+        ("step", f"d{args.depth} training step"),
+    ):
         if part not in results:
             continue
         r = results[part]
         plain, fused = r["plain ops"], r["fused"]
         if abs(plain["loss"] - fused["loss"]) > 1e-4 * abs(plain["loss"]):
             raise SystemExit(f"{part}: losses disagree ({plain['loss']} vs {fused['loss']}): a bug, not a benchmark")
-        rows.append([label, f"{1e3 * plain['seconds']:,.0f}", f"{1e3 * fused['seconds']:,.0f}",
-                     f"{plain['seconds'] / fused['seconds']:.2f}x", f"{n / plain['seconds']:,.0f}", f"{n / fused['seconds']:,.0f}",
-                     f"{fused['loss']:.6f}"])
-    table = markdown_table(["what", "plain ops (ms)", "fused (ms)", "speedup", "plain tok/s", "fused tok/s", "loss (both)"], rows)
+        rows.append(
+            [
+                label,
+                f"{1e3 * plain['seconds']:,.0f}",
+                f"{1e3 * fused['seconds']:,.0f}",
+                f"{plain['seconds'] / fused['seconds']:.2f}x",
+                f"{n / plain['seconds']:,.0f}",
+                f"{n / fused['seconds']:,.0f}",
+                f"{fused['loss']:.6f}",
+            ]
+        )
+    table = markdown_table(
+        ["what", "plain ops (ms)", "fused (ms)", "speedup", "plain tok/s", "fused tok/s", "loss (both)"], rows
+    )
     save(args.json, table, results, vars(args))
 
 

@@ -22,10 +22,10 @@ import time
 
 import torch
 import torch.nn.functional as F
+from common import markdown_table, save
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
 
-from common import markdown_table, save
 from nanochat.models.components import GPT, GPTConfig, head_loss
 from nanochat.models.components import gpt as gpt_module
 
@@ -94,19 +94,41 @@ def main() -> None:
     for batch in args.batches:
         n = batch * args.seq_len
         for name, fn in HEADS.items():
-            row = {"batch": batch, "tokens": n, "head": name, "head_peak_bytes": head_peak(fn, n, config.n_embd, args.vocab),
-                   "step_peak_bytes": step_peak(fn, config, batch)}
+            row = {
+                "batch": batch,
+                "tokens": n,
+                "head": name,
+                "head_peak_bytes": head_peak(fn, n, config.n_embd, args.vocab),
+                "step_peak_bytes": step_peak(fn, config, batch),
+            }
             results.append(row)
-            print(f"  batch {batch} {name}: head {row['head_peak_bytes'] / GIB:.2f} GiB, "
-                  f"step {row['step_peak_bytes'] / GIB:.2f} GiB", flush=True)
+            print(
+                f"  batch {batch} {name}: head {row['head_peak_bytes'] / GIB:.2f} GiB, "
+                f"step {row['step_peak_bytes'] / GIB:.2f} GiB",
+                flush=True,
+            )
     rows = []
     for r in results:
         plain = next(x for x in results if x["batch"] == r["batch"] and x["head"] == "plain ops")
-        rows.append([f"d{args.depth} x {r['batch']} x {args.seq_len}", r["head"], f"{r['head_peak_bytes'] / GIB:.2f}",
-                     f"{r['step_peak_bytes'] / GIB:.2f}",
-                     f"{(plain['step_peak_bytes'] - r['step_peak_bytes']) / GIB:.2f}"])
-    table = markdown_table(["step (depth x rows x seq)", "head + loss", "head peak (GiB)", "eager step peak (GiB)",
-                            "saved vs plain (GiB)"], rows)
+        rows.append(
+            [
+                f"d{args.depth} x {r['batch']} x {args.seq_len}",
+                r["head"],
+                f"{r['head_peak_bytes'] / GIB:.2f}",
+                f"{r['step_peak_bytes'] / GIB:.2f}",
+                f"{(plain['step_peak_bytes'] - r['step_peak_bytes']) / GIB:.2f}",
+            ]
+        )
+    table = markdown_table(
+        [
+            "step (depth x rows x seq)",
+            "head + loss",
+            "head peak (GiB)",
+            "eager step peak (GiB)",
+            "saved vs plain (GiB)",
+        ],
+        rows,
+    )
     settings = {**vars(args), "config": config.to_dict(), "wall_seconds": round(time.perf_counter() - started, 1)}
     save(args.json, table, results, settings)
 

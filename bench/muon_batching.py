@@ -13,8 +13,8 @@ import argparse
 import time
 
 import torch
-
 from common import markdown_table, save, sync
+
 from nanochat.models.components import GPTConfig
 from nanochat.optim.muon import muon_lr_scale, newton_schulz, ns_dtype
 from nanochat.optim.muon_adamw import MuonAdamW
@@ -60,8 +60,14 @@ def measure(depth: int, repeats: int, device: str) -> dict:
                 fn()
             sync()
             best[name] = min(best[name], time.perf_counter() - t0)
-    return {"depth": depth, "matrices": len(params), "shapes": len(set(block_shapes(depth))), "ns_dtype": str(dtype),
-            "per_matrix_s": best["per matrix"], "batched_s": best["batched by shape"]}
+    return {
+        "depth": depth,
+        "matrices": len(params),
+        "shapes": len(set(block_shapes(depth))),
+        "ns_dtype": str(dtype),
+        "per_matrix_s": best["per matrix"],
+        "batched_s": best["batched by shape"],
+    }
 
 
 def main() -> None:
@@ -74,8 +80,18 @@ def main() -> None:
     rows = [measure(d, args.repeats, args.device) for d in args.depths]
     table = markdown_table(
         ["model", "matrices (shapes)", "NS dtype", "per matrix (ms)", "batched by shape (ms)", "speedup"],
-        [[f"d{r['depth']}", f"{r['matrices']} ({r['shapes']})", r["ns_dtype"].replace("torch.", ""), f"{1e3 * r['per_matrix_s']:,.1f}",
-          f"{1e3 * r['batched_s']:,.1f}", f"{r['per_matrix_s'] / r['batched_s']:.2f}x"] for r in rows])
+        [
+            [
+                f"d{r['depth']}",
+                f"{r['matrices']} ({r['shapes']})",
+                r["ns_dtype"].replace("torch.", ""),
+                f"{1e3 * r['per_matrix_s']:,.1f}",
+                f"{1e3 * r['batched_s']:,.1f}",
+                f"{r['per_matrix_s'] / r['batched_s']:.2f}x",
+            ]
+            for r in rows
+        ],
+    )
     save(args.json, table, rows, vars(args))
 
 

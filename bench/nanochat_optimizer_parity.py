@@ -44,8 +44,10 @@ BASE_LRS = dict(unembedding_lr=0.008, embedding_lr=0.3, matrix_lr=0.02, scalar_l
 def reference_grads(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, torch.Tensor]:
     """A gradient per parameter, drawn in name order from one generator: N(0, 0.01^2), a few with larger scale."""
     g = torch.Generator().manual_seed(seed)
-    return {name: torch.randn(shapes[name], generator=g) * (0.01 if len(shapes[name]) > 1 else 0.1)
-            for name in sorted(shapes)}
+    return {
+        name: torch.randn(shapes[name], generator=g) * (0.01 if len(shapes[name]) > 1 else 0.1)
+        for name in sorted(shapes)
+    }
 
 
 # --- nanochat's side (child process: `nanochat` is the checkout's package) -------------------------------------
@@ -57,8 +59,16 @@ def nanochat_run(config_kwargs: dict, seed: int, steps: int, lr_scale: float, mu
     model.load_state_dict(reference_weights(shapes, seed))
     optimizer = model.setup_optimizer(**{k: v * lr_scale for k, v in BASE_LRS.items()}, weight_decay=muon_wd)
     names = {id(p): n for n, p in model.named_parameters()}
-    groups = [{"kind": g["kind"], "params": [names[id(p)] for p in g["params"]], "lr": g["lr"],
-               "betas": list(g.get("betas", [])), "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
+    groups = [
+        {
+            "kind": g["kind"],
+            "params": [names[id(p)] for p in g["params"]],
+            "lr": g["lr"],
+            "betas": list(g.get("betas", [])),
+            "weight_decay": g["weight_decay"],
+        }
+        for g in optimizer.param_groups
+    ]
     params = dict(model.named_parameters())
     start = {n: p.detach().clone() for n, p in params.items()}
     history = []
@@ -85,11 +95,30 @@ def nanochat_worker(args) -> None:
 
 
 def run_nanochat(args, config: dict, out: Path) -> dict:
-    cmd = [sys.executable, __file__, "--nanochat", str(args.nanochat), "--worker-out", str(out), "--config",
-           json.dumps(config), "--seed", str(args.seed), "--steps", str(args.steps), "--lr-scale", str(args.lr_scale),
-           "--muon-wd", str(args.muon_wd)]
-    env = {**os.environ, "PYTHONPATH": f"{args.nanochat}{os.pathsep}{Path(__file__).parent}",
-           "NANOCHAT_DTYPE": "float32", "TORCHDYNAMO_DISABLE": "1"}
+    cmd = [
+        sys.executable,
+        __file__,
+        "--nanochat",
+        str(args.nanochat),
+        "--worker-out",
+        str(out),
+        "--config",
+        json.dumps(config),
+        "--seed",
+        str(args.seed),
+        "--steps",
+        str(args.steps),
+        "--lr-scale",
+        str(args.lr_scale),
+        "--muon-wd",
+        str(args.muon_wd),
+    ]
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{args.nanochat}{os.pathsep}{Path(__file__).parent}",
+        "NANOCHAT_DTYPE": "float32",
+        "TORCHDYNAMO_DISABLE": "1",
+    }
     subprocess.run(cmd, check=True, env=env, cwd=args.nanochat)
     return torch.load(out, weights_only=False)
 
@@ -100,8 +129,9 @@ def our_config(ns_dtype: str = "float32"):
 
     from nanochat.settings import OptimizerConfig
 
-    merged = OmegaConf.merge(OmegaConf.structured(OptimizerConfig), OmegaConf.load(OPTIMIZER_PRESET),
-                             {"ns_dtype": ns_dtype})
+    merged = OmegaConf.merge(
+        OmegaConf.structured(OptimizerConfig), OmegaConf.load(OPTIMIZER_PRESET), {"ns_dtype": ns_dtype}
+    )
     return OmegaConf.to_object(merged)
 
 
@@ -140,8 +170,9 @@ def updates(start: dict, history: list[dict]) -> list[dict[str, torch.Tensor]]:
     return [{n: after[n] - prev[n] for n in after} for prev, after in zip(before, history)]
 
 
-def cautious_flips(diff: torch.Tensor, before: torch.Tensor, step: float, weight_decay: float,
-                   tol: float) -> torch.Tensor:
+def cautious_flips(
+    diff: torch.Tensor, before: torch.Tensor, step: float, weight_decay: float, tol: float
+) -> torch.Tensor:
     """Elements whose update differs by exactly their weight-decay term step x wd x |w|: where cautious weight
     decay's sign test (update x weight >= 0) sits at zero within rounding and the two implementations decide apart."""
     return (diff.abs() > tol) & ((diff.abs() - step * weight_decay * before.abs()).abs() <= tol)
@@ -150,8 +181,9 @@ def cautious_flips(diff: torch.Tensor, before: torch.Tensor, step: float, weight
 def compare(nanochat_out: dict, args) -> tuple[list[dict], list[list]]:
     from nanochat.optim.muon import muon_lr_scale
 
-    model, optimizer, start, history = our_run(nanochat_out["config"], args.seed, args.steps, args.lr_scale,
-                                               args.muon_wd)
+    model, optimizer, start, history = our_run(
+        nanochat_out["config"], args.seed, args.steps, args.lr_scale, args.muon_wd
+    )
     ours_group = groups_of(model, optimizer)
     roles = {n: g["role"] for n, g in ours_group.items()}
     nanochat_group = {n: g for g in nanochat_out["groups"] for n in g["params"]}
@@ -181,35 +213,65 @@ def compare(nanochat_out: dict, args) -> tuple[list[dict], list[list]]:
         lrs_equal = all(math.isclose(o["initial_lr"], t["lr"], rel_tol=1e-12) for o, t in pairs)
         betas_equal = g["kind"] != "adamw" or all(list(o["betas"]) == t["betas"] for o, t in pairs)
         wd_equal = math.isclose(g["initial_weight_decay"], h["weight_decay"], rel_tol=1e-9, abs_tol=1e-12)
-        row = {"role": role, "kind": g["kind"], "parameters": len(names), "lr ours": g["initial_lr"],
-               "lr nanochat": h["lr"],
-               "lrs equal": lrs_equal, "betas equal": betas_equal, "weight decay equal": wd_equal,
-               "max |update|": scale, "max |update diff|": diff, "relative": diff / scale,
-               "cautious-decay ties": flips, "element updates": elements}
+        row = {
+            "role": role,
+            "kind": g["kind"],
+            "parameters": len(names),
+            "lr ours": g["initial_lr"],
+            "lr nanochat": h["lr"],
+            "lrs equal": lrs_equal,
+            "betas equal": betas_equal,
+            "weight decay equal": wd_equal,
+            "max |update|": scale,
+            "max |update diff|": diff,
+            "relative": diff / scale,
+            "cautious-decay ties": flips,
+            "element updates": elements,
+        }
         results.append(row)
-        rows.append([role, g["kind"], len(names), f"{g['initial_lr']:.6g}", f"{h['lr']:.6g}",
-                     "yes" if lrs_equal and betas_equal and wd_equal else "NO", f"{scale:.3e}", f"{diff:.2e}",
-                     f"{diff / scale:.1e}", f"{flips} of {elements:,}" if g["kind"] == "muon" else ""])
+        rows.append(
+            [
+                role,
+                g["kind"],
+                len(names),
+                f"{g['initial_lr']:.6g}",
+                f"{h['lr']:.6g}",
+                "yes" if lrs_equal and betas_equal and wd_equal else "NO",
+                f"{scale:.3e}",
+                f"{diff:.2e}",
+                f"{diff / scale:.1e}",
+                f"{flips} of {elements:,}" if g["kind"] == "muon" else "",
+            ]
+        )
     return results, rows
 
 
 def record(args) -> None:
     """The test suite's reference: a 2-layer nanochat model (width 64, vocab 200 padded to 256), fp32, `--steps`
     steps, summarised per parameter as the last update's sum of squares and first 8 values."""
-    nanochat_config = dict(sequence_len=256, vocab_size=200, n_layer=2, n_head=2, n_kv_head=2, n_embd=64,
-                       window_pattern="SSSL")
+    nanochat_config = dict(
+        sequence_len=256, vocab_size=200, n_layer=2, n_head=2, n_kv_head=2, n_embd=64, window_pattern="SSSL"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         nanochat_out = run_nanochat(args, nanochat_config, Path(tmp) / "nanochat_out.pt")
     last = updates(nanochat_out["start"], nanochat_out["history"])
     ref = {
         "source": f"nanochat {args.label}: nanochat/optim.py MuonAdamW via GPT.setup_optimizer on CPU, fp32, "
-                  f"written by bench/nanochat_optimizer_parity.py --record",
-        "config": nanochat_config, "seed": args.seed, "steps": args.steps, "lr_scale": args.lr_scale,
-        "muon_wd": args.muon_wd, "schedule": SCHEDULE[: args.steps],
+        f"written by bench/nanochat_optimizer_parity.py --record",
+        "config": nanochat_config,
+        "seed": args.seed,
+        "steps": args.steps,
+        "lr_scale": args.lr_scale,
+        "muon_wd": args.muon_wd,
+        "schedule": SCHEDULE[: args.steps],
         "lrs": {n: g["lr"] for g in nanochat_out["groups"] for n in g["params"]},
-        "updates": {n: {"sum_sq": [float(f"{u[n].double().square().sum().item():.9g}") for u in last],
-                        "first": [float(f"{x:.7g}") for x in last[-1][n].flatten()[:8].tolist()]}
-                    for n in sorted(nanochat_out["start"])},
+        "updates": {
+            n: {
+                "sum_sq": [float(f"{u[n].double().square().sum().item():.9g}") for u in last],
+                "first": [float(f"{x:.7g}") for x in last[-1][n].flatten()[:8].tolist()],
+            }
+            for n in sorted(nanochat_out["start"])
+        },
     }
     Path(args.record).write_text(json.dumps(ref, separators=(",", ":")) + "\n")
     print(f"wrote {args.record} ({Path(args.record).stat().st_size:,} bytes)")
@@ -223,7 +285,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--vocab", type=int, default=4000, help="not a multiple of 64: both pad the tables to 4,032")
     p.add_argument("--steps", type=int, default=len(SCHEDULE))
-    p.add_argument("--lr-scale", type=float, default=2 ** 0.5, help="batch lr transfer, as at B = 2^20")
+    p.add_argument("--lr-scale", type=float, default=2**0.5, help="batch lr transfer, as at B = 2^20")
     p.add_argument("--muon-wd", type=float, default=0.1, help="Muon weight decay at step 0 (after transfer)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
@@ -233,8 +295,10 @@ def main() -> None:
     p.add_argument("--config", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.nanochat is None or not (args.nanochat / "nanochat" / "optim.py").is_file():
-        print(f"skipped: no nanochat checkout given (--nanochat {args.nanochat}: needs nanochat/optim.py); e.g. "
-              f"git clone https://github.com/karpathy/nanochat /tmp/nanochat")
+        print(
+            f"skipped: no nanochat checkout given (--nanochat {args.nanochat}: needs nanochat/optim.py); e.g. "
+            f"git clone https://github.com/karpathy/nanochat /tmp/nanochat"
+        )
         return
     args.nanochat = args.nanochat.resolve()
     if args.worker_out:
@@ -247,16 +311,36 @@ def main() -> None:
     from common import markdown_table, save
 
     width, heads = nanochat_shape(args.depth, args.head_dim)
-    config = dict(sequence_len=args.seq, vocab_size=args.vocab, n_layer=args.depth, n_head=heads, n_kv_head=heads,
-                  n_embd=width, window_pattern="SSSL")
+    config = dict(
+        sequence_len=args.seq,
+        vocab_size=args.vocab,
+        n_layer=args.depth,
+        n_head=heads,
+        n_kv_head=heads,
+        n_embd=width,
+        window_pattern="SSSL",
+    )
     with tempfile.TemporaryDirectory() as tmp:
         nanochat_out = run_nanochat(args, config, Path(tmp) / "nanochat_out.pt")
     results, rows = compare(nanochat_out, args)
-    table = markdown_table(["role", "kind", "params", "lr ours", "lr nanochat", "lr, betas, wd equal",
-                            "max abs update", f"max abs diff ({args.steps} steps)", "relative",
-                            "cautious-decay ties (excluded)"], rows)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                if k not in ("worker_out", "config")}
+    table = markdown_table(
+        [
+            "role",
+            "kind",
+            "params",
+            "lr ours",
+            "lr nanochat",
+            "lr, betas, wd equal",
+            "max abs update",
+            f"max abs diff ({args.steps} steps)",
+            "relative",
+            "cautious-decay ties (excluded)",
+        ],
+        rows,
+    )
+    settings = {
+        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("worker_out", "config")
+    }
     save(args.json, table, results, settings)
 
 

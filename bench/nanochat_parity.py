@@ -33,8 +33,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 PRESET = REPO / "conf" / "arch" / "nanochat2026.yaml"
-SPECIAL = ("<|bos|>", "<|assistant_end|>", "<|python_start|>", "<|python_end|>", "<|output_start|>",
-           "<|output_end|>")
+SPECIAL = ("<|bos|>", "<|assistant_end|>", "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")
 
 
 def reference_weights(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, torch.Tensor]:
@@ -81,9 +80,8 @@ def nanochat_shape(depth: int, head_dim: int) -> tuple[int, int]:
 
 
 def nanochat_case(config_kwargs: dict, seed: int, rows: int, prompt_len: int, new_tokens: int) -> dict:
-    from nanochat.gpt import GPT, GPTConfig
-
     from nanochat.engine import Engine
+    from nanochat.gpt import GPT, GPTConfig
 
     model = GPT(GPTConfig(**config_kwargs))
     torch.manual_seed(seed)
@@ -101,8 +99,18 @@ def nanochat_case(config_kwargs: dict, seed: int, rows: int, prompt_len: int, ne
     engine = Engine(model, StubTokenizer())
     cached = [column[0] for column, _ in engine.generate(prompt, num_samples=1, max_tokens=new_tokens, temperature=0.0)]
     naive = list(model.generate(prompt, new_tokens, temperature=0.0))
-    return {"config": config_kwargs, "seed": seed, "state": model.state_dict(), "init_state": init_state, "idx": idx,
-            "logits": logits, "loss": float(loss), "prompt": prompt, "cached": cached, "naive": naive}
+    return {
+        "config": config_kwargs,
+        "seed": seed,
+        "state": model.state_dict(),
+        "init_state": init_state,
+        "idx": idx,
+        "logits": logits,
+        "loss": float(loss),
+        "prompt": prompt,
+        "cached": cached,
+        "naive": naive,
+    }
 
 
 def nanochat_worker(args) -> None:
@@ -112,8 +120,15 @@ def nanochat_worker(args) -> None:
     cases = []
     for head_dim in args.head_dims:
         width, heads = nanochat_shape(args.depth, head_dim)
-        kwargs = dict(sequence_len=args.seq, vocab_size=args.vocab, n_layer=args.depth, n_head=heads, n_kv_head=heads,
-                      n_embd=width, window_pattern="SSSL")
+        kwargs = dict(
+            sequence_len=args.seq,
+            vocab_size=args.vocab,
+            n_layer=args.depth,
+            n_head=heads,
+            n_kv_head=heads,
+            n_embd=width,
+            window_pattern="SSSL",
+        )
         cases.append(nanochat_case(kwargs, args.seed, args.rows, args.prompt, args.new))
     torch.save(cases, args.worker_out)
 
@@ -143,8 +158,9 @@ def our_model(nanochat_config: dict):
     shape = {k: v for k, v in nanochat_config.items() if k != "window_pattern"}
     config = GPTConfig(**shape, **preset())
     if config.window_pattern != nanochat_config["window_pattern"]:
-        raise SystemExit(f"{PRESET} has window_pattern {config.window_pattern}, nanochat's run "
-                         f"{nanochat_config['window_pattern']}")
+        raise SystemExit(
+            f"{PRESET} has window_pattern {config.window_pattern}, nanochat's run {nanochat_config['window_pattern']}"
+        )
     return GPT(config)
 
 
@@ -156,15 +172,18 @@ def compare(case: dict, dtype: torch.dtype, nanochat_fp32: dict | None) -> dict:
     ours_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     nanochat_shapes = {k: tuple(v.shape) for k, v in case["state"].items()}
     if ours_shapes != nanochat_shapes:
-        raise SystemExit(f"state dict layouts differ: ours only {sorted(set(ours_shapes) - set(nanochat_shapes))}, "
-                         f"nanochat's only {sorted(set(nanochat_shapes) - set(ours_shapes))}, shapes {ours_shapes} vs "
-                         f"{nanochat_shapes}")
+        raise SystemExit(
+            f"state dict layouts differ: ours only {sorted(set(ours_shapes) - set(nanochat_shapes))}, "
+            f"nanochat's only {sorted(set(nanochat_shapes) - set(ours_shapes))}, shapes {ours_shapes} vs "
+            f"{nanochat_shapes}"
+        )
     row = {}
     if dtype == torch.float32:
         torch.manual_seed(case["seed"])
         model.init_weights()
-        row["init max |diff|"] = max((model.state_dict()[k] - v.float()).abs().max().item()
-                                     for k, v in case["init_state"].items())
+        row["init max |diff|"] = max(
+            (model.state_dict()[k] - v.float()).abs().max().item() for k, v in case["init_state"].items()
+        )
     model.load_state_dict(case["state"])
     model.eval()
     x, y = case["idx"][:, :-1].contiguous(), case["idx"][:, 1:].contiguous()
@@ -203,8 +222,24 @@ def record(args) -> None:
     config = dict(sequence_len=256, vocab_size=200, n_layer=3, n_head=2, n_kv_head=1, n_embd=64, window_pattern="SSSL")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "nanochat.pt"
-        cmd = [sys.executable, __file__, "--nanochat", str(args.nanochat), "--worker-out", str(out), "--record-config",
-               json.dumps(config), "--seed", str(args.seed), "--prompt", "160", "--new", "32", "--rows", "1"]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--nanochat",
+            str(args.nanochat),
+            "--worker-out",
+            str(out),
+            "--record-config",
+            json.dumps(config),
+            "--seed",
+            str(args.seed),
+            "--prompt",
+            "160",
+            "--new",
+            "32",
+            "--rows",
+            "1",
+        ]
         env = {**os.environ, "PYTHONPATH": str(args.nanochat), "NANOCHAT_DTYPE": "float32"}
         subprocess.run(cmd, check=True, env=env, cwd=args.nanochat)
         case = torch.load(out, weights_only=False)[0]
@@ -212,15 +247,20 @@ def record(args) -> None:
     positions = [0, 1, 127, 128, 129, 200, 255]
     ref = {
         "source": f"nanochat {args.label}: nanochat/gpt.py GPT and nanochat/engine.py Engine on CPU, fp32, "
-                  f"written by bench/nanochat_parity.py --record",
-        "config": config, "seed": args.seed,
+        f"written by bench/nanochat_parity.py --record",
+        "config": config,
+        "seed": args.seed,
         "shapes": {k: list(v.shape) for k, v in case["state"].items()},
-        "init": {k: [round(v.double().sum().item(), 6), round(v.double().square().sum().item(), 6)]
-                 for k, v in case["init_state"].items()},
+        "init": {
+            k: [round(v.double().sum().item(), 6), round(v.double().square().sum().item(), 6)]
+            for k, v in case["init_state"].items()
+        },
         "loss": case["loss"],
         "logsumexp_every_8": [float(f"{x:.7g}") for x in torch.logsumexp(logits, -1)[::8].tolist()],
         "logits_first_16": {str(p): [float(f"{x:.7g}") for x in logits[p, :16].tolist()] for p in positions},
-        "prompt_len": len(case["prompt"]), "greedy_cached": case["cached"], "greedy_naive": case["naive"],
+        "prompt_len": len(case["prompt"]),
+        "greedy_cached": case["cached"],
+        "greedy_naive": case["naive"],
     }
     Path(args.record).write_text(json.dumps(ref, separators=(",", ":")) + "\n")
     print(f"wrote {args.record} ({Path(args.record).stat().st_size:,} bytes)")
@@ -244,13 +284,17 @@ def main() -> None:
     p.add_argument("--record-config", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.nanochat is None or not (args.nanochat / "nanochat" / "gpt.py").is_file():
-        print(f"skipped: no nanochat checkout given (--nanochat {args.nanochat}: needs nanochat/gpt.py); e.g. "
-              f"git clone https://github.com/karpathy/nanochat /tmp/nanochat")
+        print(
+            f"skipped: no nanochat checkout given (--nanochat {args.nanochat}: needs nanochat/gpt.py); e.g. "
+            f"git clone https://github.com/karpathy/nanochat /tmp/nanochat"
+        )
         return
     args.nanochat = args.nanochat.resolve()
     if args.worker_out and args.record_config:
-        torch.save([nanochat_case(json.loads(args.record_config), args.seed, args.rows, args.prompt, args.new)],
-                   args.worker_out)
+        torch.save(
+            [nanochat_case(json.loads(args.record_config), args.seed, args.rows, args.prompt, args.new)],
+            args.worker_out,
+        )
         return
     if args.worker_out:
         nanochat_worker(args)
@@ -269,23 +313,53 @@ def main() -> None:
             fp32_case = theirs["float32"][i] if dtype == torch.bfloat16 else None
             row = compare(case, dtype, fp32_case)
             c = case["config"]
-            label = {"head_dim": c["n_embd"] // c["n_head"], "heads": c["n_head"], "width": c["n_embd"],
-                     "precision": "fp32" if dtype == torch.float32 else "bf16"}
+            label = {
+                "head_dim": c["n_embd"] // c["n_head"],
+                "heads": c["n_head"],
+                "width": c["n_embd"],
+                "precision": "fp32" if dtype == torch.float32 else "bf16",
+            }
             results.append({**label, **row})
-            rows.append([label["head_dim"], label["precision"], f"{row['logits max |ours - nanochat|']:.2e}",
-                         f"{row['loss |ours - nanochat|']:.2e}", f"{row['loss']:.6f}",
-                         *(f"{row[k]:.3f}" if k in row else "" for k in ("ours bf16 vs nanochat fp32",
-                                                                          "nanochat bf16 vs nanochat fp32")),
-                         f"{row['logit scale (max |logit|)']:.2f}",
-                         yes_no(row["ours: cached = naive"]), yes_no(row["nanochat: cached = naive"]),
-                         yes_no(row["ours = nanochat (cached)"]),
-                         f"{row['init max |diff|']:.1e}" if "init max |diff|" in row else ""])
+            rows.append(
+                [
+                    label["head_dim"],
+                    label["precision"],
+                    f"{row['logits max |ours - nanochat|']:.2e}",
+                    f"{row['loss |ours - nanochat|']:.2e}",
+                    f"{row['loss']:.6f}",
+                    *(
+                        f"{row[k]:.3f}" if k in row else ""
+                        for k in ("ours bf16 vs nanochat fp32", "nanochat bf16 vs nanochat fp32")
+                    ),
+                    f"{row['logit scale (max |logit|)']:.2f}",
+                    yes_no(row["ours: cached = naive"]),
+                    yes_no(row["nanochat: cached = naive"]),
+                    yes_no(row["ours = nanochat (cached)"]),
+                    f"{row['init max |diff|']:.1e}" if "init max |diff|" in row else "",
+                ]
+            )
     table = markdown_table(
-        ["head dim", "precision", "logits max abs diff", "loss abs diff", "loss", "ours bf16 vs nanochat fp32",
-         "nanochat bf16 vs nanochat fp32", "max abs logit", f"ours: {args.new} greedy cached = naive",
-         "nanochat: cached = naive", "ours = nanochat (greedy)", "init max abs diff (same seed)"], rows)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                if k not in ("worker_out", "record_config")}
+        [
+            "head dim",
+            "precision",
+            "logits max abs diff",
+            "loss abs diff",
+            "loss",
+            "ours bf16 vs nanochat fp32",
+            "nanochat bf16 vs nanochat fp32",
+            "max abs logit",
+            f"ours: {args.new} greedy cached = naive",
+            "nanochat: cached = naive",
+            "ours = nanochat (greedy)",
+            "init max abs diff (same seed)",
+        ],
+        rows,
+    )
+    settings = {
+        k: (str(v) if isinstance(v, Path) else v)
+        for k, v in vars(args).items()
+        if k not in ("worker_out", "record_config")
+    }
     save(args.json, table, results, settings)
 
 

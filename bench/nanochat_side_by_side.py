@@ -59,6 +59,7 @@ NANOCHAT_STEP = re.compile(r"^step (\d+)/(\d+) .*\| dt: ([\d.]+)ms \| tok/sec: (
 # ours: "step     11/60 ( 18.3%) | loss 7.1234 | lrm 1.000 | 10,084 tok/s | mfu ..."
 OUR_STEP = re.compile(r"step\s+(\d+)/(\d+) .*\| ([\d,]+) tok/s")
 
+
 # --- pieces that need neither program -------------------------------------------------------------
 def step_rates(log: str, pattern: re.Pattern, first: int, one_based: bool) -> dict[int, float]:
     """{1-based step: tok/s} of the steps from `first` on, read from a training log."""
@@ -259,8 +260,9 @@ def timed_process(cmd: list[str], cwd: Path, env: dict, log: Path) -> dict:
     return {"wall_s": wall, "peak_rss_gb": usage.ru_maxrss / 2**20, "lines": list(zip(lines, samples))}
 
 
-def quiet_rates(lines: list[tuple[str, float]], pattern: re.Pattern, first: int, one_based: bool,
-                threshold: float) -> dict:
+def quiet_rates(
+    lines: list[tuple[str, float]], pattern: re.Pattern, first: int, one_based: bool, threshold: float
+) -> dict:
     """Median tok/s of steps `first`.. from a log, over the steps during which other processes used less than
     `threshold` of the machine (all steps when fewer than 10 of them were quiet)."""
     rates, disturbed = {}, {}
@@ -270,9 +272,15 @@ def quiet_rates(lines: list[tuple[str, float]], pattern: re.Pattern, first: int,
         disturbed |= {k: others for k in step}
     quiet = {k: v for k, v in rates.items() if disturbed[k] < threshold}
     used = quiet if len(quiet) >= 10 else rates
-    return {"tok_per_s": statistics.median(used.values()), "steps_timed": len(used), "steps_quiet": len(quiet),
-            "steps": len(rates), "tok_per_s_all_steps": statistics.median(rates.values()),
-            "others_max": max(disturbed.values()), "others_median": statistics.median(disturbed.values())}
+    return {
+        "tok_per_s": statistics.median(used.values()),
+        "steps_timed": len(used),
+        "steps_quiet": len(quiet),
+        "steps": len(rates),
+        "tok_per_s_all_steps": statistics.median(rates.values()),
+        "others_max": max(disturbed.values()),
+        "others_median": statistics.median(disturbed.values()),
+    }
 
 
 def thread_env(threads: int, **extra) -> dict:
@@ -281,19 +289,39 @@ def thread_env(threads: int, **extra) -> dict:
 
 def train_nanochat(args, work: Path, checkout: Path) -> dict:
     home = work / "nanochat_home"
-    cmd = [sys.executable, "-m", "scripts.base_train", f"--depth={args.depth}", "--head-dim=128",
-           f"--max-seq-len={args.seq_len}", "--window-pattern=L", f"--device-batch-size={args.batch}",
-           f"--total-batch-size={args.batch * args.seq_len}", f"--num-iterations={args.steps}", "--eval-every=-1",
-           "--core-metric-every=-1", "--sample-every=-1", "--device-type=cpu", "--model-tag=side_by_side"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "scripts.base_train",
+        f"--depth={args.depth}",
+        "--head-dim=128",
+        f"--max-seq-len={args.seq_len}",
+        "--window-pattern=L",
+        f"--device-batch-size={args.batch}",
+        f"--total-batch-size={args.batch * args.seq_len}",
+        f"--num-iterations={args.steps}",
+        "--eval-every=-1",
+        "--core-metric-every=-1",
+        "--sample-every=-1",
+        "--device-type=cpu",
+        "--model-tag=side_by_side",
+    ]
     env = thread_env(args.threads, NANOCHAT_BASE_DIR=str(home), NANOCHAT_DTYPE=NANOCHAT_DTYPES[args.precision])
     log = work / f"nanochat_train_{args.precision}.log"
     run = timed_process(cmd, checkout, env, log)
     rates = quiet_rates(run.pop("lines"), NANOCHAT_STEP, 11, one_based=False, threshold=args.quiet)
     ckpt = home / "base_checkpoints" / "side_by_side"
-    job = {"checkpoint_dir": str(ckpt), "step": args.steps, "rows": str(work / "val_rows.pt"),
-           "token_bytes": str(home / "tokenizer" / "token_bytes.pt"), "batch": args.batch, "threads": args.threads}
-    scored = run_worker(checkout, "score", job, thread_env(args.threads, NANOCHAT_BASE_DIR=str(home),
-                                                           NANOCHAT_DTYPE="float32"))
+    job = {
+        "checkpoint_dir": str(ckpt),
+        "step": args.steps,
+        "rows": str(work / "val_rows.pt"),
+        "token_bytes": str(home / "tokenizer" / "token_bytes.pt"),
+        "batch": args.batch,
+        "threads": args.threads,
+    }
+    scored = run_worker(
+        checkout, "score", job, thread_env(args.threads, NANOCHAT_BASE_DIR=str(home), NANOCHAT_DTYPE="float32")
+    )
     return {**run, **rates, **scored, "command": " ".join(cmd), "log": str(log)}
 
 
@@ -302,13 +330,33 @@ def train_ours(args, work: Path, repo: Path = REPO, name: str = "ours", extra: l
 
     home = work / f"{name}_home"
     run = f"side_by_side_{args.precision}"
-    cmd = [sys.executable, "-m", "nanochat", "train", "stage=base", "data=local", f"data.dir={work / 'shards'}",
-           f"paths.tokenizer_dir={work / f'tokenizer_{args.vocab}'}", f"model.depth={args.depth}",
-           f"model.vocab_size={args.vocab}", f"model.sequence_len={args.seq_len}",
-           f"model.device_batch_size={args.batch}", f"model.total_batch_size={args.batch * args.seq_len}",
-           f"budget.base_steps={args.steps}", "budget.log_every=1", f"budget.save_every={args.steps}",
-           "~callbacks.val_bpb", "~callbacks.samples", "~callbacks.core", "logger=none", "resume=never",
-           f"run={run}", f"precision={args.precision}", *args.ours, *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "nanochat",
+        "train",
+        "stage=base",
+        "data=local",
+        f"data.dir={work / 'shards'}",
+        f"paths.tokenizer_dir={work / f'tokenizer_{args.vocab}'}",
+        f"model.depth={args.depth}",
+        f"model.vocab_size={args.vocab}",
+        f"model.sequence_len={args.seq_len}",
+        f"model.device_batch_size={args.batch}",
+        f"model.total_batch_size={args.batch * args.seq_len}",
+        f"budget.base_steps={args.steps}",
+        "budget.log_every=1",
+        f"budget.save_every={args.steps}",
+        "~callbacks.val_bpb",
+        "~callbacks.samples",
+        "~callbacks.core",
+        "logger=none",
+        "resume=never",
+        f"run={run}",
+        f"precision={args.precision}",
+        *args.ours,
+        *extra,
+    ]
     env = thread_env(args.threads, NANOCHAT_BASE_DIR=str(home), PYTHONPATH=str(repo / "src"))
     log = work / f"{name}_train_{args.precision}.log"
     out = timed_process(cmd, repo, env, log)
@@ -316,8 +364,14 @@ def train_ours(args, work: Path, repo: Path = REPO, name: str = "ours", extra: l
     model, tokenizer, _ = load_export(home / "runs" / run / "base")
     rows = torch.load(work / "val_rows.pt")
     scored = score(model, rows, tokenizer.token_bytes(), args.batch)
-    return {**out, **rates, **scored, "command": " ".join(cmd[1:]), "log": str(log),
-            "export": str(home / "runs" / run / "base" / "export")}
+    return {
+        **out,
+        **rates,
+        **scored,
+        "command": " ".join(cmd[1:]),
+        "log": str(log),
+        "export": str(home / "runs" / run / "base" / "export"),
+    }
 
 
 # --- decoding -------------------------------------------------------------------------------------------
@@ -350,8 +404,14 @@ def decode_side_by_side(args, work: Path, checkout: Path) -> dict:
     prompt = decode_prompt(rows, args.prompt)
     home = work / "nanochat_home"
     ckpt = home / "base_checkpoints" / "side_by_side"
-    job = {"checkpoint_dir": str(ckpt), "step": args.steps, "prompt_ids": prompt, "repeats": args.repeats,
-           "new": args.new, "threads": args.threads}
+    job = {
+        "checkpoint_dir": str(ckpt),
+        "step": args.steps,
+        "prompt_ids": prompt,
+        "repeats": args.repeats,
+        "new": args.new,
+        "threads": args.threads,
+    }
     env = thread_env(args.threads, NANOCHAT_BASE_DIR=str(home), NANOCHAT_DTYPE=NANOCHAT_DTYPES[args.precision])
     theirs = run_worker(checkout, "decode", job, env)
     torch.set_num_threads(args.threads)
@@ -372,8 +432,18 @@ def prepare(args, work: Path) -> None:
 
     shards = work / "shards"
     if not (shards / "manifest.json").is_file():
-        cmd = [sys.executable, "-m", "nanochat", "data", "prepare", str(args.text), "--gutenberg", "--out", str(shards),
-               "--quiet"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "nanochat",
+            "data",
+            "prepare",
+            str(args.text),
+            "--gutenberg",
+            "--out",
+            str(shards),
+            "--quiet",
+        ]
         subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(REPO / "src")})
     train, val = split_shards(list_shards(shards))
     tok_dir = work / f"tokenizer_{args.vocab}"
@@ -388,8 +458,9 @@ def prepare(args, work: Path) -> None:
         link = data / shard.name
         if not link.exists():
             link.symlink_to(shard.resolve())
-    torch.save(val_rows(iter_documents([str(p) for p in val]), tokenizer, args.eval_tokens, args.seq_len),
-               work / "val_rows.pt")
+    torch.save(
+        val_rows(iter_documents([str(p) for p in val]), tokenizer, args.eval_tokens, args.seq_len), work / "val_rows.pt"
+    )
 
 
 def training_table(results: dict) -> str:
@@ -398,12 +469,31 @@ def training_table(results: dict) -> str:
     base = results["nanochat"]["tok_per_s"]
     rows = []
     for name, r in results.items():
-        rows.append([name, f"{r['tok_per_s']:,.0f} ({r['steps_timed']} steps)", f"{r['tok_per_s'] / base:.2f}x",
-                     f"{r['tok_per_s_all_steps']:,.0f}", f"{r['wall_s']:.0f} s",
-                     f"{r['peak_rss_gb']:.2f} GB", f"{r['bpb']:.4f}", f"{r['loss']:.4f}"])
-    return markdown_table(["run", "tok/s (median of quiet steps 11-N)", "vs nanochat", "tok/s (all steps)", "wall",
-                           "peak RSS",
-                           "val bpb (common evaluator)", "val loss"], rows)
+        rows.append(
+            [
+                name,
+                f"{r['tok_per_s']:,.0f} ({r['steps_timed']} steps)",
+                f"{r['tok_per_s'] / base:.2f}x",
+                f"{r['tok_per_s_all_steps']:,.0f}",
+                f"{r['wall_s']:.0f} s",
+                f"{r['peak_rss_gb']:.2f} GB",
+                f"{r['bpb']:.4f}",
+                f"{r['loss']:.4f}",
+            ]
+        )
+    return markdown_table(
+        [
+            "run",
+            "tok/s (median of quiet steps 11-N)",
+            "vs nanochat",
+            "tok/s (all steps)",
+            "wall",
+            "peak RSS",
+            "val bpb (common evaluator)",
+            "val loss",
+        ],
+        rows,
+    )
 
 
 def decode_table(results: dict) -> str:
@@ -412,16 +502,41 @@ def decode_table(results: dict) -> str:
     rows = []
     for name in ("nanochat", "ours"):
         r = results[name]
-        rows.append([name, f"{1000 * r['prefill_s']:.1f}", f"{1000 * r['batch1']['ttft_s']:.1f}",
-                     f"{r['batch1']['decode_tok_per_s']:,.1f}", f"{1000 * r['batch8']['ttft_s']:.1f}",
-                     f"{r['batch8']['decode_tok_per_s']:,.1f}", f"{r['batch1']['steps']} / {r['batch8']['steps']}"])
+        rows.append(
+            [
+                name,
+                f"{1000 * r['prefill_s']:.1f}",
+                f"{1000 * r['batch1']['ttft_s']:.1f}",
+                f"{r['batch1']['decode_tok_per_s']:,.1f}",
+                f"{1000 * r['batch8']['ttft_s']:.1f}",
+                f"{r['batch8']['decode_tok_per_s']:,.1f}",
+                f"{r['batch1']['steps']} / {r['batch8']['steps']}",
+            ]
+        )
     base = results["nanochat"]
-    rows.append(["ours / nanochat", f"{base['prefill_s'] / results['ours']['prefill_s']:.2f}x faster", "",
-                 f"{results['ours']['batch1']['decode_tok_per_s'] / base['batch1']['decode_tok_per_s']:.2f}x", "",
-                 f"{results['ours']['batch8']['decode_tok_per_s'] / base['batch8']['decode_tok_per_s']:.2f}x",
-                 f"first {results['agree']} greedy tokens identical"])
-    return markdown_table(["engine", "prefill (ms)", "TTFT b1 (ms)", "decode tok/s b1", "TTFT b8 (ms)",
-                           "decode tok/s b8", "steps b1 / b8"], rows)
+    rows.append(
+        [
+            "ours / nanochat",
+            f"{base['prefill_s'] / results['ours']['prefill_s']:.2f}x faster",
+            "",
+            f"{results['ours']['batch1']['decode_tok_per_s'] / base['batch1']['decode_tok_per_s']:.2f}x",
+            "",
+            f"{results['ours']['batch8']['decode_tok_per_s'] / base['batch8']['decode_tok_per_s']:.2f}x",
+            f"first {results['agree']} greedy tokens identical",
+        ]
+    )
+    return markdown_table(
+        [
+            "engine",
+            "prefill (ms)",
+            "TTFT b1 (ms)",
+            "decode tok/s b1",
+            "TTFT b8 (ms)",
+            "decode tok/s b8",
+            "steps b1 / b8",
+        ],
+        rows,
+    )
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -437,17 +552,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--precision", choices=NANOCHAT_DTYPES, default="bf16")
     p.add_argument("--eval-tokens", type=int, default=65536)
-    p.add_argument("--quiet", type=float, default=0.05,
-                   help="steps during which other processes used more than this share of the CPUs are not counted")
+    p.add_argument(
+        "--quiet",
+        type=float,
+        default=0.05,
+        help="steps during which other processes used more than this share of the CPUs are not counted",
+    )
     p.add_argument("--prompt", type=int, default=256, help="decode: prompt tokens")
     p.add_argument("--new", type=int, default=128, help="decode: tokens generated per row")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--ours", nargs="*", default=[], help="extra overrides for our run (e.g. compile=false)")
-    p.add_argument("--variant", action="append", default=[], metavar="LABEL:OVERRIDES",
-                   help="one more row of ours with these overrides, e.g. 'nanochat's network:arch=nanochat2026 "
-                        "model.arch.window_pattern=L'")
-    p.add_argument("--baseline", type=Path, help="another checkout of this project (e.g. an earlier commit) to train "
-                   "as one more row, same settings")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL:OVERRIDES",
+        help="one more row of ours with these overrides, e.g. 'nanochat's network:arch=nanochat2026 "
+        "model.arch.window_pattern=L'",
+    )
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        help="another checkout of this project (e.g. an earlier commit) to train as one more row, same settings",
+    )
     p.add_argument("--skip-train", action="store_true", help="decode only, from the runs already in --work")
     p.add_argument("--skip-decode", action="store_true")
     p.add_argument("--json", default="bench/results/nanochat_side_by_side.json")
@@ -481,11 +608,16 @@ def main(argv=None) -> None:
         results["train"] = {"nanochat": train_nanochat(args, work, args.nanochat), "ours": train_ours(args, work)}
         for variant in args.variant:
             label, _, overrides = variant.partition(":")
-            results["train"][f"ours, {label}"] = train_ours(args, work, name=f"variant_{len(results['train'])}",
-                                                            extra=overrides.split())
+            results["train"][f"ours, {label}"] = train_ours(
+                args, work, name=f"variant_{len(results['train'])}", extra=overrides.split()
+            )
         if args.baseline:
-            rev = subprocess.run(["git", "-C", str(args.baseline), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                 text=True).stdout.strip() or args.baseline.name
+            rev = (
+                subprocess.run(
+                    ["git", "-C", str(args.baseline), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+                ).stdout.strip()
+                or args.baseline.name
+            )
             results["train"][f"ours @ {rev}"] = train_ours(args, work, args.baseline.resolve(), "baseline")
         record.write_text(json.dumps(results["train"], indent=2))
     tables.append(training_table(results["train"]))

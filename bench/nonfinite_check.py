@@ -31,24 +31,41 @@ def main() -> None:
         x = torch.randint(0, args.vocab, (args.rows, args.seq + 1), device=args.device)
         state = {}
 
-        def step():
+        def step(model=model, x=x, state=state):
             model.zero_grad(set_to_none=True)
             state["loss"] = model(x[:, :-1], x[:, 1:].contiguous())
             state["loss"].backward()
 
-        def check():
+        def check(model=model, state=state):
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum() + state["loss"].detach()))
 
         step_s = best_of(step, 3)  # after one warm-up call
         check_s = best_of(check, 20)
-        rows.append({"depth": depth, "params": model.num_params(), "tokens": args.rows * args.seq,
-                     "fwd_bwd_ms": 1e3 * step_s, "check_ms": 1e3 * check_s, "check_share": check_s / step_s})
+        rows.append(
+            {
+                "depth": depth,
+                "params": model.num_params(),
+                "tokens": args.rows * args.seq,
+                "fwd_bwd_ms": 1e3 * step_s,
+                "check_ms": 1e3 * check_s,
+                "check_share": check_s / step_s,
+            }
+        )
     print(f"device={args.device} threads={torch.get_num_threads()} rows={args.rows} seq={args.seq} vocab={args.vocab}")
     table = markdown_table(
         ["depth", "params", "forward + backward (ms)", "finiteness check (ms)", "share of the step"],
-        [[r["depth"], f"{r['params']:,}", f"{r['fwd_bwd_ms']:,.1f}", f"{r['check_ms']:.2f}", f"{100 * r['check_share']:.2f} %"]
-         for r in rows])
+        [
+            [
+                r["depth"],
+                f"{r['params']:,}",
+                f"{r['fwd_bwd_ms']:,.1f}",
+                f"{r['check_ms']:.2f}",
+                f"{100 * r['check_share']:.2f} %",
+            ]
+            for r in rows
+        ],
+    )
     save(args.json, table, rows, vars(args))
 
 

@@ -18,8 +18,8 @@ import sys
 import time
 
 import torch
-
 from common import REPO as ROOT
+
 from nanochat.hardware import fast_bf16
 
 RESULTS = ROOT / "bench" / "results"
@@ -29,27 +29,89 @@ DOCS = ROOT / "docs" / "benchmarks.md"
 def entries(nanochat: str | None = None) -> dict[str, tuple[str, list[str]]]:
     """name -> (section title, script + arguments). Sizes chosen for the 10-minute budget on 2 CPU cores."""
     if torch.cuda.is_available():
-        train = ["train_step.py", "--depths", "12", "20", "--seq-len", "2048", "--batch", "16", "--steps", "10",
-                 "--warmup", "5", "--repeats", "2", "--skip-fp32", "--compile"]
+        train = [
+            "train_step.py",
+            "--depths",
+            "12",
+            "20",
+            "--seq-len",
+            "2048",
+            "--batch",
+            "16",
+            "--steps",
+            "10",
+            "--warmup",
+            "5",
+            "--repeats",
+            "2",
+            "--skip-fp32",
+            "--compile",
+        ]
     else:
-        train = ["train_step.py", "--depths", "4", "6", "--seq-len", "512", "--batch", "4", "--steps", "6",
-                 "--warmup", "2", "--repeats", "2"] + ([] if fast_bf16("cpu") else ["--skip-bf16"])
+        train = [
+            "train_step.py",
+            "--depths",
+            "4",
+            "6",
+            "--seq-len",
+            "512",
+            "--batch",
+            "4",
+            "--steps",
+            "6",
+            "--warmup",
+            "2",
+            "--repeats",
+            "2",
+        ] + ([] if fast_bf16("cpu") else ["--skip-bf16"])
     return {
         "train_step": ("Training step: Lightning vs a plain loop", train),
-        "head_loss": ("Output head + loss at vocab 32,768: plain ops vs fused",
-                      ["fused_head_loss.py", "--depth", "4", "--vocab", "32768", "--rows", "16", "--seq-len", "512", "--repeats", "2"]),
-        "muon_batching": ("Muon's Newton-Schulz: per matrix vs batched by shape", ["muon_batching.py", "--depths", "4", "6", "--repeats", "3"]),
+        "head_loss": (
+            "Output head + loss at vocab 32,768: plain ops vs fused",
+            [
+                "fused_head_loss.py",
+                "--depth",
+                "4",
+                "--vocab",
+                "32768",
+                "--rows",
+                "16",
+                "--seq-len",
+                "512",
+                "--repeats",
+                "2",
+            ],
+        ),
+        "muon_batching": (
+            "Muon's Newton-Schulz: per matrix vs batched by shape",
+            ["muon_batching.py", "--depths", "4", "6", "--repeats", "3"],
+        ),
         "data_stream": ("Pretraining data stream vs one GPU's appetite at d20", ["data_stream.py", "--seconds", "5"]),
-        "tokenizer_speed": ("Tokenizer training and encoding", ["tokenizer_speed.py", "--train-mb", "10", "--encode-mb", "1"]),
+        "tokenizer_speed": (
+            "Tokenizer training and encoding",
+            ["tokenizer_speed.py", "--train-mb", "10", "--encode-mb", "1"],
+        ),
         "decode": ("Inference: prefill, decode, TTFT, KV memory, cache vs naive", ["decode.py"]),
         "serving": ("Serving: streaming clients on 127.0.0.1", ["serving.py"]),
         "comm_volume": ("Distributed communication per step on paper (8 GPUs)", ["comm_volume.py"]),
-        "tokenizer_trainers": ("Tokenizer training: rustbpe vs HF tokenizers",
-                               ["tokenizer_trainers.py", "--max-chars", "20000000", "--repeats", "1"]),
-        "head_loss_memory": ("Peak memory of the d20 head + loss (fake tensors): plain ops vs chunked",
-                             ["head_loss_memory.py"]),
-        **({"nanochat_side_by_side": ("Side by side with nanochat: training, common evaluator, decoding",
-                                      ["nanochat_side_by_side.py", "--nanochat", nanochat])} if nanochat else {}),
+        "tokenizer_trainers": (
+            "Tokenizer training: rustbpe vs HF tokenizers",
+            ["tokenizer_trainers.py", "--max-chars", "20000000", "--repeats", "1"],
+        ),
+        "head_loss_memory": (
+            "Peak memory of the d20 head + loss (fake tensors): plain ops vs chunked",
+            ["head_loss_memory.py"],
+        ),
+        **(
+            {
+                "nanochat_side_by_side": (
+                    "Side by side with nanochat: training, common evaluator, decoding",
+                    ["nanochat_side_by_side.py", "--nanochat", nanochat],
+                )
+            }
+            if nanochat
+            else {}
+        ),
     }
 
 
@@ -59,13 +121,17 @@ def refresh_docs(names: list[str], seconds: dict[str, float]) -> None:
         record = json.loads((RESULTS / f"{name}.json").read_text())
         m = record["machine"]
         where = m.get("gpu") or f"{m['cpu']}, {m['torch_threads']} threads, {m['cpu_capability']}"
-        block = (f"<!-- bench:{name} -->\n{record['date']}, {where}, torch {m['torch']}, {seconds[name]:.0f} s:\n"
-                 f"`{record['command']}`\n\n{record['table']}\n<!-- /bench:{name} -->")
+        block = (
+            f"<!-- bench:{name} -->\n{record['date']}, {where}, torch {m['torch']}, {seconds[name]:.0f} s:\n"
+            f"`{record['command']}`\n\n{record['table']}\n<!-- /bench:{name} -->"
+        )
         pattern = re.compile(rf"<!-- bench:{name} -->.*?<!-- /bench:{name} -->", re.S)
         if pattern.search(text):
-            text = pattern.sub(lambda _: block, text)
+            text = pattern.sub(lambda _, block=block: block, text)
         else:
-            raise SystemExit(f"docs/benchmarks.md has no '<!-- bench:{name} -->' block to refresh; add one under 'Latest make bench'")
+            raise SystemExit(
+                f"docs/benchmarks.md has no '<!-- bench:{name} -->' block to refresh; add one under 'Latest make bench'"
+            )
     DOCS.write_text(text)
 
 

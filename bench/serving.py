@@ -39,15 +39,36 @@ from pathlib import Path
 
 from common import markdown_table, save, serve_process
 
-PROMPTS = ["Why is the sky blue?", "Write a short poem about the sea.", "What is 12 times 7?",
-           "Tell me about the history of Rome.", "How do I sort a list in Python?", "Who are you?"]
-CORPUS_MODULES = ["argparse", "collections", "difflib", "email.message", "http.client", "json.decoder", "logging",
-                  "pathlib", "pydoc", "textwrap", "typing", "inspect"]
+PROMPTS = [
+    "Why is the sky blue?",
+    "Write a short poem about the sea.",
+    "What is 12 times 7?",
+    "Tell me about the history of Rome.",
+    "How do I sort a list in Python?",
+    "Who are you?",
+]
+CORPUS_MODULES = [
+    "argparse",
+    "collections",
+    "difflib",
+    "email.message",
+    "http.client",
+    "json.decoder",
+    "logging",
+    "pathlib",
+    "pydoc",
+    "textwrap",
+    "typing",
+    "inspect",
+]
 
 
 # --- the model and the server ---------------------------------------------------------------------------
 
-def make_export(out_dir: Path, depth: int = 4, vocab: int = 4096, sequence_len: int = 256, tokenizer=None) -> tuple[Path, dict]:
+
+def make_export(
+    out_dir: Path, depth: int = 4, vocab: int = 4096, sequence_len: int = 256, tokenizer=None
+) -> tuple[Path, dict]:
     """A random-weight export in `out_dir` that never ends a reply early; returns (export dir, model facts)."""
     import torch
 
@@ -61,7 +82,11 @@ def make_export(out_dir: Path, depth: int = 4, vocab: int = 4096, sequence_len: 
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_depth(depth, tokenizer.vocab_size, sequence_len))
     with torch.no_grad():  # init zeroes the output projections: fill them, or every reply is one token repeated
-        for w in [model.lm_head.weight] + [b.attn.c_proj.weight for b in model.transformer.h] + [b.mlp.c_proj.weight for b in model.transformer.h]:
+        for w in (
+            [model.lm_head.weight]
+            + [b.attn.c_proj.weight for b in model.transformer.h]
+            + [b.mlp.c_proj.weight for b in model.transformer.h]
+        ):
             w.normal_(0, w.shape[1] ** -0.5)
         model.lm_head.weight[list(tokenizer.special_tokens.values())] = 0  # logit 0 never wins the argmax of thousands
     facts = {"depth": depth, "params": model.num_params(), "vocab": tokenizer.vocab_size, "sequence_len": sequence_len}
@@ -79,6 +104,7 @@ def running_server(export_dir: Path, threads: int = 1, max_waiting: int = 16, lo
 
 
 # --- the clients ----------------------------------------------------------------------------------------
+
 
 def percentile(values: list[float], q: float) -> float:
     """Linear interpolation between the nearest ranks (numpy's default); q in [0, 1]."""
@@ -111,7 +137,13 @@ async def one_request(client, url: str, body: dict) -> dict:
                     reasons.append(choice["finish_reason"])
             if event.get("usage"):
                 tokens = event["usage"]["completion_tokens"]
-    return {"latency_s": time.perf_counter() - t0, "ttft_s": first, "tokens": tokens, "chunks": chunks, "finish": reasons}
+    return {
+        "latency_s": time.perf_counter() - t0,
+        "ttft_s": first,
+        "tokens": tokens,
+        "chunks": chunks,
+        "finish": reasons,
+    }
 
 
 async def measure_level(url: str, clients: int, requests: int, max_tokens: int, n: int = 1) -> dict:
@@ -123,9 +155,14 @@ async def measure_level(url: str, clients: int, requests: int, max_tokens: int, 
 
     async def client_loop(client) -> None:
         for i in todo:  # a shared iterator: each request goes to whichever client is free
-            body = {"messages": [{"role": "user", "content": f"{PROMPTS[i % len(PROMPTS)]} (request {i})"}],
-                    "stream": True, "stream_options": {"include_usage": True}, "max_tokens": max_tokens,
-                    "temperature": 0, "n": n}
+            body = {
+                "messages": [{"role": "user", "content": f"{PROMPTS[i % len(PROMPTS)]} (request {i})"}],
+                "stream": True,
+                "stream_options": {"include_usage": True},
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "n": n,
+            }
             records.append(await one_request(client, url, body))
 
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
@@ -137,15 +174,25 @@ async def measure_level(url: str, clients: int, requests: int, max_tokens: int, 
     ttfts = [r["ttft_s"] for r in records if r["ttft_s"] is not None]
     tokens = sum(r["tokens"] or 0 for r in records)
     return {
-        "clients": clients, "n": n, "max_tokens": max_tokens, "requests": len(records), "wall_s": wall,
-        "requests_per_s": len(records) / wall, "tokens": tokens, "tokens_per_s": tokens / wall,
-        "latency_p50_s": percentile(latencies, 0.50), "latency_p95_s": percentile(latencies, 0.95),
-        "ttft_p50_s": percentile(ttfts, 0.50) if ttfts else None, "ttft_p95_s": percentile(ttfts, 0.95) if ttfts else None,
+        "clients": clients,
+        "n": n,
+        "max_tokens": max_tokens,
+        "requests": len(records),
+        "wall_s": wall,
+        "requests_per_s": len(records) / wall,
+        "tokens": tokens,
+        "tokens_per_s": tokens / wall,
+        "latency_p50_s": percentile(latencies, 0.50),
+        "latency_p95_s": percentile(latencies, 0.95),
+        "ttft_p50_s": percentile(ttfts, 0.50) if ttfts else None,
+        "ttft_p95_s": percentile(ttfts, 0.95) if ttfts else None,
         "records": records,
     }
 
 
-def measure(url: str, clients: list[int], requests: int, max_tokens: int, batched: int = 0, batched_n: int = 8) -> list[dict]:
+def measure(
+    url: str, clients: list[int], requests: int, max_tokens: int, batched: int = 0, batched_n: int = 8
+) -> list[dict]:
     """Every concurrency level in turn (after one warm-up request), then `batched` requests with n=`batched_n`."""
     asyncio.run(measure_level(url, 1, 1, max_tokens))  # first-request costs (allocator, thread pools) stay out
     levels = [asyncio.run(measure_level(url, c, max(requests, c), max_tokens)) for c in clients]
@@ -160,13 +207,31 @@ def table(levels: list[dict]) -> str:
 
     rows = []
     for lv in levels:
-        load = f"{lv['clients']} client{'s' if lv['clients'] > 1 else ''}" if lv["n"] == 1 else \
-            f"reference: 1 request with n={lv['n']} (rows batched)"
-        rows.append([load, lv["requests"], f"{lv['wall_s']:.1f}", f"{lv['requests_per_s']:.2f}",
-                     f"{ms(lv['latency_p50_s'])} / {ms(lv['latency_p95_s'])}", f"{ms(lv['ttft_p50_s'])} / {ms(lv['ttft_p95_s'])}",
-                     f"{lv['tokens_per_s']:,.0f}"])
-    header = ["load (streaming, greedy)", "requests", "wall s", "requests/s", "latency p50 / p95 ms", "TTFT p50 / p95 ms",
-              "generated tok/s (total)"]
+        load = (
+            f"{lv['clients']} client{'s' if lv['clients'] > 1 else ''}"
+            if lv["n"] == 1
+            else f"reference: 1 request with n={lv['n']} (rows batched)"
+        )
+        rows.append(
+            [
+                load,
+                lv["requests"],
+                f"{lv['wall_s']:.1f}",
+                f"{lv['requests_per_s']:.2f}",
+                f"{ms(lv['latency_p50_s'])} / {ms(lv['latency_p95_s'])}",
+                f"{ms(lv['ttft_p50_s'])} / {ms(lv['ttft_p95_s'])}",
+                f"{lv['tokens_per_s']:,.0f}",
+            ]
+        )
+    header = [
+        "load (streaming, greedy)",
+        "requests",
+        "wall s",
+        "requests/s",
+        "latency p50 / p95 ms",
+        "TTFT p50 / p95 ms",
+        "generated tok/s (total)",
+    ]
     return markdown_table(header, rows)
 
 
@@ -185,14 +250,25 @@ def main() -> None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         export, model = make_export(Path(tmp), args.depth, args.vocab, args.sequence_len)
-        with running_server(export, args.server_threads, max_waiting=max(16, max(args.clients)), log_dir=Path(tmp)) as url:
+        with running_server(
+            export, args.server_threads, max_waiting=max(16, max(args.clients)), log_dir=Path(tmp)
+        ) as url:
             ready = time.perf_counter() - start
             levels = measure(url, args.clients, args.requests, args.max_tokens, args.requests_batched)
     wall = time.perf_counter() - start
-    settings = {**vars(args), "json": str(args.json), "model": model, "server": "python serve.py device=cpu ui=false",
-                "setup_s": round(ready, 1), "wall_s": round(wall, 1)}
-    print(f"model: d{model['depth']}, {model['params']:,} parameters, vocab {model['vocab']:,}; {args.max_tokens} new tokens "
-          f"per reply, greedy; server on {args.server_threads} torch thread(s); setup {ready:.1f} s, total {wall:.1f} s\n")
+    settings = {
+        **vars(args),
+        "json": str(args.json),
+        "model": model,
+        "server": "python serve.py device=cpu ui=false",
+        "setup_s": round(ready, 1),
+        "wall_s": round(wall, 1),
+    }
+    print(
+        f"model: d{model['depth']}, {model['params']:,} parameters, vocab {model['vocab']:,}; "
+        f"{args.max_tokens} new tokens per reply, greedy; server on {args.server_threads} torch thread(s); "
+        f"setup {ready:.1f} s, total {wall:.1f} s\n"
+    )
     save(args.json, table(levels), levels, settings)
 
 

@@ -48,13 +48,15 @@ def load_documents(text_dir: Path | None, chars: int, seed: int = 0) -> tuple[li
     return docs, label
 
 
-def split_text(docs: list[str], train_chars: int, encode_chars: int, doc_cap: int = DOC_CAP) -> tuple[list[str], list[str]]:
+def split_text(
+    docs: list[str], train_chars: int, encode_chars: int, doc_cap: int = DOC_CAP
+) -> tuple[list[str], list[str]]:
     """(training documents cropped to doc_cap, totalling ~train_chars; the following documents, ~encode_chars)."""
     from nanochat.tokenizer.training import capped_documents
 
     train = list(capped_documents(docs, train_chars, doc_cap))
     held, total = [], 0
-    for doc in docs[len(train):]:
+    for doc in docs[len(train) :]:
         if total >= encode_chars:
             break
         held.append(doc)
@@ -82,15 +84,18 @@ def encoders(tok, threads: int, batch: int = STREAM_BATCH) -> dict:
 
     out = {
         "ours: Tokenizer.encode, 1 thread": lambda docs: [tok.encode(d) for d in docs],
-        f"ours: Tokenizer.encode_batch, {threads} threads, {batch} docs/call":
-            batched(lambda b: tok.encode_batch(b, num_threads=threads)),
+        f"ours: Tokenizer.encode_batch, {threads} threads, {batch} docs/call": batched(
+            lambda b: tok.encode_batch(b, num_threads=threads)
+        ),
         "tiktoken: encode_ordinary, 1 thread": lambda docs: [enc.encode_ordinary(d) for d in docs],
-        f"tiktoken: encode_ordinary_batch, {threads} threads, {batch} docs/call":
-            batched(lambda b: enc.encode_ordinary_batch(b, num_threads=threads)),
+        f"tiktoken: encode_ordinary_batch, {threads} threads, {batch} docs/call": batched(
+            lambda b: enc.encode_ordinary_batch(b, num_threads=threads)
+        ),
     }
     if tok.hf is not None:
-        out["HF tokenizers: encode_batch (Rust threads), same ids"] = \
-            lambda docs: [e.ids for e in tok.hf.encode_batch(docs, add_special_tokens=False)]
+        out["HF tokenizers: encode_batch (Rust threads), same ids"] = lambda docs: [
+            e.ids for e in tok.hf.encode_batch(docs, add_special_tokens=False)
+        ]
     return out
 
 
@@ -119,30 +124,65 @@ def measure_encode(tok, docs: list[str], threads: int = 4, repeats: int = 2) -> 
     rows = []
     for name, (seconds, cpu) in best.items():
         tokens = sum(map(len, ids[name]))
-        rows.append({"method": name, "seconds": seconds, "cpu_s": cpu, "bytes": nbytes, "tokens": tokens,
-                     "MB_s": nbytes / seconds / 1e6, "tok_s": tokens / seconds,
-                     "MB_per_cpu_s": nbytes / cpu / 1e6 if cpu > 0 else None, "bytes_per_token": nbytes / tokens,
-                     "same_ids_as_ours": ids[name] == reference})
+        rows.append(
+            {
+                "method": name,
+                "seconds": seconds,
+                "cpu_s": cpu,
+                "bytes": nbytes,
+                "tokens": tokens,
+                "MB_s": nbytes / seconds / 1e6,
+                "tok_s": tokens / seconds,
+                "MB_per_cpu_s": nbytes / cpu / 1e6 if cpu > 0 else None,
+                "bytes_per_token": nbytes / tokens,
+                "same_ids_as_ours": ids[name] == reference,
+            }
+        )
     return rows
 
 
 def tables(training: list[dict], encoding: dict[int, list[dict]], source_line: str, threads: int) -> str:
-    train_rows = [[f"{t['requested_vocab']:,}" + ("" if t["vocab_size"] == t["requested_vocab"] else f" (got {t['vocab_size']:,})"),
-                   f"{t['chars'] / 1e6:.1f}M chars, {t['docs']:,} docs", f"{t['seconds']:.1f}", f"{t['cpu_s']:.1f}",
-                   f"{t['bytes'] / t['seconds'] / 1e6:.2f}"] for t in training]
+    train_rows = [
+        [
+            f"{t['requested_vocab']:,}"
+            + ("" if t["vocab_size"] == t["requested_vocab"] else f" (got {t['vocab_size']:,})"),
+            f"{t['chars'] / 1e6:.1f}M chars, {t['docs']:,} docs",
+            f"{t['seconds']:.1f}",
+            f"{t['cpu_s']:.1f}",
+            f"{t['bytes'] / t['seconds'] / 1e6:.2f}",
+        ]
+        for t in training
+    ]
     enc_rows = []
     for vocab, rows in encoding.items():
         for r in rows:
-            enc_rows.append([f"{vocab:,}", r["method"], f"{r['MB_s']:.2f}", f"{r['tok_s']:,.0f}",
-                             f"{r['MB_per_cpu_s']:.2f}" if r["MB_per_cpu_s"] else "n/a",
-                             f"{r['bytes_per_token']:.3f}", "yes" if r["same_ids_as_ours"] else "**no**"])
+            enc_rows.append(
+                [
+                    f"{vocab:,}",
+                    r["method"],
+                    f"{r['MB_s']:.2f}",
+                    f"{r['tok_s']:,.0f}",
+                    f"{r['MB_per_cpu_s']:.2f}" if r["MB_per_cpu_s"] else "n/a",
+                    f"{r['bytes_per_token']:.3f}",
+                    "yes" if r["same_ids_as_ours"] else "**no**",
+                ]
+            )
     held = next(iter(encoding.values()))[0]
-    return "\n".join([
-        f"Data: {source_line}. Machine: {os.cpu_count()} cores.", "",
-        markdown_table(["vocab", "training text", "train seconds", "train CPU s (all threads)", "train MB/s"], train_rows), "",
-        f"Encoding {held['bytes'] / 1e6:.1f} MB of held-out text ({threads} threads where batched):", "",
-        markdown_table(["vocab", "method", "MB/s", "tok/s", "MB per CPU-second", "bytes/token", "same ids as ours"], enc_rows),
-    ])
+    return "\n".join(
+        [
+            f"Data: {source_line}. Machine: {os.cpu_count()} cores.",
+            "",
+            markdown_table(
+                ["vocab", "training text", "train seconds", "train CPU s (all threads)", "train MB/s"], train_rows
+            ),
+            "",
+            f"Encoding {held['bytes'] / 1e6:.1f} MB of held-out text ({threads} threads where batched):",
+            "",
+            markdown_table(
+                ["vocab", "method", "MB/s", "tok/s", "MB per CPU-second", "bytes/token", "same ids as ours"], enc_rows
+            ),
+        ]
+    )
 
 
 def main() -> None:
@@ -151,9 +191,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--vocab-sizes", type=int, nargs="+", default=[4096, 32768])
     parser.add_argument("--train-mb", type=float, default=20, help="MB (millions of characters) of training text")
-    parser.add_argument("--encode-mb", type=float, default=2, help="MB (millions of characters) of held-out text to encode")
-    parser.add_argument("--threads", type=int, default=4, help="threads for the batched encoders (data.tokenizer_threads)")
-    parser.add_argument("--repeats", type=int, default=2, help="rounds of timed encodes, methods taking turns (best counts)")
+    parser.add_argument(
+        "--encode-mb", type=float, default=2, help="MB (millions of characters) of held-out text to encode"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=4, help="threads for the batched encoders (data.tokenizer_threads)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="rounds of timed encodes, methods taking turns (best counts)"
+    )
     parser.add_argument("--text", type=Path, default=None, help="text folder (default ../shared/data/pretrain_text)")
     parser.add_argument("--json", type=Path, default=Path("bench/results/tokenizer_speed.json"))
     args = parser.parse_args()
@@ -170,17 +216,38 @@ def main() -> None:
     train_bytes = sum(len(d.encode("utf-8")) for d in train_docs)
     for vocab in args.vocab_sizes:
         seconds, cpu, tok = time_training(train_docs, vocab)
-        training.append({"requested_vocab": vocab, "vocab_size": tok.vocab_size, "docs": len(train_docs),
-                         "chars": sum(map(len, train_docs)), "bytes": train_bytes, "seconds": seconds, "cpu_s": cpu})
+        training.append(
+            {
+                "requested_vocab": vocab,
+                "vocab_size": tok.vocab_size,
+                "docs": len(train_docs),
+                "chars": sum(map(len, train_docs)),
+                "bytes": train_bytes,
+                "seconds": seconds,
+                "cpu_s": cpu,
+            }
+        )
         print(f"vocab {vocab:,}: trained in {seconds:.1f} s", flush=True)
         encoding[vocab] = measure_encode(tok, held, args.threads, args.repeats)
 
-    settings = {"data": source_line, "train_chars": train_chars, "encode_chars": encode_chars, "doc_cap": DOC_CAP,
-                "threads": args.threads, "batch_docs": STREAM_BATCH, "repeats": args.repeats,
-                "held_out_docs": len(held), "wall_s": round(time.perf_counter() - t_all, 1)}
+    settings = {
+        "data": source_line,
+        "train_chars": train_chars,
+        "encode_chars": encode_chars,
+        "doc_cap": DOC_CAP,
+        "threads": args.threads,
+        "batch_docs": STREAM_BATCH,
+        "repeats": args.repeats,
+        "held_out_docs": len(held),
+        "wall_s": round(time.perf_counter() - t_all, 1),
+    }
     print()
-    save(args.json, tables(training, encoding, source_line, args.threads),
-         {"training": training, "encoding": {str(k): v for k, v in encoding.items()}}, settings)
+    save(
+        args.json,
+        tables(training, encoding, source_line, args.threads),
+        {"training": training, "encoding": {str(k): v for k, v in encoding.items()}},
+        settings,
+    )
     print(f"wall time {time.perf_counter() - t_all:.1f} s")
 
 

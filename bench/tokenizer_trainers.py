@@ -37,8 +37,8 @@ def prepared_shards(text: Path, work: Path) -> Path:
 def main() -> None:
     from nanochat.data.documents import iter_documents
     from nanochat.data.shards import list_shards, split_shards
-    from nanochat.tokenizer import Tokenizer
     from nanochat.settings import TOKENIZER_TRAINERS
+    from nanochat.tokenizer import Tokenizer
     from nanochat.tokenizer.training import capped_documents
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -66,22 +66,55 @@ def main() -> None:
                 tok = Tokenizer.train(docs, vocab, show_progress=False, trainer=trainer)
                 seconds = time.perf_counter() - t0
                 if trainer not in best or seconds < best[trainer]["seconds"]:
-                    best[trainer] = {"seconds": seconds, "vocab_size": tok.vocab_size,
-                                     "bytes_per_token": val_bytes / len(tok.encode(val_text))}
+                    best[trainer] = {
+                        "seconds": seconds,
+                        "vocab_size": tok.vocab_size,
+                        "bytes_per_token": val_bytes / len(tok.encode(val_text)),
+                    }
                 print(f"  vocab {vocab} {trainer}: {seconds:.1f} s", file=sys.stderr, flush=True)
         for trainer, r in best.items():
-            results.append({"vocab": vocab, "trainer": trainer, "chars": chars, **r,
-                            "d20_estimate_s": r["seconds"] * D20_CHARS / chars})
+            results.append(
+                {
+                    "vocab": vocab,
+                    "trainer": trainer,
+                    "chars": chars,
+                    **r,
+                    "d20_estimate_s": r["seconds"] * D20_CHARS / chars,
+                }
+            )
     rows = []
     for r in results:
         fastest = min(x["seconds"] for x in results if x["vocab"] == r["vocab"])
-        rows.append([f"{r['vocab']:,}", r["trainer"], f"{r['chars'] / 1e6:.1f}M chars", f"{r['seconds']:.1f}",
-                     f"{r['seconds'] / fastest:.2f}x", f"{r['chars'] / r['seconds'] / 1e6:.1f}",
-                     f"{r['bytes_per_token']:.3f}", f"{r['d20_estimate_s'] / 60:.0f} min"])
-    table = markdown_table(["vocab", "trainer", "text", "seconds (best)", "vs fastest", "M chars/s",
-                            "bytes/token (val shard)", "2B chars, linear"], rows)
-    settings = {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "cpus": os.cpu_count(),
-                "wall_seconds": round(time.perf_counter() - started, 1)}
+        rows.append(
+            [
+                f"{r['vocab']:,}",
+                r["trainer"],
+                f"{r['chars'] / 1e6:.1f}M chars",
+                f"{r['seconds']:.1f}",
+                f"{r['seconds'] / fastest:.2f}x",
+                f"{r['chars'] / r['seconds'] / 1e6:.1f}",
+                f"{r['bytes_per_token']:.3f}",
+                f"{r['d20_estimate_s'] / 60:.0f} min",
+            ]
+        )
+    table = markdown_table(
+        [
+            "vocab",
+            "trainer",
+            "text",
+            "seconds (best)",
+            "vs fastest",
+            "M chars/s",
+            "bytes/token (val shard)",
+            "2B chars, linear",
+        ],
+        rows,
+    )
+    settings = {
+        **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "cpus": os.cpu_count(),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
     save(args.json, table, results, settings)
 
 

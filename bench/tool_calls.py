@@ -27,13 +27,18 @@ def measure(ckpt: str, task: GSM8K, n: int, samples: int) -> dict:
         conv = task[i]
         prompt = tok.render_for_completion(conv)
         (row,), _ = engine.generate_batch(prompt, max_tokens=160, temperature=0)
-        reply = row[len(prompt):]
+        reply = row[len(prompt) :]
         greedy_calls += call in reply
         correct += task.evaluate(conv, tok.decode(reply))
         rows, _ = engine.generate_batch(prompt, num_samples=samples, max_tokens=160, temperature=1.0, top_k=50, seed=i)
-        sampled_calls += sum(call in r[len(prompt):] for r in rows)
-    return {"stage": meta.get("stage", "?"), "step": meta.get("step", "?"), "greedy": f"{greedy_calls}/{n}",
-            "sampled": f"{sampled_calls}/{n * samples}", "correct": f"{correct}/{n}"}
+        sampled_calls += sum(call in r[len(prompt) :] for r in rows)
+    return {
+        "stage": meta.get("stage", "?"),
+        "step": meta.get("step", "?"),
+        "greedy": f"{greedy_calls}/{n}",
+        "sampled": f"{sampled_calls}/{n * samples}",
+        "correct": f"{correct}/{n}",
+    }
 
 
 def main() -> None:
@@ -45,7 +50,10 @@ def main() -> None:
     args = parser.parse_args()
     path = args.gsm8k or (shared_data_dir() / "gsm8k" if shared_data_dir() else None)
     task = GSM8K(split="test", path=path)
-    print("| model | stage (step) | greedy replies with a tool call | sampled replies with a tool call | greedy exactly right |")
+    print(
+        "| model | stage (step) | greedy replies with a tool call | sampled replies with a tool call "
+        "| greedy exactly right |"
+    )
     print("|---|---|---|---|---|")
     for ckpt in args.ckpts:
         r = measure(ckpt, task, args.n, args.samples)

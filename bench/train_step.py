@@ -6,7 +6,8 @@
 Both sides train the same GPT (same seed, same config) with the same Muon+AdamW optimizer, the same lr and
 momentum schedules and the same pre-tokenized batches (Python stdlib source, a 4,096-token BPE trained at
 start-up). The Trainer is configured like conf/trainer/cpu.yaml. Runs alternate (Lightning, plain), (plain,
-Lightning), ... so that drift in machine load and cold starts hit both alike; each side's tok/s is the median over its runs.
+Lightning), ... so that drift in machine load and cold starts hit both alike; each side's tok/s is the median
+over its runs.
 
 Only steady-state steps count: warm-up steps are run but not timed. A step is timed from
 `on_train_batch_start` to `on_train_batch_end` (Lightning) or over the same work in the plain loop (slice the
@@ -37,9 +38,9 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from common import markdown_table, save, sync
 from torch.utils.data import DataLoader
 
-from common import markdown_table, save, sync
 from nanochat.hardware import peak_flops
 from nanochat.models.components import GPT, GPTConfig
 from nanochat.models.pretrain_module import PretrainModule
@@ -144,7 +145,9 @@ def run_lightning(args, depth: int, precision: str, batches: list[torch.Tensor],
 
 
 def bf16_autocast(device: str) -> torch.autocast:
-    return torch.autocast(device, dtype=torch.bfloat16, cache_enabled=False)  # the arguments Lightning's bf16-mixed uses
+    return torch.autocast(
+        device, dtype=torch.bfloat16, cache_enabled=False
+    )  # the arguments Lightning's bf16-mixed uses
 
 
 def run_plain(args, depth: int, precision: str, batches: list[torch.Tensor]):
@@ -212,8 +215,12 @@ def measure(args, depth: int, precision: str, batches, eval_batch, tokenizer_dir
             if opt_seconds is not None:
                 run["optimizer_share"] = sum(opt_seconds[warmup:]) / sum(timed)
             runs.append(run)
-            print(f"  d{depth} {precision} {impl} #{repeat}: {run['tok_per_s']:,.0f} tok/s, loss {run['held_out_loss']:.6f}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"  d{depth} {precision} {impl} #{repeat}: {run['tok_per_s']:,.0f} tok/s, "
+                f"loss {run['held_out_loss']:.6f}",
+                file=sys.stderr,
+                flush=True,
+            )
     return summarize(depth, precision, warmup, steps, runs)
 
 
@@ -240,11 +247,33 @@ def summarize(depth: int, precision: str, warmup: int, steps: int, runs: list[di
 
 def table(rows: list[dict]) -> str:
     return markdown_table(
-        ["model", "precision", "compile", "plain tok/s", "Lightning tok/s", "Lightning / plain", "MFU (Lightning)",
-         "optimizer share", "loss plain", "loss Lightning"],
-        [[r["model"], r["precision"], "yes" if r["compile"] else "no", f"{r['plain_tok_per_s']:,.0f}",
-          f"{r['lightning_tok_per_s']:,.0f}", f"{r['ratio_lightning_over_plain']:.3f}", f"{100 * r['mfu_lightning']:.1f} %",
-          f"{100 * r['plain_optimizer_share']:.1f} %", f"{r['loss_plain']:.6f}", f"{r['loss_lightning']:.6f}"] for r in rows],
+        [
+            "model",
+            "precision",
+            "compile",
+            "plain tok/s",
+            "Lightning tok/s",
+            "Lightning / plain",
+            "MFU (Lightning)",
+            "optimizer share",
+            "loss plain",
+            "loss Lightning",
+        ],
+        [
+            [
+                r["model"],
+                r["precision"],
+                "yes" if r["compile"] else "no",
+                f"{r['plain_tok_per_s']:,.0f}",
+                f"{r['lightning_tok_per_s']:,.0f}",
+                f"{r['ratio_lightning_over_plain']:.3f}",
+                f"{100 * r['mfu_lightning']:.1f} %",
+                f"{100 * r['plain_optimizer_share']:.1f} %",
+                f"{r['loss_plain']:.6f}",
+                f"{r['loss_lightning']:.6f}",
+            ]
+            for r in rows
+        ],
     )
 
 
@@ -270,8 +299,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--skip-bf16", action="store_true")
     p.add_argument("--skip-fp32", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--plain-autocast", choices=("forward", "step"), default="forward",
-                   help="bf16: autocast the plain loop's forward only, or its whole step as Lightning does")
+    p.add_argument(
+        "--plain-autocast",
+        choices=("forward", "step"),
+        default="forward",
+        help="bf16: autocast the plain loop's forward only, or its whole step as Lightning does",
+    )
     p.add_argument("--vocab", type=int, default=4096, help="tokenizer and model vocabulary")
     p.add_argument("--head-dim", type=int, default=128, help="128 as nanochat's presets; the CPU reference used 64")
     p.add_argument("--compile", action="store_true", help="torch.compile the model on both sides")
@@ -303,7 +336,10 @@ def main() -> None:
             raise SystemExit(f"the stdlib text gave a {tokenizer.vocab_size}-token tokenizer, not {args.vocab}")
         tokenizer_dir = str(tokenizer.save(Path(tmp) / "tokenizer"))
         precisions = ([] if args.skip_fp32 else ["fp32"]) + ([] if args.skip_bf16 else ["bf16"])
-        most_steps = max(0 if args.skip_fp32 else args.warmup + args.steps, 0 if args.skip_bf16 else args.bf16_warmup + args.bf16_steps)
+        most_steps = max(
+            0 if args.skip_fp32 else args.warmup + args.steps,
+            0 if args.skip_bf16 else args.bf16_warmup + args.bf16_steps,
+        )
         *batches, eval_batch = make_batches(tokenizer, texts, most_steps + 1, args.batch, args.seq_len)
         # PretrainModule's progress log measures the CPU's peak matmul rate once per dtype (for MFU);
         # do it here so that one-off lands in no timed step.

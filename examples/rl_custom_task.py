@@ -8,7 +8,8 @@ Each question is a conversation whose last message is the reference answer; the 
 before it. `reward(conversation, completion)` scores one sampled reply (decoded text, tool calls rendered in);
 `evaluate` is the pass/fail check pass@k counts. Without a `reward` method, the reward is 1.0 when `evaluate`
 passes. To keep a task and change only its reward, set `datamodule.reward` to any callable of
-(conversation, completion), e.g. `'datamodule.reward={_target_: examples.rl_custom_task.shorter_is_better, _partial_: true}'`.
+(conversation, completion), e.g.
+`'datamodule.reward={_target_: examples.rl_custom_task.shorter_is_better, _partial_: true}'`.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ import random
 
 from nanochat.tasks.base import Task
 
-QUESTIONS = {"train": ("Pick a digit.", "Say one digit.", "Give me a number from 0 to 9.", "Choose a digit, any digit."),
-             "test": ("Name a digit.", "Tell me a single digit.")}  # held-out wordings
+QUESTIONS = {
+    "train": ("Pick a digit.", "Say one digit.", "Give me a number from 0 to 9.", "Choose a digit, any digit."),
+    "test": ("Name a digit.", "Tell me a single digit."),
+}  # held-out wordings
 
 
 class PickDigit(Task):
@@ -36,8 +39,12 @@ class PickDigit(Task):
 
     def get_example(self, index: int) -> dict:
         question = self.questions[index % len(self.questions)]
-        return {"messages": [{"role": "user", "content": question},
-                             {"role": "assistant", "content": str(random.Random(index).randrange(10))}]}
+        return {
+            "messages": [
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": str(random.Random(index).randrange(10))},
+            ]
+        }
 
     def evaluate(self, conversation: dict, completion: str) -> bool:
         return completion.strip() == self.target

@@ -147,11 +147,25 @@ def tiny_run(tiny_corpus_shards, tiny_tokenizer_dir):
 
     def overrides(*extra: str) -> list[str]:
         return [
-            "stage=base", "model=d4", "trainer=cpu", "data=local", "logger=none",
-            f"data.dir={tiny_corpus_shards}", f"paths.tokenizer_dir={tiny_tokenizer_dir}",
-            "model.depth=2", "model.sequence_len=16", "model.device_batch_size=4", "model.total_batch_size=64",
-            "budget.base_steps=8", "budget.eval_every=4", "budget.eval_tokens=256", "budget.sample_every=100",
-            "budget.save_every=4", "budget.log_every=2", "module.head_dim=64", "compile=false",
+            "stage=base",
+            "model=d4",
+            "trainer=cpu",
+            "data=local",
+            "logger=none",
+            f"data.dir={tiny_corpus_shards}",
+            f"paths.tokenizer_dir={tiny_tokenizer_dir}",
+            "model.depth=2",
+            "model.sequence_len=16",
+            "model.device_batch_size=4",
+            "model.total_batch_size=64",
+            "budget.base_steps=8",
+            "budget.eval_every=4",
+            "budget.eval_tokens=256",
+            "budget.sample_every=100",
+            "budget.save_every=4",
+            "budget.log_every=2",
+            "module.head_dim=64",
+            "compile=false",
             *extra,
         ]
 
@@ -159,25 +173,37 @@ def tiny_run(tiny_corpus_shards, tiny_tokenizer_dir):
 
 
 # --- a hand-made CORE bundle: one task of each type, and one listed task whose file is missing ----------------
-MC = [{"query": f"Question {w}?", "choices": [f"yes{w}", f"no{w}", f"maybe{w}"], "gold": i % 3} for i, w in enumerate("abcdefgh")]
-SCHEMA = [{"context_options": [f"The cat{w}", f"The dog{w}"], "continuation": f"barked at {w}.", "gold": i % 2}
-          for i, w in enumerate("abcdef")]
+MC = [
+    {"query": f"Question {w}?", "choices": [f"yes{w}", f"no{w}", f"maybe{w}"], "gold": i % 3}
+    for i, w in enumerate("abcdefgh")
+]
+SCHEMA = [
+    {"context_options": [f"The cat{w}", f"The dog{w}"], "continuation": f"barked at {w}.", "gold": i % 2}
+    for i, w in enumerate("abcdef")
+]
 LM = [{"context": f"  Capital of {w} is {w}{w} ", "continuation": f"city{w} indeed"} for w in "abcdef"]
 
 
 def write_core_bundle(root, missing: bool = True):
     """core.yaml, eval_meta_data.csv and eval_data/ in the DCLM layout under `root`; returns `root`."""
-    files = {"mc": ("world/mc.jsonl", MC, "multiple_choice", 2, "\nAnswer: ", 25),
-             "sch": ("lang/schema.jsonl", SCHEMA, "schema", 0, " ", 50),
-             "lm": ("lm/lm.jsonl", LM, "language_modeling", 1, " ", 0)}
+    files = {
+        "mc": ("world/mc.jsonl", MC, "multiple_choice", 2, "\nAnswer: ", 25),
+        "sch": ("lang/schema.jsonl", SCHEMA, "schema", 0, " ", 50),
+        "lm": ("lm/lm.jsonl", LM, "language_modeling", 1, " ", 0),
+    }
     lines = ["icl_tasks:"]
     csv = ["Eval Task,Task Category,Random baseline"]
     for label, (uri, rows, kind, shots, delim, base) in files.items():
         path = root / "eval_data" / uri
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        lines += [f"- label: {label}", f"  dataset_uri: {uri}", f"  num_fewshot: [{shots}]", f"  icl_task_type: {kind}",
-                  f"  continuation_delimiter: {json.dumps(delim)}"]
+        lines += [
+            f"- label: {label}",
+            f"  dataset_uri: {uri}",
+            f"  num_fewshot: [{shots}]",
+            f"  icl_task_type: {kind}",
+            f"  continuation_delimiter: {json.dumps(delim)}",
+        ]
         csv.append(f"{label},x,{base}")
     if missing:
         lines += ["- label: gone", "  dataset_uri: nowhere/gone.jsonl", "  num_fewshot: [0]", "  icl_task_type: schema"]

@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 
 import torch
-
 from conftest import corpus_documents
 
 TINY = dict(sequence_len=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)  # GQA: 4 query heads share 2 kv heads
@@ -36,8 +35,15 @@ def train_tiny(tokenizer, steps: int = 40, seed: int = 0, **config):
     return model.eval()
 
 
-def write_nanochat_checkpoint(home: Path, model, tokenizer, step: int, stage_dir: str = "chatsft_checkpoints",
-                              dtype: torch.dtype = torch.float32, **extra_config) -> Path:
+def write_nanochat_checkpoint(
+    home: Path,
+    model,
+    tokenizer,
+    step: int,
+    stage_dir: str = "chatsft_checkpoints",
+    dtype: torch.dtype = torch.float32,
+    **extra_config,
+) -> Path:
     """nanochat's own layout under `home`: <stage_dir>/d<depth>/model_<step:06d>.pt (a compiled model's state dict,
     keys prefixed `_orig_mod.`), meta_<step:06d>.json (model_config and the other fields nanochat writes), and
     tokenizer/tokenizer.pkl (a pickled tiktoken Encoding) + tokenizer/token_bytes.pt. Returns the checkpoint dir."""
@@ -48,16 +54,30 @@ def write_nanochat_checkpoint(home: Path, model, tokenizer, step: int, stage_dir
     ckpt.mkdir(parents=True, exist_ok=True)
     state = {f"_orig_mod.{k}": v.detach().to(dtype).clone() for k, v in model.state_dict().items()}
     torch.save(state, ckpt / f"model_{step:06d}.pt")
-    model_config = {"sequence_len": c.sequence_len, "vocab_size": c.vocab_size, "n_layer": c.n_layer,
-                    "n_head": c.n_head, "n_kv_head": c.n_kv_head, "n_embd": c.n_embd, **extra_config}
-    meta = {"step": step, "val_bpb": 1.25, "model_config": model_config,
-            "user_config": {"run": "dummy", "depth": c.n_layer}, "device_batch_size": 4, "max_seq_len": c.sequence_len}
+    model_config = {
+        "sequence_len": c.sequence_len,
+        "vocab_size": c.vocab_size,
+        "n_layer": c.n_layer,
+        "n_head": c.n_head,
+        "n_kv_head": c.n_kv_head,
+        "n_embd": c.n_embd,
+        **extra_config,
+    }
+    meta = {
+        "step": step,
+        "val_bpb": 1.25,
+        "model_config": model_config,
+        "user_config": {"run": "dummy", "depth": c.n_layer},
+        "device_batch_size": 4,
+        "max_seq_len": c.sequence_len,
+    }
     (ckpt / f"meta_{step:06d}.json").write_text(json.dumps(meta, indent=2))
     tok_dir = home / "tokenizer"
     tok_dir.mkdir(parents=True, exist_ok=True)
     enc = tokenizer.enc
-    encoding = tiktoken.Encoding(name="rustbpe", pat_str=enc._pat_str, mergeable_ranks=enc._mergeable_ranks,
-                                 special_tokens=enc._special_tokens)
+    encoding = tiktoken.Encoding(
+        name="rustbpe", pat_str=enc._pat_str, mergeable_ranks=enc._mergeable_ranks, special_tokens=enc._special_tokens
+    )
     with open(tok_dir / "tokenizer.pkl", "wb") as f:
         pickle.dump(encoding, f)
     torch.save(tokenizer.token_bytes().clone(), tok_dir / "token_bytes.pt")

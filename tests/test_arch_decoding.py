@@ -19,8 +19,18 @@ from nanochat.precision import computing
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-ARCH = dict(window_pattern="SL", short_window=6, qk_scale=1.2, value_embeds=True, smear=True, backout=True,
-            layer_lambdas=True, pad_vocab_to=64, rope_base=100_000.0, init="nanochat2026")
+ARCH = dict(
+    window_pattern="SL",
+    short_window=6,
+    qk_scale=1.2,
+    value_embeds=True,
+    smear=True,
+    backout=True,
+    layer_lambdas=True,
+    pad_vocab_to=64,
+    rope_base=100_000.0,
+    init="nanochat2026",
+)
 BF16_TIE = 0.25
 VOCAB = 600
 
@@ -71,8 +81,9 @@ def test_engine_generate_equals_naive_recompute_at_temperature_0(model, precisio
     dtype = dtype_of(precision)
     engine = Engine(model, StubTokenizer(), use_tools=False, dtype=dtype)
     for prompt in prompts():
-        columns = [column for column, _ in engine.generate(prompt, num_samples=num_samples, max_tokens=30,
-                                                           temperature=0)]
+        columns = [
+            column for column, _ in engine.generate(prompt, num_samples=num_samples, max_tokens=30, temperature=0)
+        ]
         rows = [[column[r] for column in columns] for r in range(num_samples)]
         assert all(row == rows[0] for row in rows)  # replicated rows carry the prefix and the previous embedding
         assert len(set(rows[0])) > 5
@@ -86,8 +97,10 @@ def test_batch_decoder_rows_of_different_lengths_decode_as_alone(model, precisio
     embeddings; each row's tokens are those it gets alone (fp32) or the full forward's up to a bf16 near-tie."""
     dtype = dtype_of(precision)
     engine = Engine(model, StubTokenizer(), use_tools=False, dtype=dtype)
-    reqs = [dict(tokens=p, num_samples=1 + i % 2, max_tokens=12 + 5 * i, temperature=0.0, top_k=None, seed=i)
-            for i, p in enumerate(prompts())]
+    reqs = [
+        dict(tokens=p, num_samples=1 + i % 2, max_tokens=12 + 5 * i, temperature=0.0, top_k=None, seed=i)
+        for i, p in enumerate(prompts())
+    ]
     alone = [list(engine.generate(**r)) for r in reqs]
     decoder = BatchDecoder(engine)
     batched = run_batched(decoder, reqs, remove_at={1: 4})

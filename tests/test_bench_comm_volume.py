@@ -1,12 +1,10 @@
 """bench/comm_volume.py against hand-computed values for a tiny GPT, and against a real optimizer's state."""
 
-
 import pytest
 import torch
 
 from nanochat.models.components import GPT, GPTConfig
 from nanochat.optim import build_optimizer
-
 
 # d2 at vocab 512: width 128, one head; per layer 4 attention matrices 128x128 and the MLP's 512x128 and 128x512
 WIDTH, VOCAB, LAYERS = 128, 512, 2
@@ -80,13 +78,25 @@ def test_optimizer_state_matches_a_real_muon_adamw(cv, stats, config, one_torch_
 
 def test_estimate_scales_with_accumulation(cv, stats, config):
     # 2 ranks x 4 rows x 64 tokens = 512 tokens per pass; 1,024 tokens per step -> 2 micro-steps
-    r = cv.estimate(config, world=2, total_batch_size=1024, device_batch_size=4, bus_gbps=100, mfu=0.5,
-                    peak_flops=1e12, grad_bytes=4, fsdp_bytes=2, stats=stats)
+    r = cv.estimate(
+        config,
+        world=2,
+        total_batch_size=1024,
+        device_batch_size=4,
+        bus_gbps=100,
+        mfu=0.5,
+        peak_flops=1e12,
+        grad_bytes=4,
+        fsdp_bytes=2,
+        stats=stats,
+    )
     assert r["accum"] == 2
     b = r["bytes"]
     assert b["ddp"] == pytest.approx(2 * 1 / 2 * TOTAL * 4)
     assert b["ddp_every_micro_step"] == pytest.approx(2 * b["ddp"])
-    assert b["fsdp"] == pytest.approx(2 * b["fsdp_per_micro_step"]) and b["fsdp_per_micro_step"] == pytest.approx(0.75 * b["ddp"])
+    assert b["fsdp"] == pytest.approx(2 * b["fsdp_per_micro_step"]) and b["fsdp_per_micro_step"] == pytest.approx(
+        0.75 * b["ddp"]
+    )
     assert b["ddp_wte_bucket"] == pytest.approx(2 * 1 / 2 * EMBEDDING * 4)
     assert r["seconds"]["ddp"] == pytest.approx(b["ddp"] / 100e9)
     assert r["compute_s"] == pytest.approx(stats["flops_per_token"] * 1024 / (2 * 1e12 * 0.5))
@@ -95,13 +105,20 @@ def test_estimate_scales_with_accumulation(cv, stats, config):
     assert m["weights"] == m["grads"] == TOTAL * 4
     assert m["ddp"] == 2 * TOTAL * 4 + cv.optimizer_state_bytes(stats)
     assert m["fsdp_sharded_part"] == pytest.approx((2 * TOTAL * 4 + cv.optimizer_state_bytes(stats)) / 2)
-    assert m["sharded"] == 2 * TOTAL * 4 + cv.optimizer_state_bytes(stats, 2)  # nanochat's sharding keeps full gradients
+    assert m["sharded"] == 2 * TOTAL * 4 + cv.optimizer_state_bytes(
+        stats, 2
+    )  # nanochat's sharding keeps full gradients
     assert m["fp32_logits_copy"] == 4 * 64 * VOCAB * 4
 
 
 def test_dtypes_and_batches_come_from_the_configs(cv):
     assert cv.model_batch(32) == (524_288, 8)
     assert cv.ddp_grad_bytes(cv.trainer_strategy("8xh100"), 4) == 4  # no compression hook configured: fp32
-    assert cv.ddp_grad_bytes({"ddp_comm_hook": "torch.distributed.algorithms.ddp_comm_hooks.default_hooks.bf16_compress_hook"}, 4) == 2
+    assert (
+        cv.ddp_grad_bytes(
+            {"ddp_comm_hook": "torch.distributed.algorithms.ddp_comm_hooks.default_hooks.bf16_compress_hook"}, 4
+        )
+        == 2
+    )
     assert cv.fsdp_comm_bytes("bf16-mixed") == 2 and cv.fsdp_comm_bytes("32-true") == 4  # Lightning's FSDPPrecision
     assert cv.fitting_device_batch(524_288, 32, 16) == 16  # multinode.yaml: d20 needs device batch 16 on 16 GPUs

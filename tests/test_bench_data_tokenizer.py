@@ -32,8 +32,11 @@ def stream_setup(bench, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("stream")
     source = data_stream.write_jsonl(tmp / "text" / "docs.jsonl", data_stream.generated_documents(400_000, seed=1))
     kwargs = data_stream.datamodule_kwargs(
-        tmp / "shards", tmp / "tokenizer", [str(source)],
-        ["model.sequence_len=64", "model.device_batch_size=4", "model.total_batch_size=256", "data.shard_chars=150000"])
+        tmp / "shards",
+        tmp / "tokenizer",
+        [str(source)],
+        ["model.sequence_len=64", "model.device_batch_size=4", "model.total_batch_size=256", "data.shard_chars=150000"],
+    )
     manifest = data_stream.prepare_shards(kwargs)
     stats = data_stream.train_tokenizer(tmp / "shards", tmp / "tokenizer", 512, 200_000)
     return kwargs, manifest, stats
@@ -78,7 +81,9 @@ def test_gpu_side_and_headroom_are_ratios(bench):
     gpu = data_stream.gpu_tokens_per_s()
     c = {"n_layer": 20, "n_head": 10, "head_dim": 128, "seq": 2048}
     wte = 65536 * 1280
-    assert gpu["flops_per_token"] == 6 * (gpu["params"] - wte) + 12 * c["n_layer"] * c["n_head"] * c["head_dim"] * c["seq"]
+    assert (
+        gpu["flops_per_token"] == 6 * (gpu["params"] - wte) + 12 * c["n_layer"] * c["n_head"] * c["head_dim"] * c["seq"]
+    )
     assert gpu["peak_bf16"] == dict(GPU_PEAK_BF16)["H100"] == 989e12
     for label, mfu in data_stream.MFUS:
         assert gpu["tok_s"][label] == pytest.approx(989e12 * mfu / gpu["flops_per_token"])
@@ -106,9 +111,29 @@ def test_data_stream_script_writes_table_and_json(bench, tmp_path, monkeypatch, 
     data_stream, _ = bench
     folder = write_text(tmp_path / "text", data_stream.generated_documents(300_000, seed=3))
     out = tmp_path / "data_stream.json"
-    monkeypatch.setattr(sys, "argv", ["bench/data_stream.py", "--text", str(folder), "--workers", "0", "--seconds", "0.2",
-                                      "--warmup", "0", "--vocab-size", "400", "--tokenizer-chars", "1e5",
-                                      "--profile-docs", "16", "--json", str(out)])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "bench/data_stream.py",
+            "--text",
+            str(folder),
+            "--workers",
+            "0",
+            "--seconds",
+            "0.2",
+            "--warmup",
+            "0",
+            "--vocab-size",
+            "400",
+            "--tokenizer-chars",
+            "1e5",
+            "--profile-docs",
+            "16",
+            "--json",
+            str(out),
+        ],
+    )
     data_stream.main()
     record = json.loads(out.read_text())
     assert {"command", "date", "machine", "settings", "table", "results"} <= set(record)
@@ -126,8 +151,26 @@ def test_tokenizer_speed_script_writes_table_and_json(bench, tmp_path, monkeypat
     data_stream, tokenizer_speed = bench
     folder = write_text(tmp_path / "text", data_stream.generated_documents(120_000, seed=4))
     out = tmp_path / "tokenizer_speed.json"
-    monkeypatch.setattr(sys, "argv", ["bench/tokenizer_speed.py", "--text", str(folder), "--vocab-sizes", "300", "600",
-                                      "--train-mb", "0.08", "--encode-mb", "0.02", "--threads", "2", "--json", str(out)])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "bench/tokenizer_speed.py",
+            "--text",
+            str(folder),
+            "--vocab-sizes",
+            "300",
+            "600",
+            "--train-mb",
+            "0.08",
+            "--encode-mb",
+            "0.02",
+            "--threads",
+            "2",
+            "--json",
+            str(out),
+        ],
+    )
     tokenizer_speed.main()
     record = json.loads(out.read_text())
     training, encoding = record["results"]["training"], record["results"]["encoding"]

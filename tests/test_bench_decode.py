@@ -53,8 +53,16 @@ def test_naive_estimate_covers_every_stride_th_step(decode):
 def test_bench_depth_reports_consistent_figures_and_saves_the_table(decode, tmp_path, monkeypatch):
     monkeypatch.setitem(decode.PRESETS, 2, (512, 64))
     monkeypatch.setattr(decode, "preset", lambda depth: tiny_config())
-    args = Namespace(depths=[2], prompt=4, new=[6, 10], long_new=12, naive_stride=4, long_prompt=100, repeats=2,
-                     json=tmp_path / "decode.json")
+    args = Namespace(
+        depths=[2],
+        prompt=4,
+        new=[6, 10],
+        long_new=12,
+        naive_stride=4,
+        long_prompt=100,
+        repeats=2,
+        json=tmp_path / "decode.json",
+    )
     r = decode.bench_depth(2, args)
     assert r["prefill"]["tokens"] == 64 and r["prefill"]["tok_per_s"] == pytest.approx(64 / r["prefill"]["seconds"])
     assert r["ttft"]["steps"] == 1 and r["ttft"]["ttft_s"] > 0
@@ -66,7 +74,9 @@ def test_bench_depth_reports_consistent_figures_and_saves_the_table(decode, tmp_
         assert d["cache_tok_per_s"] == pytest.approx(d["new_tokens"] / d["cache"]["total_s"])
     assert r["decode"][-1]["naive"]["measured"].startswith("3 of 12 steps")
     assert r["batch8"]["run"]["tokens"] == 8 * 6
-    assert r["samples8"]["speedup"] == pytest.approx(8 * r["decode"][0]["cache"]["total_s"] / r["batch8"]["run"]["total_s"])
+    assert r["samples8"]["speedup"] == pytest.approx(
+        8 * r["decode"][0]["cache"]["total_s"] / r["batch8"]["run"]["total_s"]
+    )
 
     table = decode.tables([r])
     record = decode.save(args.json, table, [r], {"depths": [2]})

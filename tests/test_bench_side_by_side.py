@@ -24,18 +24,23 @@ def sbs():
 def test_without_a_checkout_it_says_why_and_succeeds(tmp_path):
     done = subprocess.run([sys.executable, SCRIPT], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.startswith("skipped: no nanochat checkout given"), done.stderr
-    done = subprocess.run([sys.executable, SCRIPT, "--nanochat", str(tmp_path)], capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, SCRIPT, "--nanochat", str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 1 and "is not a nanochat checkout" in done.stderr
 
 
 def test_step_rates_read_both_logs(sbs):
     nanochat_log = "\n".join(
         f"step {i:05d}/00012 ({100 * i / 12:.2f}%) | loss: 7.1 | lrm: 1.00 | dt: 812.34ms | tok/sec: {1000 + i:,} | "
-        f"bf16_mfu: 0.00 | epoch: 1 pq: 0 rg: 1 | total time: 0.01m" for i in range(12))
+        f"bf16_mfu: 0.00 | epoch: 1 pq: 0 rg: 1 | total time: 0.01m"
+        for i in range(12)
+    )
     ours_log = "\n".join(
         f"[2026-12-05 21:45:17,288][nanochat.models.stage_parts][INFO] - step {i:6d}/12 ({100 * i / 12:5.1f}%) | "
-        f"loss 7.0 | lrm 1.000 | {2000 + i:,} tok/s | mfu 4.00% | eta 1.0 min" for i in range(1, 13))
+        f"loss 7.0 | lrm 1.000 | {2000 + i:,} tok/s | mfu 4.00% | eta 1.0 min"
+        for i in range(1, 13)
+    )
     theirs = sbs.step_rates(nanochat_log, sbs.NANOCHAT_STEP, 11, one_based=False)
     ours = sbs.step_rates(ours_log, sbs.OUR_STEP, 11, one_based=True)
     assert theirs == {11: 1010.0, 12: 1011.0}  # nanochat counts from 0: its step 10 is the 11th
@@ -43,8 +48,10 @@ def test_step_rates_read_both_logs(sbs):
 
 
 def test_quiet_rates_leave_out_disturbed_steps(sbs):
-    lines = [(f"step {i:05d}/00030 (0%) | loss: 7.1 | lrm: 1.00 | dt: 1.0ms | tok/sec: {100 * i:,} | x", others)
-             for i, others in zip(range(30), [0.0] * 25 + [0.9] * 5)]
+    lines = [
+        (f"step {i:05d}/00030 (0%) | loss: 7.1 | lrm: 1.00 | dt: 1.0ms | tok/sec: {100 * i:,} | x", others)
+        for i, others in zip(range(30), [0.0] * 25 + [0.9] * 5)
+    ]
     got = sbs.quiet_rates(lines, sbs.NANOCHAT_STEP, 11, one_based=False, threshold=0.05)
     assert (got["steps"], got["steps_quiet"], got["steps_timed"]) == (20, 15, 15)
     assert got["tok_per_s"] == 1700.0 and got["tok_per_s_all_steps"] == 1950.0  # steps 11-25 vs 11-30 (ids 10-29)
@@ -53,8 +60,14 @@ def test_quiet_rates_leave_out_disturbed_steps(sbs):
 
 
 def test_process_tree_ticks_cover_children(sbs):
-    proc = subprocess.Popen([sys.executable, "-c", "import subprocess, sys; subprocess.run([sys.executable, '-c', "
-                             "'import time; t = time.time()\\nwhile time.time() - t < 1.5: pass'])"])
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys; subprocess.run([sys.executable, '-c', "
+            "'import time; t = time.time()\\nwhile time.time() - t < 1.5: pass'])",
+        ]
+    )
     import time
 
     time.sleep(1.2)

@@ -17,8 +17,28 @@ def run_script(*argv: str) -> None:
 
 def test_train_step_lightning_and_plain_train_the_same_model(tmp_path):
     out = tmp_path / "train.json"
-    run_script("bench/train_step.py", "--depths", "1", "--seq-len", "32", "--batch", "2", "--steps", "2", "--warmup", "1",
-               "--repeats", "1", "--skip-bf16", "--vocab", "300", "--head-dim", "32", "--json", str(out))
+    run_script(
+        "bench/train_step.py",
+        "--depths",
+        "1",
+        "--seq-len",
+        "32",
+        "--batch",
+        "2",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--repeats",
+        "1",
+        "--skip-bf16",
+        "--vocab",
+        "300",
+        "--head-dim",
+        "32",
+        "--json",
+        str(out),
+    )
     record = json.loads(out.read_text())
     (row,) = record["results"]
     assert row["model"] == "d1" and row["precision"] == "fp32" and len(row["runs"]) == 2
@@ -33,8 +53,21 @@ def test_train_step_lightning_and_plain_train_the_same_model(tmp_path):
 
 def test_head_loss_bench_compares_equal_losses(tmp_path):
     out = tmp_path / "head.json"
-    run_script("bench/fused_head_loss.py", "--depth", "1", "--vocab", "512", "--rows", "2", "--seq-len", "16", "--repeats", "1",
-               "--json", str(out))
+    run_script(
+        "bench/fused_head_loss.py",
+        "--depth",
+        "1",
+        "--vocab",
+        "512",
+        "--rows",
+        "2",
+        "--seq-len",
+        "16",
+        "--repeats",
+        "1",
+        "--json",
+        str(out),
+    )
     record = json.loads(out.read_text())
     for part in ("head", "step"):
         plain, fused = record["results"][part]["plain ops"], record["results"][part]["fused"]
@@ -45,8 +78,12 @@ def test_head_loss_bench_compares_equal_losses(tmp_path):
 def test_run_all_refreshes_only_its_blocks(tmp_path, monkeypatch):
     results = tmp_path / "results"
     results.mkdir()
-    record = {"command": "python bench/x.py", "date": "2026-11-21", "table": "| a |\n|---|\n| 1 |",
-              "machine": {"cpu": "CPU", "torch_threads": 2, "cpu_capability": "AVX2", "torch": "2.13.0"}}
+    record = {
+        "command": "python bench/x.py",
+        "date": "2026-11-21",
+        "table": "| a |\n|---|\n| 1 |",
+        "machine": {"cpu": "CPU", "torch_threads": 2, "cpu_capability": "AVX2", "torch": "2.13.0"},
+    }
     (results / "x.json").write_text(json.dumps(record))
     docs = tmp_path / "benchmarks.md"
     docs.write_text("intro\n<!-- bench:x -->\nold\n<!-- /bench:x -->\nnarrative kept\n")
@@ -70,4 +107,6 @@ def test_save_writes_the_record_only_when_given_a_path(tmp_path, capsys, monkeyp
     assert capsys.readouterr().out == "| a |\n|---|\n| 1 |\n" and list(tmp_path.iterdir()) == []
     saved = common.save(tmp_path / "out.json", record["table"], [{"a": 1}], {"n": 2})
     assert json.loads((tmp_path / "out.json").read_text()) == saved
-    assert {k: saved[k] for k in ("table", "results", "settings")} == {k: record[k] for k in ("table", "results", "settings")}
+    assert {k: saved[k] for k in ("table", "results", "settings")} == {
+        k: record[k] for k in ("table", "results", "settings")
+    }

@@ -23,10 +23,12 @@ def test_rows_by_hand():
     # row 4 the 4, then nothing fits the 4 tokens left, so the shortest left (the 10) is cropped to 4, dropping 6.
     batches = list(pack_bestfit(synthetic([5, 3, 8, 6, 2, 10, 4]), rows=1, seq_len=7, buffer_size=3))
     rows = [b[0][0].tolist() for b in batches]
-    assert rows == [[0, 3, 3, 3, 3, 3, 3, 3],
-                    [0, 4, 4, 4, 4, 4, 0, 5],
-                    [0, 1, 1, 1, 1, 0, 2, 2],
-                    [0, 7, 7, 7, 0, 6, 6, 6]]
+    assert rows == [
+        [0, 3, 3, 3, 3, 3, 3, 3],
+        [0, 4, 4, 4, 4, 4, 0, 5],
+        [0, 1, 1, 1, 1, 0, 2, 2],
+        [0, 7, 7, 7, 0, 6, 6, 6],
+    ]
     last = batches[-1][2]["crop"]
     assert last == {"cropped": 6, "taken": 5 + 3 + 8 + 6 + 2 + 10 + 4}
     assert last["cropped"] / last["taken"] == pytest.approx(6 / 38)
@@ -73,8 +75,9 @@ def length_shards(tmp_path):
 
 def test_stream_resumes_exactly_from_a_batch_state(length_shards):
     def stream(start=None):
-        return TokenStream(length_shards, LengthTokenizer(), rows=3, seq_len=15, packing="bestfit", buffer_size=25,
-                           start=start)
+        return TokenStream(
+            length_shards, LengthTokenizer(), rows=3, seq_len=15, packing="bestfit", buffer_size=25, start=start
+        )
 
     full = []
     for item in stream().batches(0):
@@ -83,8 +86,11 @@ def test_stream_resumes_exactly_from_a_batch_state(length_shards):
             break
     state = full[59]["state"]
     assert len(state["buffer"]) >= 24 and state["crop"]["cropped"] > 0  # refilled before each placement
-    start = {0: Position(**{k: state[k] for k in ("epoch", "round", "doc", "token")}), "buffers": {0: state["buffer"]},
-             "crop": {0: state["crop"]}}
+    start = {
+        0: Position(**{k: state[k] for k in ("epoch", "round", "doc", "token")}),
+        "buffers": {0: state["buffer"]},
+        "crop": {0: state["crop"]},
+    }
     resumed = stream(start).batches(0)
     for want in full[60:]:
         got = next(resumed)
@@ -95,9 +101,16 @@ def test_stream_resumes_exactly_from_a_batch_state(length_shards):
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_datamodule_resume_continues_rows_and_crop_share(tiny_corpus_shards, tiny_tokenizer_dir, num_workers):
     def make():
-        dm = PretrainDataModule(dir=str(tiny_corpus_shards), tokenizer_dir=str(tiny_tokenizer_dir), sequence_len=16,
-                                device_batch_size=2, total_batch_size=64, num_workers=num_workers, packing="bestfit",
-                                buffer_size=16)
+        dm = PretrainDataModule(
+            dir=str(tiny_corpus_shards),
+            tokenizer_dir=str(tiny_tokenizer_dir),
+            sequence_len=16,
+            device_batch_size=2,
+            total_batch_size=64,
+            num_workers=num_workers,
+            packing="bestfit",
+            buffer_size=16,
+        )
         dm.setup("fit")
         return dm
 

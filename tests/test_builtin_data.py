@@ -8,9 +8,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import dtype_of
 from omegaconf import OmegaConf
 
-from conftest import dtype_of
 from nanochat.configs import compose
 from nanochat.data import builtin
 from nanochat.engine.calculator import calculate
@@ -95,8 +95,18 @@ def test_tokenizer_stage_prepares_builtin_shards(data_dir, tmp_path):
     from nanochat.tokenizer import Tokenizer
 
     corpus_mtime = corpus_path(data_dir).stat().st_mtime_ns
-    cfg = compose(["stage=tokenizer", "data=builtin", f"paths.data_dir={data_dir}", f"paths.tokenizer_dir={tmp_path / 'tok'}",
-                   "model.vocab_size=512", "tokenizer.max_chars=300000", "tokenizer.progress=false", "logger=none"])
+    cfg = compose(
+        [
+            "stage=tokenizer",
+            "data=builtin",
+            f"paths.data_dir={data_dir}",
+            f"paths.tokenizer_dir={tmp_path / 'tok'}",
+            "model.vocab_size=512",
+            "tokenizer.max_chars=300000",
+            "tokenizer.progress=false",
+            "logger=none",
+        ]
+    )
     run_stage(cfg)
     shards = data_dir / "builtin" / "shards"
     assert (shards / "manifest.json").is_file() and len(list(shards.glob("*.parquet"))) >= 2
@@ -142,7 +152,9 @@ def test_arithmetic_answers_check_out_with_the_calculator(split):
         final = conversation["messages"][-1]["content"][-1]["text"]
         answer = int(re.search(r"#### (\d+)$", final).group(1))
         assert answer == int(calls[-1][1])
-        assert task.evaluate(conversation, f"so the answer is\n#### {answer}") and task.reward(conversation, final) == 1.0
+        assert (
+            task.evaluate(conversation, f"so the answer is\n#### {answer}") and task.reward(conversation, final) == 1.0
+        )
         assert not task.evaluate(conversation, f"#### {answer + 1}") and task.reward(conversation, "no idea") == 0.0
 
 
@@ -158,14 +170,16 @@ def test_arithmetic_is_deterministic_and_splits_are_disjoint():
 def test_arithmetic_renders_with_calculator_tool_calls(tiny_tokenizer):
     conversation = Arithmetic(size=1)[0]
     ids, mask = tiny_tokenizer.render_conversation(conversation)
-    special = {name: tiny_tokenizer.token_id(name) for name in
-               ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")}
+    special = {
+        name: tiny_tokenizer.token_id(name)
+        for name in ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")
+    }
     calls = tool_calls(conversation)
     assert ids.count(special["<|python_start|>"]) == len(calls) == ids.count(special["<|output_start|>"])
     # The calculator's output is forced at inference, so it is never trained on; the expression is.
     start, end = ids.index(special["<|output_start|>"]), ids.index(special["<|output_end|>"])
-    assert set(mask[start:end + 1]) == {0}
-    assert tiny_tokenizer.decode(ids[start + 1:end]) == calls[0][1]
+    assert set(mask[start : end + 1]) == {0}
+    assert tiny_tokenizer.decode(ids[start + 1 : end]) == calls[0][1]
     assert mask[ids.index(special["<|python_start|>"]) + 1] == 1
 
 
@@ -201,8 +215,11 @@ def test_builtin_mixture_builds_every_list(data_dir, caplog):
     cfg = compose(["stage=sft", "mixture=builtin", f"paths.data_dir={data_dir}"])
     mixture = OmegaConf.to_container(cfg.mixture, resolve=True)
     assert mixture["offline"] is True
-    sizes = {f"{stage}.{part}": len(build_mixture(mixture[stage][part]))
-             for stage in ("mid", "sft", "rl") for part in mixture[stage]}
+    sizes = {
+        f"{stage}.{part}": len(build_mixture(mixture[stage][part]))
+        for stage in ("mid", "sft", "rl")
+        for part in mixture[stage]
+    }
     assert 3000 <= sizes["mid.train"] <= 8000 and 1000 <= sizes["sft.train"] <= 2500, sizes
     assert all(n > 0 for n in sizes.values()), sizes
     eval_tasks = build_eval_tasks(mixture["eval"])
@@ -217,7 +234,10 @@ def test_chat_eval_scores_builtin_tasks(random_model, tiny_tokenizer, precision)
     from nanochat.eval.chat_tasks import chat_table, evaluate_chat
     from nanochat.precision import computing
 
-    tasks = {"arithmetic": Arithmetic(size=2, split="test"), "arithmetic_choice": ArithmeticChoice(size=4, split="test")}
+    tasks = {
+        "arithmetic": Arithmetic(size=2, split="test"),
+        "arithmetic_choice": ArithmeticChoice(size=4, split="test"),
+    }
     with computing(random_model, dtype_of(precision)):  # as a trainer or the eval stage in that precision
         result = evaluate_chat(random_model, tiny_tokenizer, tasks, max_new_tokens=4)
     assert {"chat/arithmetic", "chat/arithmetic_choice", "chat/chatcore"} <= set(result["metrics"])

@@ -6,22 +6,26 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import dtype_of, write_core_bundle
 
-from nanochat.eval.chat_tasks import categorical_correct, evaluate_chat, sample_passes
 from nanochat.configs import compose
+from nanochat.eval.chat_tasks import categorical_correct, evaluate_chat, sample_passes
 from nanochat.models.components import GPT, GPTConfig
 from nanochat.stages import run_stage
 from nanochat.tasks.base import Task, render_mc
 from nanochat.tasks.gsm8k import GSM8K
 
-from conftest import dtype_of, write_core_bundle
-
 LETTERS = ("A", "B", "C", "D")
 
 
 def mc(question: str, gold: str) -> dict:
-    return {"messages": [{"role": "user", "content": render_mc(question, LETTERS, ["w", "x", "y", "z"])},
-                         {"role": "assistant", "content": gold}], "letters": LETTERS}
+    return {
+        "messages": [
+            {"role": "user", "content": render_mc(question, LETTERS, ["w", "x", "y", "z"])},
+            {"role": "assistant", "content": gold},
+        ],
+        "letters": LETTERS,
+    }
 
 
 class ListTask(Task):
@@ -75,8 +79,10 @@ def test_categorical_batches_of_padded_prompts_agree_with_one_at_a_time(tiny_tok
     convs = [mc("q" * (i + 1) + " what?", LETTERS[i % 4]) for i in range(12)]
     one_by_one = [categorical_correct(model, tiny_tokenizer, [c]) for c in convs]
     assert categorical_correct(model, tiny_tokenizer, convs) == sum(one_by_one)
-    ranks = [evaluate_chat(model, tiny_tokenizer, {"t": ListTask(convs)}, batch_size=5, rank=r, world_size=2)["tasks"][0]
-             for r in range(2)]
+    ranks = [
+        evaluate_chat(model, tiny_tokenizer, {"t": ListTask(convs)}, batch_size=5, rank=r, world_size=2)["tasks"][0]
+        for r in range(2)
+    ]
     assert sum(r["accuracy"] for r in ranks) * 12 == pytest.approx(sum(one_by_one))
 
 
@@ -108,8 +114,10 @@ def test_generative_passes_if_any_sample_has_the_answer(tiny_tokenizer, tmp_path
     assert sample_passes(full, tiny_tokenizer, task, conv, num_samples=2, **args) == [False, False] and not full.calls
 
 
-@pytest.mark.parametrize("text,answer", [("so #### 1,234 apples", "1234"), ("#### -7.5", "-7.5"), ("no marker 42", None),
-                                          ("#### 3\n#### 4", "3")])
+@pytest.mark.parametrize(
+    "text,answer",
+    [("so #### 1,234 apples", "1234"), ("#### -7.5", "-7.5"), ("no marker 42", None), ("#### 3\n#### 4", "3")],
+)
 def test_gsm8k_answer_extraction(text, answer):
     from nanochat.tasks.base import extract_answer
 
@@ -127,7 +135,9 @@ def run_export(tiny_tokenizer, tmp_path):
         model = GPT(GPTConfig.from_depth(2, tiny_tokenizer.vocab_size, 64, aspect_ratio=64, head_dim=64))
         model.init_weights()
         torch.nn.init.normal_(model.lm_head.weight, std=0.5)
-        return save_export(model, tiny_tokenizer, tmp_path / "runs" / "evalrun" / stage / "export", {"stage": stage, "step": 3})
+        return save_export(
+            model, tiny_tokenizer, tmp_path / "runs" / "evalrun" / stage / "export", {"stage": stage, "step": 3}
+        )
 
     return make
 
@@ -140,8 +150,17 @@ def test_eval_stage_core_matches_the_function_and_writes_the_report(run_export, 
 
     export = run_export("base")
     bundle = write_core_bundle(tmp_path / "bundle")
-    run_stage(compose(["stage=eval", f"ckpt={export.parent}", f"mixture.core_bundle={bundle}", "trainer=cpu",
-                       f"precision={precision}"]))
+    run_stage(
+        compose(
+            [
+                "stage=eval",
+                f"ckpt={export.parent}",
+                f"mixture.core_bundle={bundle}",
+                "trainer=cpu",
+                f"precision={precision}",
+            ]
+        )
+    )
     assert f"precision: {precision} (precision={precision}" in capsys.readouterr().out
     section = json.loads((tmp_path / "runs" / "evalrun" / "report" / "base-eval.json").read_text())
     model, tok, _ = load_export(export)
@@ -158,8 +177,19 @@ def test_eval_stage_auto_picks_chat_tasks_for_a_chat_model(run_export, tmp_path,
     rows = [{"question": f"q{i}", "answer": f"#### {i}"} for i in range(3)]
     (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     tasks = f"[{{name: gsm8k, split: test, path: '{tmp_path / 'test.jsonl'}'}}]"
-    run_stage(compose(["stage=eval", f"ckpt={export}", f"mixture.eval={tasks}", "evaluators.chat.max_new_tokens=4",
-                       "trainer=cpu", "mixture.core_bundle=/nonexistent", f"precision={precision}"]))
+    run_stage(
+        compose(
+            [
+                "stage=eval",
+                f"ckpt={export}",
+                f"mixture.eval={tasks}",
+                "evaluators.chat.max_new_tokens=4",
+                "trainer=cpu",
+                "mixture.core_bundle=/nonexistent",
+                f"precision={precision}",
+            ]
+        )
+    )
     section = json.loads((tmp_path / "runs" / "evalrun" / "report" / "sft-eval.json").read_text())
     assert set(section["metrics"]) == {"chat/gsm8k", "chat/chatcore"}  # CORE skipped for a chat model: no bundle needed
     assert section["metrics"]["chat/gsm8k"] == 0.0 and math.isfinite(section["wall_time_s"])
@@ -171,18 +201,24 @@ def test_eval_stage_bad_inputs_are_one_line(run_export, tmp_path, stage_error):
     line = stage_error(compose(["stage=eval", "trainer=cpu"]))
     assert "nanochat eval needs ckpt=" in line
     export = run_export("base")
-    line = stage_error(compose(["stage=eval", f"ckpt={export}", "eval=core", f"mixture.core_bundle={tmp_path / 'nope'}", "trainer=cpu"]))
+    line = stage_error(
+        compose(
+            ["stage=eval", f"ckpt={export}", "eval=core", f"mixture.core_bundle={tmp_path / 'nope'}", "trainer=cpu"]
+        )
+    )
     assert f"CORE eval bundle {tmp_path / 'nope'} does not exist" in line
     bundle = write_core_bundle(tmp_path / "bundle")
     bad = bundle / "eval_data" / "lm" / "lm.jsonl"
     bad.write_text(bad.read_text() + '{"context": "cut short\n')
-    line = stage_error(compose(["stage=eval", f"ckpt={export}", "eval=core", f"mixture.core_bundle={bundle}", "trainer=cpu"]))
+    line = stage_error(
+        compose(["stage=eval", f"ckpt={export}", "eval=core", f"mixture.core_bundle={bundle}", "trainer=cpu"])
+    )
     assert f"{bad}:7 is not valid JSON" in line
 
 
 def test_eval_task_list_skips_only_optional_entries_without_data(tmp_path, caplog):
-    from nanochat.eval.chat_tasks import build_eval_tasks
     from nanochat.errors import DataUnavailable
+    from nanochat.eval.chat_tasks import build_eval_tasks
 
     rows = [{"question": "q", "answer": "#### 1"}]
     (tmp_path / "test.jsonl").write_text(json.dumps(rows[0]) + "\n")

@@ -28,12 +28,15 @@ def arithmetic_conversation(rng: random.Random) -> list[dict]:
     a, b = rng.randint(2, 99), rng.randint(2, 99)
     return [
         {"role": "user", "content": f"What is {a} times {b}?"},
-        {"role": "assistant", "content": [
-            {"type": "text", "text": "Let me compute that. "},
-            {"type": "python", "text": f"{a}*{b}"},
-            {"type": "python_output", "text": str(a * b)},
-            {"type": "text", "text": f" The answer is {a * b}."},
-        ]},
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "text", "text": "Let me compute that. "},
+                {"type": "python", "text": f"{a}*{b}"},
+                {"type": "python_output", "text": str(a * b)},
+                {"type": "text", "text": f" The answer is {a * b}."},
+            ],
+        },
     ]
 
 
@@ -47,7 +50,9 @@ def chat_files(tmp_path_factory):
     with open(root / "val.jsonl", "w") as f:
         for _ in range(16):
             f.write(json.dumps(arithmetic_conversation(rng)) + "\n")
-    (root / "words.txt").write_text("\n".join(["apple", "banana", "cherry", "kiwi", "melon", "strawberry", "fig"]) + "\n")
+    (root / "words.txt").write_text(
+        "\n".join(["apple", "banana", "cherry", "kiwi", "melon", "strawberry", "fig"]) + "\n"
+    )
     return root
 
 
@@ -62,15 +67,30 @@ def base_export(tiny_tokenizer, tmp_path_factory):
 
 
 def chat_overrides(stage: str, init_from, chat_files: Path, *extra: str) -> list[str]:
-    mixture = (f"[{{name: custom_json, path: '{chat_files / 'train.jsonl'}'}},"
-               f"{{name: simple_spelling, size: 16, words_path: '{chat_files / 'words.txt'}'}}]")
+    mixture = (
+        f"[{{name: custom_json, path: '{chat_files / 'train.jsonl'}'}},"
+        f"{{name: simple_spelling, size: 16, words_path: '{chat_files / 'words.txt'}'}}]"
+    )
     val = f"[{{name: custom_json, path: '{chat_files / 'val.jsonl'}'}}]"
     return [
-        f"stage={stage}", "model=d4", "trainer=cpu", "logger=none", f"init_from={init_from}", "compile=false",
-        "model.depth=2", f"model.sequence_len={SEQ}", "model.device_batch_size=2", f"model.total_batch_size={4 * SEQ}",
-        "module.horizon.num_iterations=4", "budget.eval_every=2", "budget.eval_tokens=256",
-        "budget.sample_every=0", "budget.save_every=2", "budget.log_every=1",
-        f"mixture.{stage}.train={mixture}", f"mixture.{stage}.val={val}",
+        f"stage={stage}",
+        "model=d4",
+        "trainer=cpu",
+        "logger=none",
+        f"init_from={init_from}",
+        "compile=false",
+        "model.depth=2",
+        f"model.sequence_len={SEQ}",
+        "model.device_batch_size=2",
+        f"model.total_batch_size={4 * SEQ}",
+        "module.horizon.num_iterations=4",
+        "budget.eval_every=2",
+        "budget.eval_tokens=256",
+        "budget.sample_every=0",
+        "budget.save_every=2",
+        "budget.log_every=1",
+        f"mixture.{stage}.train={mixture}",
+        f"mixture.{stage}.val={val}",
         f"mixture.eval=[{{name: simple_spelling, split: test, size: 3, words_path: '{chat_files / 'words.txt'}'}}]",
         "callbacks.chat_eval.evaluator.max_new_tokens=8",
         *extra,
@@ -136,8 +156,14 @@ def test_conversation_rows_resume_at_the_next_conversation(tiny_tokenizer, chat_
     items = list(zip(range(4), ConversationRows(mixture, tiny_tokenizer, rank=1, world_size=2, **kwargs)))
     state = items[1][1]["state"]
     assert state["round"] == 12  # two steps x 3 micro-batches x 2 rows of this rank's conversations
-    resumed = ConversationRows(mixture, tiny_tokenizer, rank=1, world_size=2, start=Position(**{k: state[k] for k in
-                               ("epoch", "round", "doc", "token")}), **kwargs)
+    resumed = ConversationRows(
+        mixture,
+        tiny_tokenizer,
+        rank=1,
+        world_size=2,
+        start=Position(**{k: state[k] for k in ("epoch", "round", "doc", "token")}),
+        **kwargs,
+    )
     for (_, want), got in zip(items[2:], resumed):
         for (x1, y1), (x2, y2) in zip(want["pairs"], got["pairs"]):
             assert torch.equal(x1, x2) and torch.equal(y1, y2)
@@ -164,13 +190,17 @@ def test_packed_conversations_concatenate_rendered_ids_and_resume_mid_conversati
 
 # --- horizon, chaining and bad input --------------------------------------------------------------
 def test_horizon_is_one_epoch_of_the_mixture_unless_steps_are_given(base_export, chat_files):
-    cfg = compose(chat_overrides("sft", base_export, chat_files, "module.horizon.num_iterations=-1",
-                                 "datamodule.examples_per_step=4"))
+    cfg = compose(
+        chat_overrides(
+            "sft", base_export, chat_files, "module.horizon.num_iterations=-1", "datamodule.examples_per_step=4"
+        )
+    )
     trainer, module, datamodule, _ = build(cfg)
     assert len(datamodule.mixtures.train) == 64 + 16
     assert trainer.max_steps == module.num_iterations == 20  # 80 conversations / 4 per step
-    cfg = compose(chat_overrides("mid", base_export, chat_files, "module.horizon.num_iterations=-1",
-                                 "module.horizon.epochs=2"))
+    cfg = compose(
+        chat_overrides("mid", base_export, chat_files, "module.horizon.num_iterations=-1", "module.horizon.epochs=2")
+    )
     trainer, module, datamodule, _ = build(cfg)
     m = datamodule.mixtures
     tokens = sum(len(m.tokenizer.render_conversation(c)[0]) for c in m.train)
@@ -189,7 +219,9 @@ def test_mid_then_sft_through_the_trainer_record_their_parents(base_export, chat
     assert any(not torch.equal(v, base_model.state_dict()[k]) for k, v in model.state_dict().items())
 
     # sft with the default init_from: this run's mid stage
-    cfg = compose([o for o in chat_overrides("sft", "x", chat_files, "logger=csv", "run=chain") if not o.startswith("init_from")])
+    cfg = compose(
+        [o for o in chat_overrides("sft", "x", chat_files, "logger=csv", "run=chain") if not o.startswith("init_from")]
+    )
     assert cfg.init_from == str(mid_dir)
     run_stage(cfg)
     sft_dir = Path(cfg.paths.run_dir)
@@ -204,8 +236,10 @@ def test_mid_then_sft_through_the_trainer_record_their_parents(base_export, chat
     assert set(meta["metrics"]) >= {"chat/simple_spelling", "chat/chatcore"}
     text = (sft_dir.parent / "report.md").read_text()
     assert "## Midtraining" in text and "## SFT" in text and "### Chat evaluation" in text
-    assert f"| ChatCORE | - | {report.format_value(meta['parent']['metrics']['chat/chatcore'])} | " \
-           f"{report.format_value(meta['metrics']['chat/chatcore'])} | - |" in text
+    assert (
+        f"| ChatCORE | - | {report.format_value(meta['parent']['metrics']['chat/chatcore'])} | "
+        f"{report.format_value(meta['metrics']['chat/chatcore'])} | - |" in text
+    )
 
 
 def test_init_from_mismatches_are_refused_with_one_line(base_export, chat_files, tmp_path, stage_error):
@@ -213,9 +247,13 @@ def test_init_from_mismatches_are_refused_with_one_line(base_export, chat_files,
 
     line = stage_error(compose(chat_overrides("mid", base_export, chat_files, "model.sequence_len=64")))
     assert str(base_export) in line and f"context of {SEQ}" in line and "model.sequence_len=64" in line
-    other = Tokenizer.train(["a completely different corpus of text, tiny and odd " * 50], vocab_size=300, show_progress=False)
+    other = Tokenizer.train(
+        ["a completely different corpus of text, tiny and odd " * 50], vocab_size=300, show_progress=False
+    )
     other.save(tmp_path / "other_tok")
-    line = stage_error(compose(chat_overrides("mid", base_export, chat_files, f"module.tokenizer_dir={tmp_path / 'other_tok'}")))
+    line = stage_error(
+        compose(chat_overrides("mid", base_export, chat_files, f"module.tokenizer_dir={tmp_path / 'other_tok'}"))
+    )
     assert "differs from the tokenizer in" in line and str(tmp_path / "other_tok") in line
     line = stage_error(compose(chat_overrides("sft", tmp_path / "no_run", chat_files)))
     assert "holds no exported model" in line and str(tmp_path / "no_run") in line
@@ -229,8 +267,10 @@ def test_unknown_task_in_a_mixture_is_one_line(base_export, chat_files, stage_er
 
 def test_optional_entries_without_data_are_skipped_and_said(chat_files, caplog, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    entries = [{"name": "smoltalk", "split": "train", "optional": True},
-               {"name": "custom_json", "path": str(chat_files / "val.jsonl")}]
+    entries = [
+        {"name": "smoltalk", "split": "train", "optional": True},
+        {"name": "custom_json", "path": str(chat_files / "val.jsonl")},
+    ]
     with caplog.at_level(logging.WARNING):
         mixture = build_mixture(entries)
     assert len(mixture) == 16 and any("skipping optional task 'smoltalk'" in r.getMessage() for r in caplog.records)
@@ -255,6 +295,10 @@ def test_offline_mixtures_switch_the_hub_libraries_to_their_cache(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     hub_offline()
-    assert huggingface_hub.constants.HF_HUB_OFFLINE and datasets.config.HF_HUB_OFFLINE and datasets.config.HF_DATASETS_OFFLINE
+    assert (
+        huggingface_hub.constants.HF_HUB_OFFLINE
+        and datasets.config.HF_HUB_OFFLINE
+        and datasets.config.HF_DATASETS_OFFLINE
+    )
     assert compose(["stage=mid", "mixture=shared"]).datamodule.offline is True
     assert compose(["stage=sft"]).datamodule.offline is False

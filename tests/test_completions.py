@@ -8,9 +8,9 @@ import torch
 
 pytest.importorskip("fastapi")
 
+from conftest import PRECISIONS, random_gpt  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
-from conftest import PRECISIONS, random_gpt  # noqa: E402
 from nanochat.precision import computing  # noqa: E402
 from nanochat.serving.api import create_app  # noqa: E402
 from nanochat.serving.generation import GenerationQueue, ScoreRequest, Scores  # noqa: E402
@@ -70,7 +70,7 @@ def test_echo_logprobs_are_the_models_own(client, engine, tok):
     assert lp["text_offset"][: len(ids) + 1] == [0, 0] + [len(tok.decode(ids[1:i])) for i in range(2, len(ids) + 1)]
     for logprob, top in zip(lp["token_logprobs"][1:], lp["top_logprobs"][1:]):
         assert len(top) <= 2 and (logprob in top.values() or logprob < min(top.values()))
-    for logprob, top in zip(lp["token_logprobs"][len(ids):], lp["top_logprobs"][len(ids):]):
+    for logprob, top in zip(lp["token_logprobs"][len(ids) :], lp["top_logprobs"][len(ids) :]):
         assert logprob == max(top.values())  # greedy: each generated token is its position's likeliest
     assert body["usage"]["prompt_tokens"] == len(ids) and body["usage"]["completion_tokens"] == generated
     # Exactly the model's numbers over the same tokens (the prompt alone: a forward of another length may round
@@ -145,8 +145,15 @@ def test_scoring_runs_between_decoding_steps_of_a_busy_batch(engine, tok):
     async def scenario():
         queue = GenerationQueue(engine, tok)
         # Greedy, this model and prompt decode all 500 tokens without an end token (in both precisions).
-        long = queue.submit(validate_chat([{"role": "user", "content": "Go on"}], temperature=0, max_tokens=500,
-                                          tokenizer=tok, max_context=engine.max_context))
+        long = queue.submit(
+            validate_chat(
+                [{"role": "user", "content": "Go on"}],
+                temperature=0,
+                max_tokens=500,
+                tokenizer=tok,
+                max_context=engine.max_context,
+            )
+        )
         ids = tok.encode("score me", prepend="<|bos|>")
         scores = [e async for e in queue.submit(ScoreRequest(ids, top=3)).events()]
         busy = queue.generating  # the long generation is still decoding
@@ -158,6 +165,10 @@ def test_scoring_runs_between_decoding_steps_of_a_busy_batch(engine, tok):
     scores, busy, ids = asyncio.run(scenario())
     assert busy == 1 and len(scores) == 1 and isinstance(scores[0], Scores)
     ref = reference_logprobs(engine, ids)
-    torch.testing.assert_close(torch.tensor(scores[0].token_logprobs),
-                               torch.tensor([ref[i - 1, ids[i]].item() for i in range(1, len(ids))]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        torch.tensor(scores[0].token_logprobs),
+        torch.tensor([ref[i - 1, ids[i]].item() for i in range(1, len(ids))]),
+        atol=1e-5,
+        rtol=0,
+    )
     assert [t for t, _ in scores[0].top_logprobs[0]] == ref[0].topk(3).indices.tolist()

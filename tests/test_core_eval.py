@@ -6,12 +6,11 @@ import re
 
 import pytest
 import torch
-
-from nanochat.eval.core import CoreEval, crop_left, evaluate_core, evaluate_task, scored_spans
-from nanochat.errors import DataUnavailable, UserError
-from nanochat.tasks.core_bundle import fewshot_examples, load_bundle, read_examples, render_prompts
-
 from conftest import MC, SCHEMA, write_core_bundle
+
+from nanochat.errors import DataUnavailable, UserError
+from nanochat.eval.core import CoreEval, crop_left, evaluate_core, evaluate_task, scored_spans
+from nanochat.tasks.core_bundle import fewshot_examples, load_bundle, read_examples, render_prompts
 
 
 class WordTokenizer:
@@ -71,7 +70,9 @@ def test_each_task_type_scores_the_preferred_option(tmp_path):
     tok = WordTokenizer()
     right = evaluate_core(scripted(bundle, tok, lambda item: item["gold"]), tok, bundle)
     assert [r["accuracy"] for r in right["tasks"]] == [1.0, 1.0, 1.0]
-    wrong = scripted(bundle, tok, lambda item: (item["gold"] + 1) % len(item.get("choices", item.get("context_options"))))
+    wrong = scripted(
+        bundle, tok, lambda item: (item["gold"] + 1) % len(item.get("choices", item.get("context_options")))
+    )
     result = evaluate_core(wrong, tok, bundle)
     assert [r["accuracy"] for r in result["tasks"][:2]] == [0.0, 0.0]
     # An untrained model's greedy guess never reproduces a continuation.
@@ -81,7 +82,12 @@ def test_each_task_type_scores_the_preferred_option(tmp_path):
     assert mc["centered"] == pytest.approx((0 - 0.25) / 0.75) and sch["centered"] == pytest.approx(-1.0)
     assert lm["centered"] == pytest.approx(1.0)
     assert result["score"] == pytest.approx((-1 / 3 - 1.0 + 1.0) / 3)
-    assert result["metrics"] == {"core/score": result["score"], "core/mc": mc["centered"], "core/sch": -1.0, "core/lm": 1.0}
+    assert result["metrics"] == {
+        "core/score": result["score"],
+        "core/mc": mc["centered"],
+        "core/sch": -1.0,
+        "core/lm": 1.0,
+    }
 
 
 def test_half_right_gives_the_centered_value_in_between(tmp_path):
@@ -96,12 +102,19 @@ def test_half_right_gives_the_centered_value_in_between(tmp_path):
 
 def test_prompts_match_the_reference_templates():
     shots = [{"query": "Q1", "choices": ["a", "b"], "gold": 1}]
-    assert render_prompts("multiple_choice", {"query": "Q2", "choices": ["x", "y"]}, ": ", shots) == ["Q1: b\n\nQ2: x", "Q1: b\n\nQ2: y"]
+    assert render_prompts("multiple_choice", {"query": "Q2", "choices": ["x", "y"]}, ": ", shots) == [
+        "Q1: b\n\nQ2: x",
+        "Q1: b\n\nQ2: y",
+    ]
     shots = [{"context_options": ["c0", "c1"], "continuation": "k", "gold": 0}]
-    assert render_prompts("schema", {"context_options": ["A", "B"], "continuation": "end"}, " ", shots) == ["c0 k\n\nA end", "c0 k\n\nB end"]
+    assert render_prompts("schema", {"context_options": ["A", "B"], "continuation": "end"}, " ", shots) == [
+        "c0 k\n\nA end",
+        "c0 k\n\nB end",
+    ]
     shots = [{"context": " ctx one ", "continuation": "one"}]
-    assert render_prompts("language_modeling", {"context": "ctx two\n", "continuation": "two"}, "\nAnswer: ", shots) == [
-        "ctx one\nAnswer: one\n\nctx two\nAnswer:", "ctx one\nAnswer: one\n\nctx two\nAnswer: two"]
+    assert render_prompts(
+        "language_modeling", {"context": "ctx two\n", "continuation": "two"}, "\nAnswer: ", shots
+    ) == ["ctx one\nAnswer: one\n\nctx two\nAnswer:", "ctx one\nAnswer: one\n\nctx two\nAnswer: two"]
 
 
 def test_fewshot_and_order_are_deterministic_and_exclude_the_example(tmp_path):
@@ -146,7 +159,9 @@ def test_bad_bundles_are_one_sentence_naming_the_place(tmp_path):
     with pytest.raises(UserError, match=re.escape(f"{bad}:2 is not valid JSON")):
         read_examples(bad, "schema")
     bad.write_text(json.dumps(SCHEMA[0]) + "\n" + json.dumps({"context_options": ["a"], "gold": 0}) + "\n")
-    with pytest.raises(UserError, match=re.escape(f"{bad}:2: a schema example needs the fields context_options, continuation, gold")):
+    with pytest.raises(
+        UserError, match=re.escape(f"{bad}:2: a schema example needs the fields context_options, continuation, gold")
+    ):
         read_examples(bad, "schema")
     bad.write_text(json.dumps({**SCHEMA[0], "gold": 5}) + "\n")
     with pytest.raises(UserError, match=":1: gold=5 is not an index into its 2 options"):
@@ -174,9 +189,13 @@ def test_real_bundle_lists_18_of_22_tasks_and_every_example_parses(shared_data, 
         data = task.examples()
         item = data[0]
         prompts = render_prompts(task.task_type, item, task.delimiter, fewshot_examples(data, 0, task.num_fewshot))
-        rows, spans = scored_spans(task.task_type, [tiny_tokenizer.encode(p, prepend=tiny_tokenizer.bos_token_id) for p in prompts])
+        rows, spans = scored_spans(
+            task.task_type, [tiny_tokenizer.encode(p, prepend=tiny_tokenizer.bos_token_id) for p in prompts]
+        )
         assert all(0 < s < e <= len(r) for r, (s, e) in zip(rows, spans)), task.label
     baselines = {t.label: t.baseline for t in bundle.tasks}
     assert baselines["arc_easy"] == 25 and baselines["copa"] == 50 and baselines["jeopardy"] == 0
     v1 = {t.label: t.baseline for t in load_bundle(shared_data / "core_eval", "eval_meta_data_v1.csv").tasks}
-    assert (baselines["commonsense_qa"], v1["commonsense_qa"]) == (40.3, 20) and v1["bigbench_language_identification"] == 9.1
+    assert (baselines["commonsense_qa"], v1["commonsense_qa"]) == (40.3, 20) and v1[
+        "bigbench_language_identification"
+    ] == 9.1

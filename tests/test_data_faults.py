@@ -98,7 +98,11 @@ def test_stream_skips_and_counts_every_fault_kind(faulty, tiny_tokenizer, caplog
         assert sum(str(faulty / name) in r.message for r in caplog.records) == 1  # one warning each, naming it
     batches = list(stream)
     assert len(batches) > 100
-    assert batches[-1]["state"]["faults"] == {"skipped_row_groups": 1, "empty_documents": EMPTY, "invalid_documents": INVALID}
+    assert batches[-1]["state"]["faults"] == {
+        "skipped_row_groups": 1,
+        "empty_documents": EMPTY,
+        "invalid_documents": INVALID,
+    }
     assert batches[-1]["state"]["skipped"] == 1 + EMPTY + INVALID
     assert f"skipping unreadable row group 0 of {faulty / 'c_row_groups.parquet'}" in caplog.text
     text = tiny_tokenizer.decode(batches[0]["tokens"].flatten().tolist())
@@ -130,7 +134,10 @@ def test_fail_mode_names_the_file_and_row(faulty, tiny_tokenizer, name, where):
 
 def test_fail_mode_names_null_and_empty_rows(tmp_path, tiny_tokenizer):
     path = tmp_path / "rows.parquet"
-    for values, why in (([None, "ok"], "row 0: the 'text' value is null"), (["ok", " "], "row 1: the 'text' value is empty")):
+    for values, why in (
+        ([None, "ok"], "row 0: the 'text' value is null"),
+        (["ok", " "], "row 1: the 'text' value is empty"),
+    ):
         pq.write_table(pa.table({"text": pa.array(values, type=pa.string())}), path)
         with pytest.raises(UserError, match=f"{path} row group 0 {why}"):
             list(TokenStream([path], tiny_tokenizer, rows=1, seq_len=2, infinite=False, on_bad_data="fail"))
@@ -151,8 +158,14 @@ def test_all_bad_shards_or_no_usable_document_is_one_error_not_a_hang(faulty, ti
 
 def test_fault_counts_continue_across_resume(faulty, tiny_tokenizer_dir):
     def make():
-        dm = PretrainDataModule(dir=str(faulty), tokenizer_dir=str(tiny_tokenizer_dir), sequence_len=16,
-                                device_batch_size=2, total_batch_size=32, num_workers=0)
+        dm = PretrainDataModule(
+            dir=str(faulty),
+            tokenizer_dir=str(tiny_tokenizer_dir),
+            sequence_len=16,
+            device_batch_size=2,
+            total_batch_size=32,
+            num_workers=0,
+        )
         dm.setup("fit")
         return dm
 
@@ -169,7 +182,11 @@ def test_fault_counts_continue_across_resume(faulty, tiny_tokenizer_dir):
     assert straight[0][1] == {"skipped_shards": 2} and epochs[-1] >= 2
     # Two whole passes over the data are behind the first batch of the third: each fault counted once per pass.
     assert straight[epochs.index(2)][1] == {
-        "skipped_shards": 2, "skipped_row_groups": 2, "empty_documents": 2 * EMPTY, "invalid_documents": 2 * INVALID}
+        "skipped_shards": 2,
+        "skipped_row_groups": 2,
+        "empty_documents": 2 * EMPTY,
+        "invalid_documents": 2 * INVALID,
+    }
     one_pass = epochs.index(1)
     # Resume before any fault, between the bad rows and the bad row group, and in the second pass before its faults.
     for at in (5, 50, one_pass + 40):
@@ -197,18 +214,31 @@ def faulty_corpus(tiny_corpus_shards, tmp_path):
 
 
 def test_pretraining_run_skips_a_corrupt_shard_and_reports_the_counts(tiny_run, faulty_corpus, caplog):
-    cfg = compose(tiny_run(f"data.dir={faulty_corpus}", "data.source=null", "logger=csv", "budget.base_steps=4",
-                           "budget.eval_every=0", "budget.save_every=0"))
+    cfg = compose(
+        tiny_run(
+            f"data.dir={faulty_corpus}",
+            "data.source=null",
+            "logger=csv",
+            "budget.base_steps=4",
+            "budget.eval_every=0",
+            "budget.save_every=0",
+        )
+    )
     with caplog.at_level(logging.WARNING):
         run_stage(cfg)
     assert f"skipping shard: {faulty_corpus / 'b_truncated.parquet'}" in caplog.text
     run_dir = Path(cfg.paths.run_dir)
     rows = (run_dir / "logs" / "metrics.csv").read_text().splitlines()
     header = rows[0].split(",")
-    counts = {name: [r.split(",")[header.index(f"data/{name}")] for r in rows[1:]]
-              for name in ("skipped_shards", "empty_documents", "invalid_documents")}
+    counts = {
+        name: [r.split(",")[header.index(f"data/{name}")] for r in rows[1:]]
+        for name in ("skipped_shards", "empty_documents", "invalid_documents")
+    }
     assert {k: [float(x) for x in v if x] for k, v in counts.items()} == {
-        "skipped_shards": [1.0, 1.0], "empty_documents": [EMPTY] * 2, "invalid_documents": [INVALID] * 2}  # steps 2, 4
+        "skipped_shards": [1.0, 1.0],
+        "empty_documents": [EMPTY] * 2,
+        "invalid_documents": [INVALID] * 2,
+    }  # steps 2, 4
     report = (run_dir.parent / "report.md").read_text()
     assert f"data faults skipped: 1 skipped shards, {EMPTY} empty documents, {INVALID} invalid documents" in report
 
@@ -220,8 +250,14 @@ def test_fail_mode_run_exits_with_one_error_line_naming_the_file(tiny_run, fault
     line = stage_error(compose(tiny_run(f"data.dir={faulty_corpus}", "data.source=null", "data.on_bad_data=fail")))
     assert f"{faulty_corpus / 'a_mixed.parquet'} row group 0 row 0" in line
     # Raised inside a DataLoader worker (the GPU presets' num_workers=1), it is still one line, the same one.
-    assert stage_error(compose(tiny_run(f"data.dir={faulty_corpus}", "data.source=null", "data.on_bad_data=fail",
-                                        "data.num_workers=1"))) == line
+    assert (
+        stage_error(
+            compose(
+                tiny_run(f"data.dir={faulty_corpus}", "data.source=null", "data.on_bad_data=fail", "data.num_workers=1")
+            )
+        )
+        == line
+    )
 
 
 def test_run_on_only_bad_training_shards_is_one_error(tiny_run, tmp_path, faulty_corpus, stage_error):
@@ -252,17 +288,25 @@ def test_prepare_skips_and_counts_bad_jsonl_rows_or_names_the_line(tmp_path, cap
         prepare([src], tmp_path / "strict", val_fraction=0.2, show_progress=False, on_bad_data="fail")
 
     # The pretraining data module prepares with its own setting.
-    dm = PretrainDataModule(dir=str(tmp_path / "dm"), source=str(src), tokenizer_dir="unused", sequence_len=8,
-                            device_batch_size=1, total_batch_size=8, on_bad_data="fail")
+    dm = PretrainDataModule(
+        dir=str(tmp_path / "dm"),
+        source=str(src),
+        tokenizer_dir="unused",
+        sequence_len=8,
+        device_batch_size=1,
+        total_batch_size=8,
+        on_bad_data="fail",
+    )
     with pytest.raises(UserError, match=f"{src}:4"):
         dm.prepare_data()
 
 
 def test_prepare_replaces_invalid_utf8_in_text_files_with_one_warning(tmp_path, caplog):
-    (tmp_path / "book.txt").write_bytes(b"caf\xe9 cr\xe8me\n\n" + "A fine paragraph.\n\n".encode() * 20)
+    (tmp_path / "book.txt").write_bytes(b"caf\xe9 cr\xe8me\n\n" + b"A fine paragraph.\n\n" * 20)
     with caplog.at_level(logging.WARNING):
-        manifest = prepare([tmp_path / "book.txt"], tmp_path / "out", val_fraction=0.5, txt_doc_chars=20,
-                           show_progress=False)
+        manifest = prepare(
+            [tmp_path / "book.txt"], tmp_path / "out", val_fraction=0.5, txt_doc_chars=20, show_progress=False
+        )
     assert manifest["train"]["docs"] + manifest["val"]["docs"] >= 2
     assert caplog.text.count("is not valid UTF-8") == 1 and "2 undecodable character(s)" in caplog.text
     with pytest.raises(UserError, match="book.txt is not valid UTF-8"):
@@ -274,8 +318,10 @@ def test_chat_task_jsonl_with_a_broken_line_names_file_and_line(tmp_path):
     from nanochat.tasks.smoltalk import SmolTalk
 
     path = tmp_path / "train.jsonl"
-    rows = [json.dumps({"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "hello"}]})
-            for i in range(5)]
+    rows = [
+        json.dumps({"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "hello"}]})
+        for i in range(5)
+    ]
     rows[2] = rows[2][:-7]  # a row cut short
     path.write_text("\n".join(rows) + "\n")
     with pytest.raises(UserError) as err:

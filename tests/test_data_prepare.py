@@ -307,7 +307,9 @@ def test_cli_subprocess_errors(tmp_path):
     missing = tmp_path / "no_such_input"
     proc = subprocess.run(
         [sys.executable, "-m", "nanochat.data", "prepare", str(missing), "--out", str(tmp_path / "o"), "--quiet"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()

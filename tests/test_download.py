@@ -107,8 +107,9 @@ def sleeps() -> list[float]:
 
 def fetch(server, out, n, sleeps, **kw):
     kw.setdefault("workers", 2)
-    return download("fineweb-edu", n, out, base_url=server.url, sleep=sleeps.append, show_progress=False,
-                    timeout=10, **kw)
+    return download(
+        "fineweb-edu", n, out, base_url=server.url, sleep=sleeps.append, show_progress=False, timeout=10, **kw
+    )
 
 
 def assert_identical(out: Path, shard_bytes, n: int):
@@ -303,7 +304,9 @@ def test_fetch_single_files_resumes_and_checks_text(server, sleeps, tmp_path, ca
 
     server.files["words_alpha.txt"] = b"\xff\xfe not utf-8"  # a corrupt body fails its check on every attempt
     with pytest.raises(UserError, match="could not download words"):
-        download_file("words", tmp_path, url=f"{server.url}/words_alpha.txt", sleep=sleeps.append, attempts=2, timeout=10)
+        download_file(
+            "words", tmp_path, url=f"{server.url}/words_alpha.txt", sleep=sleeps.append, attempts=2, timeout=10
+        )
     assert not (tmp_path / "words_alpha.txt").exists()
 
     server.files["words_alpha.txt"] = b"apple\nbanana\n"
@@ -377,8 +380,9 @@ def test_eval_bundle_corrupt_zip_is_fetched_again(server, sleeps, tmp_path):
 
     server.files["bad.zip"] = b"<html>rate limited</html>"  # never a zip: fails after the attempts
     with pytest.raises(UserError, match="could not download eval_bundle") as err:
-        download_file("eval_bundle", tmp_path / "other", url=f"{server.url}/bad.zip", sleep=sleeps.append,
-                      attempts=2, timeout=10)
+        download_file(
+            "eval_bundle", tmp_path / "other", url=f"{server.url}/bad.zip", sleep=sleeps.append, attempts=2, timeout=10
+        )
     assert "zip" in str(err.value) and "after 2 attempts" in str(err.value)
     assert sorted(p.name for p in (tmp_path / "other").iterdir()) == []
 
@@ -437,8 +441,9 @@ def test_climbmix_fetches_training_shards_and_its_validation_shard(server, shard
     server.fail[VAL] = 2  # retried with backoff
     server.cut[shard_name(1)] = 1000  # a dropped connection: the same run resumes it with a Range request
     out = tmp_path / "climbmix"
-    paths = download("climbmix", 2, out, base_url=server.url, sleep=sleeps.append, show_progress=False, timeout=10,
-                     workers=1)
+    paths = download(
+        "climbmix", 2, out, base_url=server.url, sleep=sleeps.append, show_progress=False, timeout=10, workers=1
+    )
     assert paths == [out / shard_name(0), out / shard_name(1), out / VAL]
     assert sorted(p.name for p in out.iterdir()) == [shard_name(0), shard_name(1), VAL]  # no .part left
     for p in paths:
@@ -453,8 +458,11 @@ def test_climbmix_fetches_training_shards_and_its_validation_shard(server, shard
 
 def test_climbmix_source_and_limits(tmp_path):
     assert SOURCES["climbmix"].base_url == "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
-    with pytest.raises(UserError, match=r"climbmix publishes 6542 training shards \(and one validation shard\) "
-                                        r"but 6543"):
+    with pytest.raises(
+        UserError,
+        match=r"climbmix publishes 6542 training shards \(and one validation shard\) "
+        r"but 6543",
+    ):
         download("climbmix", 6543, tmp_path)
     assert list(tmp_path.iterdir()) == []
 

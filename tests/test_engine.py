@@ -2,14 +2,13 @@
 
 import pytest
 import torch
+from conftest import dtype_of
 from torch import nn
 
-from conftest import dtype_of
 from nanochat.engine.engine import Engine, generate_naive
 from nanochat.engine.kv_cache import KVCache, RowKVCache
 from nanochat.models.components import GPTConfig
 from nanochat.precision import computing
-
 
 BF16_TIE = 0.1  # logits this close (~1 % of these models' logit scale) are a tie that bf16 rounding may break
 
@@ -30,7 +29,7 @@ def test_kv_cache_decoding_equals_naive_recompute_at_temperature_0(random_model,
     # cached token is within BF16_TIE of the best logit a whole-sequence forward gives its prefix, and the two
     # decodings agree exactly up to the first step whose top two logits are that close.
     with computing(random_model, dtype):
-        logits = random_model(torch.tensor([prompt + cached]))[0, len(prompt) - 1:-1]
+        logits = random_model(torch.tensor([prompt + cached]))[0, len(prompt) - 1 : -1]
     gaps = logits.max(-1).values - logits.gather(-1, torch.tensor(cached)[:, None]).squeeze(-1)
     assert gaps.max() <= BF16_TIE
     top2 = logits.topk(2, dim=-1).values
@@ -133,7 +132,12 @@ def test_tool_call_gets_the_calculator_output_forced_in(tiny_tokenizer):
     answer = tiny_tokenizer.encode(" so 84")
     filler = t("<|user_end|>")  # what the model "would" say while the output is forced: must be ignored
     result = tiny_tokenizer.encode("84")
-    script = [t("<|python_start|>"), *expr, t("<|python_end|>")] + [filler] * (len(result) + 2) + answer + [t("<|assistant_end|>")]
+    script = (
+        [t("<|python_start|>"), *expr, t("<|python_end|>")]
+        + [filler] * (len(result) + 2)
+        + answer
+        + [t("<|assistant_end|>")]
+    )
     model = ScriptedModel(script, tiny_tokenizer.vocab_size)
     engine = Engine(model, tiny_tokenizer)
     steps = list(engine.generate([t("<|bos|>")], max_tokens=100, temperature=0))

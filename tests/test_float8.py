@@ -20,8 +20,18 @@ def test_layer_selection_follows_the_fp8_kernels_limits():
 
 
 def test_which_layers_of_the_2026_gpt_convert():
-    config = GPTConfig.from_depth(4, 4000, 512, window_pattern="SSSL", value_embeds=True, smear=True, backout=True,
-                                  layer_lambdas=True, pad_vocab_to=64, init="nanochat2026")
+    config = GPTConfig.from_depth(
+        4,
+        4000,
+        512,
+        window_pattern="SSSL",
+        value_embeds=True,
+        smear=True,
+        backout=True,
+        layer_lambdas=True,
+        pad_vocab_to=64,
+        init="nanochat2026",
+    )
     model = GPT(config)
     chosen = sorted(name for name, m in model.named_modules() if float8.takes_fp8(m, name))
     linears = sorted(name for name, m in model.named_modules() if isinstance(m, nn.Linear))

@@ -2,8 +2,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import dtype_of
+
 from nanochat.engine.kv_cache import KVCache
 from nanochat.errors import UserError
 from nanochat.models.components import GPT, GPTConfig
@@ -71,7 +71,11 @@ def test_architecture_invariants():
 def test_gqa_and_mqa_shapes_and_forward():
     model = tiny(n_kv_head=1)  # MQA: 2 query heads share one key/value head
     attn = model.transformer.h[0].attn
-    assert attn.c_q.weight.shape == (256, 256) and attn.c_k.weight.shape == (128, 256) and attn.c_v.weight.shape == (128, 256)
+    assert (
+        attn.c_q.weight.shape == (256, 256)
+        and attn.c_k.weight.shape == (128, 256)
+        and attn.c_v.weight.shape == (128, 256)
+    )
     loss = model(torch.randint(0, 512, (2, 32)), torch.randint(0, 512, (2, 32)))
     assert torch.isfinite(loss)
 

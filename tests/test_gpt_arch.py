@@ -22,8 +22,18 @@ from nanochat.precision import computing
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = json.loads((Path(__file__).parent / "data" / "nanochat_reference.json").read_text())
-FEATURES = dict(window_pattern="SL", short_window=6, qk_scale=1.2, value_embeds=True, smear=True, backout=True,
-                layer_lambdas=True, pad_vocab_to=64, rope_base=100_000.0, init="nanochat2026")
+FEATURES = dict(
+    window_pattern="SL",
+    short_window=6,
+    qk_scale=1.2,
+    value_embeds=True,
+    smear=True,
+    backout=True,
+    layer_lambdas=True,
+    pad_vocab_to=64,
+    rope_base=100_000.0,
+    init="nanochat2026",
+)
 
 
 def preset(name: str) -> dict:
@@ -33,8 +43,13 @@ def preset(name: str) -> dict:
 def arch_model(seed: int = 0, **overrides) -> GPT:
     """A tiny GPT (3 layers, width 64, GQA, vocab 200) with every feature on and reference weights (non-zero
     output projections, lambdas and gates at working values) so every feature changes the output."""
-    config = GPTConfig(**{**dict(sequence_len=64, vocab_size=200, n_layer=3, n_head=4, n_kv_head=2, n_embd=64),
-                          **FEATURES, **overrides})
+    config = GPTConfig(
+        **{
+            **dict(sequence_len=64, vocab_size=200, n_layer=3, n_head=4, n_kv_head=2, n_embd=64),
+            **FEATURES,
+            **overrides,
+        }
+    )
     model = GPT(config)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     model.load_state_dict(reference_weights(shapes, seed))
@@ -46,28 +61,42 @@ def test_presets_write_out_every_arch_key_and_2025_is_the_default():
     assert set(preset("nanochat2025")) == set(preset("nanochat2026")) == ARCH_KEYS
     default = {f.name: f.default for f in fields(GPTConfig)}
     assert preset("nanochat2025") == {k: default[k] for k in ARCH_KEYS}
-    assert preset("nanochat2026") == dict(window_pattern="SSSL", short_window=None, rope_base=100_000.0, softcap=15.0,
-                                          qk_scale=1.2, value_embeds=True, smear=True, backout=True,
-                                          layer_lambdas=True, pad_vocab_to=64, init="nanochat2026")
+    assert preset("nanochat2026") == dict(
+        window_pattern="SSSL",
+        short_window=None,
+        rope_base=100_000.0,
+        softcap=15.0,
+        qk_scale=1.2,
+        value_embeds=True,
+        smear=True,
+        backout=True,
+        layer_lambdas=True,
+        pad_vocab_to=64,
+        init="nanochat2026",
+    )
     assert set(INITS) == set(GPT.__init__.__globals__["INITIALISERS"])
 
 
 def test_an_export_config_written_before_the_switches_loads_as_the_2025_model():
-    old = dict(sequence_len=64, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=128, rope_base=10000.0,
-               softcap=15.0)
+    old = dict(
+        sequence_len=64, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=128, rope_base=10000.0, softcap=15.0
+    )
     config = GPTConfig.from_dict(old)
     assert config == GPTConfig(**old) and config.features() == [] and config.hf_unsupported() == []
     names = {n for n, _ in GPT(config).named_parameters()}
     assert names == {"transformer.wte.weight", "lm_head.weight"} | {
-        f"transformer.h.{i}.{m}.weight" for i in range(2) for m in ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj",
-                                                                     "mlp.c_fc", "mlp.c_proj")}
+        f"transformer.h.{i}.{m}.weight"
+        for i in range(2)
+        for m in ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    }
 
 
 def test_an_export_written_before_the_switches_loads(tiny_tokenizer, tmp_path):
     from nanochat.export import CONFIG_FILE, load_export, save_export
 
-    model = GPT(GPTConfig(sequence_len=16, vocab_size=tiny_tokenizer.vocab_size, n_layer=1, n_head=1, n_kv_head=1,
-                          n_embd=32))
+    model = GPT(
+        GPTConfig(sequence_len=16, vocab_size=tiny_tokenizer.vocab_size, n_layer=1, n_head=1, n_kv_head=1, n_embd=32)
+    )
     out = save_export(model, tiny_tokenizer, tmp_path / "export")
     written = json.loads((out / CONFIG_FILE).read_text())
     written["model"] = {k: v for k, v in written["model"].items() if k not in ARCH_KEYS - {"rope_base", "softcap"}}
@@ -80,11 +109,19 @@ def test_an_export_written_before_the_switches_loads(tiny_tokenizer, tmp_path):
 
 def test_summary_and_hf_unsupported_name_the_features():
     config = GPTConfig.from_depth(4, 4000, 512, **preset("nanochat2026"))
-    assert config.summary().endswith("; window pattern SSSL (short window 128), rope base 100000, QK scale 1.2, value "
-                                      "embeddings, smear, backout, residual and x0 lambdas, vocab padded to 4,032, "
-                                      "nanochat2026 init")
-    assert config.hf_unsupported() == ["window pattern SSSL (short window 128)", "QK scale 1.2", "value embeddings",
-                                       "smear", "backout", "residual and x0 lambdas"]
+    assert config.summary().endswith(
+        "; window pattern SSSL (short window 128), rope base 100000, QK scale 1.2, value "
+        "embeddings, smear, backout, residual and x0 lambdas, vocab padded to 4,032, "
+        "nanochat2026 init"
+    )
+    assert config.hf_unsupported() == [
+        "window pattern SSSL (short window 128)",
+        "QK scale 1.2",
+        "value embeddings",
+        "smear",
+        "backout",
+        "residual and x0 lambdas",
+    ]
     # transformers' NanoChatConfig holds rope_theta; a padded vocabulary exports as its first vocab_size rows
     assert replace(GPTConfig(), rope_base=100_000.0, pad_vocab_to=64, init="nanochat2026").hf_unsupported() == []
 
@@ -142,8 +179,9 @@ def test_a_state_dict_in_nanochats_layout_loads_and_gives_nanochats_logits_loss_
         assert loss == pytest.approx(REFERENCE["loss"], abs=2e-3)
     engine = Engine(model, StubTokenizer(), use_tools=False, dtype=dtype)
     prompt = idx[0, : REFERENCE["prompt_len"]].tolist()
-    tokens = [column[0] for column, _ in engine.generate(prompt, max_tokens=len(REFERENCE["greedy_cached"]),
-                                                         temperature=0)]
+    tokens = [
+        column[0] for column, _ in engine.generate(prompt, max_tokens=len(REFERENCE["greedy_cached"]), temperature=0)
+    ]
     assert tokens == REFERENCE["greedy_cached"] == REFERENCE["greedy_naive"]
 
 
@@ -164,8 +202,9 @@ def test_nanochat2026_init_statistics():
     torch.testing.assert_close(model.resid_lambdas.data, torch.tensor([1.15, 1.15 - 0.1 / 3, 1.15 - 0.2 / 3, 1.05]))
     torch.testing.assert_close(model.x0_lambdas.data, torch.tensor([0.20, 0.15, 0.10, 0.05]))
     assert model.smear_lambda.item() == 0 and model.backout_lambda.item() == pytest.approx(0.2)
-    gates = [model.smear_gate.weight] + [b.attn.ve_gate.weight for b in model.transformer.h
-                                         if hasattr(b.attn, "ve_gate")]
+    gates = [model.smear_gate.weight] + [
+        b.attn.ve_gate.weight for b in model.transformer.h if hasattr(b.attn, "ve_gate")
+    ]
     assert all(g.min() >= 0 and g.max() <= 0.02 for g in gates)
     assert sorted(model.value_embeds) == ["1", "3"]  # alternate layers, the last included
     for table in model.value_embeds.values():
@@ -302,7 +341,8 @@ def test_the_flex_attention_path_equals_sdpa_with_a_mask(monkeypatch):
     assert len(calls) == 3 and all(kw["enable_gqa"] for kw in calls)
     torch.testing.assert_close(flex, sdpa, atol=1e-5, rtol=1e-5)
     assert attention.sliding_block_mask(128, 200, torch.device("cpu")) is attention.sliding_block_mask(
-        128, 200, torch.device("cpu"))  # built once per (window, length)
+        128, 200, torch.device("cpu")
+    )  # built once per (window, length)
 
 
 def test_the_compiled_flex_attention_kernel_equals_sdpa_with_a_mask():
@@ -310,15 +350,19 @@ def test_the_compiled_flex_attention_kernel_equals_sdpa_with_a_mask():
     torch.manual_seed(0)
     q, k, v = torch.randn(1, 4, 256, 32), torch.randn(1, 2, 256, 32), torch.randn(1, 2, 256, 32)
     expected = torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, attn_mask=attention.band_mask(256, 256, 64, "cpu"), enable_gqa=True)
+        q, k, v, attn_mask=attention.band_mask(256, 256, 64, "cpu"), enable_gqa=True
+    )
     torch.testing.assert_close(attention.flex_windowed(q, k, v, 64), expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("depth,seq,vocab,windows,flops,params", [  # nanochat's estimate_flops and parameter count
-    (4, 512, 4000, "SSSL", 27_820_464, 7_274_578),
-    (4, 512, 4000, "L", 31_359_408, 7_274_578),
-    (20, 2048, 32768, "SSSL", 2_886_212_784, 896_533_746),
-])
+@pytest.mark.parametrize(
+    "depth,seq,vocab,windows,flops,params",
+    [  # nanochat's estimate_flops and parameter count
+        (4, 512, 4000, "SSSL", 27_820_464, 7_274_578),
+        (4, 512, 4000, "L", 31_359_408, 7_274_578),
+        (20, 2048, 32768, "SSSL", 2_886_212_784, 896_533_746),
+    ],
+)
 def test_flops_per_token_counts_each_layers_window_as_nanochat_does(depth, seq, vocab, windows, flops, params):
     with torch.device("meta"):
         model = GPT(GPTConfig.from_depth(depth, vocab, seq, **{**preset("nanochat2026"), "window_pattern": windows}))
@@ -346,8 +390,11 @@ def test_every_parameter_is_in_exactly_one_role_and_one_optimizer_group():
     optimizer = build_optimizer(model)
     kinds = {id(p): g["kind"] for g in optimizer.param_groups for p in g["params"]}
     assert kinds[id(model.transformer.h[0].attn.ve_gate.weight)] == "muon"  # a block matrix, as nanochat has it
-    assert all(kinds[id(p)] == "adamw" for role in ("value_embedding", "resid_lambda", "x0_lambda", "smear_backout")
-               for p in roles[role])
+    assert all(
+        kinds[id(p)] == "adamw"
+        for role in ("value_embedding", "resid_lambda", "x0_lambda", "smear_backout")
+        for p in roles[role]
+    )
     before = copy.deepcopy(model.state_dict())
     idx = torch.randint(0, 200, (2, 40))
     model.train()
@@ -362,8 +409,16 @@ def test_the_2026_preset_trains_through_the_trainer_and_exports(tiny_run, precis
     from nanochat.export import load_export
     from nanochat.stages.fit import build
 
-    cfg = compose(tiny_run("arch=nanochat2026", "model.arch.short_window=4", "budget.base_steps=4",
-                           "budget.eval_every=2", "budget.save_every=4", f"precision={precision}"))
+    cfg = compose(
+        tiny_run(
+            "arch=nanochat2026",
+            "model.arch.short_window=4",
+            "budget.base_steps=4",
+            "budget.eval_every=2",
+            "budget.save_every=4",
+            f"precision={precision}",
+        )
+    )
     trainer, module, datamodule, ckpt = build(cfg)
     assert module.config.features()[0] == "window pattern SSSL (short window 4)"
     before = {k: v.clone() for k, v in module.model.state_dict().items()}
@@ -378,19 +433,28 @@ def test_the_2026_preset_trains_through_the_trainer_and_exports(tiny_run, precis
 
 
 # --- bad input -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("overrides,message", [
-    (dict(window_pattern="SSXL"), r"window_pattern='SSXL' may hold only the letters S \(short window\) and L"),
-    (dict(window_pattern=""), "window_pattern='' may hold only"),
-    (dict(window_pattern="SL", short_window=64), r"short window of 64 tokens, which is not shorter than the context "
-                                                 r"sequence_len=64"),
-    (dict(window_pattern="SL"), "short window of 128 tokens, which is not shorter than the context sequence_len=64"),
-    (dict(short_window=0), "short_window=0 must be a positive integer or null"),
-    (dict(value_embeds=True, n_embd=8, n_head=1, n_kv_head=1), r"value_embeds=true needs n_embd >= 12 \(its gate"),
-    (dict(smear=True, n_embd=16, n_head=1, n_kv_head=1), "smear=true needs n_embd >= 24"),
-    (dict(init="xavier"), "init='xavier' is not one of nanochat2025, nanochat2026"),
-    (dict(qk_scale=0), "qk_scale=0 must be a positive number"),
-    (dict(pad_vocab_to=0), "pad_vocab_to=0 must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(window_pattern="SSXL"), r"window_pattern='SSXL' may hold only the letters S \(short window\) and L"),
+        (dict(window_pattern=""), "window_pattern='' may hold only"),
+        (
+            dict(window_pattern="SL", short_window=64),
+            r"short window of 64 tokens, which is not shorter than the context "
+            r"sequence_len=64",
+        ),
+        (
+            dict(window_pattern="SL"),
+            "short window of 128 tokens, which is not shorter than the context sequence_len=64",
+        ),
+        (dict(short_window=0), "short_window=0 must be a positive integer or null"),
+        (dict(value_embeds=True, n_embd=8, n_head=1, n_kv_head=1), r"value_embeds=true needs n_embd >= 12 \(its gate"),
+        (dict(smear=True, n_embd=16, n_head=1, n_kv_head=1), "smear=true needs n_embd >= 24"),
+        (dict(init="xavier"), "init='xavier' is not one of nanochat2025, nanochat2026"),
+        (dict(qk_scale=0), "qk_scale=0 must be a positive number"),
+        (dict(pad_vocab_to=0), "pad_vocab_to=0 must be a positive integer"),
+    ],
+)
 def test_bad_architecture_values_are_one_line_errors(overrides, message):
     base = dict(sequence_len=64, vocab_size=200, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
     with pytest.raises(UserError, match=message) as err:

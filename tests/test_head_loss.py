@@ -4,8 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanochat.models.components import GPT, GPTConfig
-from nanochat.models.components import head_loss
+from nanochat.models.components import GPT, GPTConfig, head_loss
 from nanochat.models.components.head_loss import softcap_cross_entropy
 
 
@@ -137,7 +136,9 @@ def test_no_grad_saves_nothing_and_gives_the_loss():
 def test_all_targets_ignored_gives_nan_like_cross_entropy():
     h, w, targets = inputs()
     targets[:] = -1
-    assert torch.isnan(softcap_cross_entropy(h, w, targets, 15.0)) and torch.isnan(reference(h, w, targets, 15.0, "mean"))
+    assert torch.isnan(softcap_cross_entropy(h, w, targets, 15.0)) and torch.isnan(
+        reference(h, w, targets, 15.0, "mean")
+    )
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])

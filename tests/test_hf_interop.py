@@ -13,19 +13,33 @@ transformers = pytest.importorskip("transformers")
 
 from conftest import corpus_documents  # noqa: E402
 from interop_helpers import fake_hub_cache, train_tiny  # noqa: E402
+
 from nanochat.engine.engine import Engine  # noqa: E402
 from nanochat.export import find_export, load_export, save_export  # noqa: E402
 from nanochat.export.__main__ import main as export_main  # noqa: E402
 from nanochat.models.components import GPT, GPTConfig  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-PROMPTS = ["The quick brown fox", "def parse_args(argv):\n    ", "Le cœur a ses raisons", "1984 had 365 days; 3.14",
-           "Привет, мир! 🤖", "import json"]
+PROMPTS = [
+    "The quick brown fox",
+    "def parse_args(argv):\n    ",
+    "Le cœur a ses raisons",
+    "1984 had 365 days; 3.14",
+    "Привет, мир! 🤖",
+    "import json",
+]
 CONVERSATION = [  # a system prompt, a tool call with its output, and a second user turn
     {"role": "system", "content": "You are terse."},
     {"role": "user", "content": "What is 12*7?"},
-    {"role": "assistant", "content": [{"type": "text", "text": "Let me compute "}, {"type": "python", "text": "12*7"},
-                                      {"type": "python_output", "text": "84"}, {"type": "text", "text": " so 84."}]},
+    {
+        "role": "assistant",
+        "content": [
+            {"type": "text", "text": "Let me compute "},
+            {"type": "python", "text": "12*7"},
+            {"type": "python_output", "text": "84"},
+            {"type": "text", "text": " so 84."},
+        ],
+    },
     {"role": "user", "content": "Thanks! And 2+2?"},
 ]
 
@@ -34,8 +48,12 @@ CONVERSATION = [  # a system prompt, a tool call with its output, and a second u
 def trained(tiny_tokenizer, tmp_path_factory, one_torch_thread):
     """(model, tokenizer, export dir) of a tiny GPT trained for 40 steps, exported as the sft stage at step 40."""
     model = train_tiny(tiny_tokenizer)
-    export = save_export(model, tiny_tokenizer, tmp_path_factory.mktemp("run") / "export",
-                         {"stage": "sft", "step": 40, "metrics": {"val/bpb": 1.5}})
+    export = save_export(
+        model,
+        tiny_tokenizer,
+        tmp_path_factory.mktemp("run") / "export",
+        {"stage": "sft", "step": 40, "metrics": {"val/bpb": 1.5}},
+    )
     return model, tiny_tokenizer, export
 
 
@@ -66,9 +84,14 @@ def test_the_export_is_a_plain_transformers_nanochat_dir(hf_dir, hf_model, train
     assert type(hf_model).__name__ == "NanoChatForCausalLM"
     config = json.loads((hf_dir / "config.json").read_text())
     c = model.config
-    assert (config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"],
-            config["num_key_value_heads"], config["intermediate_size"], config["max_position_embeddings"]) == (
-            c.n_embd, c.n_layer, c.n_head, c.n_kv_head, 4 * c.n_embd, c.sequence_len)
+    assert (
+        config["hidden_size"],
+        config["num_hidden_layers"],
+        config["num_attention_heads"],
+        config["num_key_value_heads"],
+        config["intermediate_size"],
+        config["max_position_embeddings"],
+    ) == (c.n_embd, c.n_layer, c.n_head, c.n_kv_head, 4 * c.n_embd, c.sequence_len)
     assert config["rms_norm_eps"] == torch.finfo(torch.float32).eps  # F.rms_norm's eps for fp32 input
     assert config["final_logit_softcapping"] == 15.0 and config["rope_parameters"]["rope_theta"] == 10_000.0
     assert config["nanochat"] == {"stage": "sft", "step": 40, "metrics": {"val/bpb": 1.5}}
@@ -102,9 +125,13 @@ def test_transformers_greedy_generation_equals_our_engine(hf_model, trained):
         for column, _ in engine.generate(prompt, max_tokens=24, temperature=0):
             ours.append(column[0])
         with torch.no_grad():
-            out = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                                    max_new_tokens=24, do_sample=False)
-        theirs = out[0, len(prompt):].tolist()
+            out = hf_model.generate(
+                torch.tensor([prompt]),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                max_new_tokens=24,
+                do_sample=False,
+            )
+        theirs = out[0, len(prompt) :].tolist()
         if ours[-1] in stops:  # both stop at the end-of-turn / end-of-document token and emit it
             assert theirs == ours
         else:
@@ -180,8 +207,15 @@ def test_a_stage_inits_from_an_hf_model(tiny_run, tiny_tokenizer, tmp_path):
             p.normal_(0, 0.02)
     hf = tmp_path / "start-hf"
     export_main(["hf", str(save_export(start, tiny_tokenizer, tmp_path / "start" / "export")), str(hf)])
-    cfg = compose(tiny_run("run=from_hf", f"init_from=hf:{hf}", "budget.base_steps=1", "callbacks=[]",
-                           "+trainer.enable_checkpointing=false"))
+    cfg = compose(
+        tiny_run(
+            "run=from_hf",
+            f"init_from=hf:{hf}",
+            "budget.base_steps=1",
+            "callbacks=[]",
+            "+trainer.enable_checkpointing=false",
+        )
+    )
     _, module, _, _ = build(cfg)
     for k, v in start.state_dict().items():
         assert torch.equal(module.model.state_dict()[k], v), k
@@ -190,15 +224,26 @@ def test_a_stage_inits_from_an_hf_model(tiny_run, tiny_tokenizer, tmp_path):
 
 def test_the_eval_stage_takes_an_hf_ckpt(hf_dir, trained, tmp_path, caplog):
     from conftest import write_core_bundle
-    from nanochat.eval.core import evaluate_core
+
     from nanochat.configs import compose
+    from nanochat.eval.core import evaluate_core
     from nanochat.stages import run_stage
     from nanochat.tasks.core_bundle import load_bundle
 
     bundle = write_core_bundle(tmp_path / "bundle")
     with caplog.at_level("INFO"):
-        run_stage(compose(["stage=eval", "eval=core", f"ckpt=hf:{hf_dir}", f"mixture.core_bundle={bundle}",
-                           "trainer=cpu", "precision=fp32"]))
+        run_stage(
+            compose(
+                [
+                    "stage=eval",
+                    "eval=core",
+                    f"ckpt=hf:{hf_dir}",
+                    f"mixture.core_bundle={bundle}",
+                    "trainer=cpu",
+                    "precision=fp32",
+                ]
+            )
+        )
     expected = evaluate_core(trained[0], trained[1], load_bundle(bundle))["metrics"]["core/score"]
     assert f"CORE score {expected:.4f} over 3 of 22 tasks" in caplog.text
 
@@ -288,14 +333,18 @@ class SelfDescribedConfig(GPTConfig):
         return ["value embeddings"]
 
 
-@pytest.mark.parametrize("config_class, named",
-                         [(FutureConfig, "smear=True"), (SelfDescribedConfig, "value embeddings")])
+@pytest.mark.parametrize(
+    "config_class, named", [(FutureConfig, "smear=True"), (SelfDescribedConfig, "value embeddings")]
+)
 def test_export_refuses_features_transformers_lacks(config_class, named, tmp_path, tiny_tokenizer, monkeypatch, capsys):
     from nanochat.models import components
 
     extra = {"smear": True} if config_class is FutureConfig else {}
-    model = GPT(config_class(vocab_size=tiny_tokenizer.vocab_size, sequence_len=16, n_layer=1, n_head=2, n_kv_head=2,
-                             n_embd=32, **extra))
+    model = GPT(
+        config_class(
+            vocab_size=tiny_tokenizer.vocab_size, sequence_len=16, n_layer=1, n_head=2, n_kv_head=2, n_embd=32, **extra
+        )
+    )
     export = save_export(model, tiny_tokenizer, tmp_path / "export")
     monkeypatch.setattr(components, "GPTConfig", config_class)  # the loader builds the config this version knows
     line = one_line_error(capsys, ["hf", str(export), str(tmp_path / "out")])
@@ -358,10 +407,18 @@ def test_model_card_and_push_to_hub_with_the_upload_mocked(trained, tmp_path, mo
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     export_main(["hf", str(run / "sft"), str(out), "--push-to-hub", "me/tiny-chat", "--private"])
     assert "pushed to me/tiny-chat: https://huggingface.co/me/tiny-chat/commit/abc" in capsys.readouterr().out
-    files = ["README.md", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-             "tokenizer_config.json"]
-    assert calls == [("create_repo", "me/tiny-chat", {"repo_type": "model", "private": True, "exist_ok": True}),
-                     ("upload_folder", "me/tiny-chat", files)]
+    files = [
+        "README.md",
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+    assert calls == [
+        ("create_repo", "me/tiny-chat", {"repo_type": "model", "private": True, "exist_ok": True}),
+        ("upload_folder", "me/tiny-chat", files),
+    ]
     card = (out / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: transformers\n") and "# me/tiny-chat" in card
     assert 'AutoModelForCausalLM.from_pretrained("me/tiny-chat")' in card and "init_from=hf:me/tiny-chat" in card

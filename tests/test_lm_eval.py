@@ -15,15 +15,21 @@ lm_eval = pytest.importorskip("lm_eval")
 pytest.importorskip("transformers")
 
 from interop_helpers import train_tiny  # noqa: E402
+
 from nanochat.export import save_export  # noqa: E402
 from nanochat.export.__main__ import main as export_main  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 TASK = "nanochat_tiny_mc"
 WORDS = ["cat", "dog", "tree", "river", "stone", "cloud", "bread", "music", "light", "paper", "glass", "horse"]
-ITEMS = [{"question": f"Question {i}: which word follows {w} in the list?",
-          "choices": [WORDS[(i + 1) % 12], WORDS[(i + 5) % 12], f"{WORDS[(i + 7) % 12]} again"], "gold": i % 3}
-         for i, w in enumerate(WORDS)]
+ITEMS = [
+    {
+        "question": f"Question {i}: which word follows {w} in the list?",
+        "choices": [WORDS[(i + 1) % 12], WORDS[(i + 5) % 12], f"{WORDS[(i + 7) % 12]} again"],
+        "gold": i % 3,
+    }
+    for i, w in enumerate(WORDS)
+]
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +79,15 @@ def evaluate(model: str, model_args: str, tasks) -> tuple[float, list[list[float
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    out = simple_evaluate(model=model, model_args=model_args, tasks=[TASK], batch_size=4, log_samples=True,
-                          task_manager=TaskManager(include_path=str(tasks)), bootstrap_iters=0)
+    out = simple_evaluate(
+        model=model,
+        model_args=model_args,
+        tasks=[TASK],
+        batch_size=4,
+        log_samples=True,
+        task_manager=TaskManager(include_path=str(tasks)),
+        bootstrap_iters=0,
+    )
     samples = sorted(out["samples"][TASK], key=lambda s: s["doc_id"])
     return out["results"][TASK]["acc,none"], [[r[0] for r in s["filtered_resps"]] for s in samples]
 
@@ -99,8 +112,9 @@ def live_api(export_dir):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, tok, "tiny"), host="127.0.0.1", port=port,
-                                           log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(engine, tok, "tiny"), host="127.0.0.1", port=port, log_level="warning")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
@@ -118,7 +132,11 @@ def test_lm_eval_local_completions_against_the_api_scores_the_items_as_we_do(set
     model, tok, hf_dir, tasks = setup
     ours, accuracy = our_scores(model, tok)
     with live_api(hf_dir) as url:  # a transformers dir is imported on load like any checkpoint
-        theirs, per_item = evaluate("local-completions", f"base_url={url}/v1/completions,model=tiny,tokenizer={hf_dir},"
-                                    "tokenizer_backend=huggingface,add_bos_token=True,max_retries=1", tasks)
+        theirs, per_item = evaluate(
+            "local-completions",
+            f"base_url={url}/v1/completions,model=tiny,tokenizer={hf_dir},"
+            "tokenizer_backend=huggingface,add_bos_token=True,max_retries=1",
+            tasks,
+        )
     torch.testing.assert_close(torch.tensor(per_item), torch.tensor(ours), atol=1e-4, rtol=0)
     assert theirs == accuracy

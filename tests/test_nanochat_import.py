@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from interop_helpers import fake_hub_cache, train_tiny, write_nanochat_checkpoint
+
 from nanochat.export import find_export, load_export
 from nanochat.export.__main__ import main as export_main
 
@@ -49,8 +49,9 @@ def test_a_native_checkpoint_imports_with_identical_logits(model, tiny_tokenizer
 
 
 def test_step_selection_and_bf16_weights(model, tiny_tokenizer, home):
-    ckpt = write_nanochat_checkpoint(home, model, tiny_tokenizer, step=100, stage_dir="base_checkpoints",
-                                     dtype=torch.bfloat16)
+    ckpt = write_nanochat_checkpoint(
+        home, model, tiny_tokenizer, step=100, stage_dir="base_checkpoints", dtype=torch.bfloat16
+    )
     later = train_tiny(tiny_tokenizer, steps=1, seed=9)
     write_nanochat_checkpoint(home, later, tiny_tokenizer, step=200, stage_dir="base_checkpoints")
     latest, _, meta = load_export(find_export(f"nanochat:{ckpt}"))
@@ -161,6 +162,7 @@ def test_bad_checkpoints_are_refused_with_one_line_each(model, tiny_tokenizer, s
 def test_a_checkpoint_of_nanochats_2026_model_imports_with_identical_logits(home):
     """nanochat HEAD's layout: value embeddings, lambdas, smear, backout, SSSL windows, a vocabulary padded to 64."""
     from conftest import corpus_documents
+
     from nanochat.export.nanochat_checkpoint import head_architecture
     from nanochat.models.components import GPT, GPTConfig
     from nanochat.tokenizer import Tokenizer

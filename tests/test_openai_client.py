@@ -12,6 +12,7 @@ pytest.importorskip("transformers")
 
 from common import serve_process  # noqa: E402  (bench/common.py)
 from interop_helpers import train_tiny  # noqa: E402
+
 from nanochat.engine.engine import Engine  # noqa: E402
 from nanochat.export import save_export  # noqa: E402
 from nanochat.export.__main__ import main as export_main  # noqa: E402
@@ -50,8 +51,9 @@ def greedy_reply(trained, messages, max_tokens: int) -> str:
 
     model, tok = trained
     engine = Engine(model, tok)
-    request = validate_chat(messages, temperature=0, max_tokens=max_tokens, tokenizer=tok,
-                            max_context=engine.max_context)
+    request = validate_chat(
+        messages, temperature=0, max_tokens=max_tokens, tokenizer=tok, max_context=engine.max_context
+    )
     return "".join(e.text for e in generate_events(engine, tok, request) if hasattr(e, "text"))
 
 
@@ -61,11 +63,21 @@ def test_chat_plain_and_streamed_with_usage(server, trained):
     choice = reply.choices[0]
     assert reply.model == "tiny" and reply.object == "chat.completion" and choice.message.role == "assistant"
     assert choice.message.content == greedy_reply(trained, MERGED, 12)  # developer = system, users merged
-    merged = [{"role": "system", "content": "Answer briefly."},
-              {"role": "user", "content": "Hello there.\n\nWhat is the capital of France?"}]
+    merged = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "Hello there.\n\nWhat is the capital of France?"},
+    ]
     assert reply.usage.prompt_tokens == len(trained[1].render_for_completion(merged))
-    chunks = list(client.chat.completions.create(model="tiny", messages=MERGED, max_tokens=12, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny",
+            messages=MERGED,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == choice.message.content
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == reply.usage.total_tokens
@@ -94,16 +106,18 @@ def test_n_seed_and_stop(server):
 def test_text_completions_with_echo_and_logprobs(server, trained):
     client, _ = server
     model, tok = trained
-    out = client.completions.create(model="tiny", prompt="The year 1984 had", max_tokens=2, temperature=0, echo=True,
-                                    logprobs=3)
+    out = client.completions.create(
+        model="tiny", prompt="The year 1984 had", max_tokens=2, temperature=0, echo=True, logprobs=3
+    )
     choice = out.choices[0]
     ids = tok.encode("The year 1984 had", prepend="<|bos|>")
     assert choice.text.startswith("The year 1984 had") and choice.logprobs.tokens[0] == "<|bos|>"
     with torch.no_grad():
         ref = torch.log_softmax(model(torch.tensor([ids]))[0], dim=-1)
     expected = [ref[i - 1, ids[i]].item() for i in range(1, len(ids))]
-    torch.testing.assert_close(torch.tensor(choice.logprobs.token_logprobs[1: len(ids)]), torch.tensor(expected),
-                               atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        torch.tensor(choice.logprobs.token_logprobs[1 : len(ids)]), torch.tensor(expected), atol=1e-4, rtol=0
+    )
 
 
 def test_errors_arrive_as_the_sdks_exception_types(server):

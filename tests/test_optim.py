@@ -6,8 +6,8 @@ import torch
 from nanochat.errors import UserError
 from nanochat.models.components import GPT, GPTConfig
 from nanochat.optim import MuonAdamW, build_optimizer, lr_multiplier, muon_momentum, newton_schulz
-from nanochat.settings import OptimizerConfig, ScheduleConfig
 from nanochat.optim.param_groups import check_partition
+from nanochat.settings import OptimizerConfig, ScheduleConfig
 
 
 def tiny_model():
@@ -34,8 +34,16 @@ def _muon_pair(shape, ns_dtype):
     ours = torch.nn.Parameter(torch.randn(shape))
     ref = torch.nn.Parameter(ours.detach().clone())
     opt = MuonAdamW([dict(params=[ours], kind="muon", lr=0.02, momentum=0.95, ns_dtype=ns_dtype)])
-    ref_opt = torch.optim.Muon([ref], lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0,
-                               ns_coefficients=(3.4445, -4.7750, 2.0315), ns_steps=5, adjust_lr_fn="original")
+    ref_opt = torch.optim.Muon(
+        [ref],
+        lr=0.02,
+        momentum=0.95,
+        nesterov=True,
+        weight_decay=0.0,
+        ns_coefficients=(3.4445, -4.7750, 2.0315),
+        ns_steps=5,
+        adjust_lr_fn="original",
+    )
     updates = []
     for _ in range(6):
         before = ours.detach().clone()
@@ -70,7 +78,9 @@ def test_adamw_groups_agree_with_torch_adamw():
     ours = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
     refs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
     kw = dict(betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1)
-    opt = MuonAdamW([dict(params=[ours[0]], kind="adamw", lr=0.2, **kw), dict(params=[ours[1]], kind="adamw", lr=0.004, **kw)])
+    opt = MuonAdamW(
+        [dict(params=[ours[0]], kind="adamw", lr=0.2, **kw), dict(params=[ours[1]], kind="adamw", lr=0.004, **kw)]
+    )
     ref_opt = torch.optim.AdamW([dict(params=[refs[0]], lr=0.2), dict(params=[refs[1]], lr=0.004)], **kw)
     for _ in range(10):
         for a, b in zip(ours, refs):
@@ -107,7 +117,10 @@ def test_partition_check_catches_missing_and_repeated_parameters():
     with pytest.raises(ValueError, match="missing"):
         check_partition(model, [dict(params=roles["matrix"]), dict(params=roles["embedding"])])
     with pytest.raises(ValueError, match="repeated"):
-        check_partition(model, [dict(params=roles["matrix"] + roles["embedding"]), dict(params=roles["embedding"] + roles["unembedding"])])
+        check_partition(
+            model,
+            [dict(params=roles["matrix"] + roles["embedding"]), dict(params=roles["embedding"] + roles["unembedding"])],
+        )
 
 
 def test_muon_lr_scales_with_aspect_ratio():
@@ -130,7 +143,9 @@ def test_schedules():
     assert lr_multiplier(90, 100, default) == pytest.approx(0.5)
     assert lr_multiplier(100, 100, default) == 0.0
     assert lr_multiplier(90, 100, ScheduleConfig(final_lr_frac=0.1)) == pytest.approx(0.55)
-    assert [lr_multiplier(s, 100, ScheduleConfig(warmup_ratio=0.1)) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert [lr_multiplier(s, 100, ScheduleConfig(warmup_ratio=0.1)) for s in (0, 4, 9)] == pytest.approx(
+        [0.1, 0.5, 1.0]
+    )
     assert lr_multiplier(90, 100, ScheduleConfig(init_lr_frac=0.02)) == pytest.approx(0.01)
     assert [muon_momentum(s, default) for s in (0, 150, 300, 5000)] == pytest.approx([0.85, 0.90, 0.95, 0.95])
     with pytest.raises(UserError, match="ratios"):
@@ -175,9 +190,19 @@ def test_several_matrices_of_mixed_shapes_equal_torch_muon_per_matrix(monkeypatc
     ours = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
     refs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
     opt = MuonAdamW([dict(params=ours, kind="muon", lr=0.02, momentum=0.95, ns_dtype="float32")])
-    ref_opts = [torch.optim.Muon([r], lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0,
-                                 ns_coefficients=(3.4445, -4.7750, 2.0315), ns_steps=5, adjust_lr_fn="original")
-                for r in refs]
+    ref_opts = [
+        torch.optim.Muon(
+            [r],
+            lr=0.02,
+            momentum=0.95,
+            nesterov=True,
+            weight_decay=0.0,
+            ns_coefficients=(3.4445, -4.7750, 2.0315),
+            ns_steps=5,
+            adjust_lr_fn="original",
+        )
+        for r in refs
+    ]
     for _ in range(4):
         for p, r in zip(ours, refs):
             p.grad = torch.randn(p.shape)

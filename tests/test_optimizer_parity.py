@@ -12,8 +12,14 @@ REFERENCE = json.loads((Path(__file__).parent / "data" / "nanochat_optimizer_ref
 
 
 def run(ns_dtype="float32"):
-    model, optimizer, start, history = our_run(REFERENCE["config"], REFERENCE["seed"], REFERENCE["steps"],
-                                               REFERENCE["lr_scale"], REFERENCE["muon_wd"], ns_dtype)
+    model, optimizer, start, history = our_run(
+        REFERENCE["config"],
+        REFERENCE["seed"],
+        REFERENCE["steps"],
+        REFERENCE["lr_scale"],
+        REFERENCE["muon_wd"],
+        ns_dtype,
+    )
     return model, optimizer, updates(start, history)
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import PRECISIONS
 from omegaconf import OmegaConf
 
-from conftest import PRECISIONS
 from nanochat.configs import compose
 from nanochat.models.components import GPT, GPTConfig
 from nanochat.models.horizon import grad_accum_steps, num_iterations
@@ -38,8 +38,14 @@ def micro_run(tmp_path_factory, request):
     root = home / "runs" / "speedrun_d2"
     log = home / "first.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, *command], cwd=REPO, env=_env(home), stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # its own process group: the kill takes the stage with it
+        proc = subprocess.Popen(
+            [sys.executable, *command],
+            cwd=REPO,
+            env=_env(home),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # its own process group: the kill takes the stage with it
         deadline = time.monotonic() + 600
         while not (root / "sft" / "checkpoints" / "last.ckpt").exists():
             assert proc.poll() is None, f"pipeline ended before SFT checkpointed:\n{log.read_text()[-3000:]}"
@@ -48,7 +54,9 @@ def micro_run(tmp_path_factory, request):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     finished = {s: (root / s / "export" / "model.safetensors").stat().st_mtime_ns for s in ("base", "mid")}
-    second = subprocess.run([sys.executable, *command], cwd=REPO, env=_env(home), capture_output=True, text=True, timeout=900)
+    second = subprocess.run(
+        [sys.executable, *command], cwd=REPO, env=_env(home), capture_output=True, text=True, timeout=900
+    )
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     return home, root, log.read_text(), second.stdout + second.stderr, finished, request.param
 
@@ -81,8 +89,17 @@ def test_micro_pipeline_exports_report_and_chat(micro_run):
             parent = STAGES[STAGES.index(stage) - 1]
             assert meta["parent"]["stage"] == parent and meta["parent"]["export"] == str(root / parent / "export")
     report = (root / "report.md").read_text()
-    for title in ("## Tokenizer training", "## Base model training", "## Midtraining", "## SFT", "## RL", "## Pipeline",
-                  "## Summary", "### Chat evaluation", "### pass@k on held-out questions"):
+    for title in (
+        "## Tokenizer training",
+        "## Base model training",
+        "## Midtraining",
+        "## SFT",
+        "## RL",
+        "## Pipeline",
+        "## Summary",
+        "### Chat evaluation",
+        "### pass@k on held-out questions",
+    ):
         assert title in report, title
     sections = {p.stem: json.loads(p.read_text()) for p in (root / "report").glob("*.json")}
     for stage in STAGES:
@@ -106,9 +123,30 @@ def test_the_commands_the_pipeline_prints_answer_in_its_precision(micro_run, tmp
     home, root, _, second, _, precision = micro_run
     export = root / "rl" / "export"
     assert f"nanochat serve ckpt={export}" in second and f"nanochat chat {export} -p" in second
-    reply = subprocess.run([sys.executable, "-m", "nanochat", "chat", str(export), "-p", "What is 2 + 3?",
-                            "--seed", "0", "--max-tokens", "12", "--device", "cpu", "--precision", precision],
-                           cwd=REPO, env=_env(home), capture_output=True, text=True, timeout=120)
+    reply = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nanochat",
+            "chat",
+            str(export),
+            "-p",
+            "What is 2 + 3?",
+            "--seed",
+            "0",
+            "--max-tokens",
+            "12",
+            "--device",
+            "cpu",
+            "--precision",
+            precision,
+        ],
+        cwd=REPO,
+        env=_env(home),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert reply.returncode == 0, reply.stderr
     assert reply.stdout.strip() and reply.stderr.startswith(f"precision: {precision} (precision={precision}")
     with serve_process(export, [f"precision={precision}"], _env(home), tmp_path / "serve.log", ui=True) as (_, port):
@@ -129,32 +167,49 @@ def test_the_commands_the_pipeline_prints_answer_in_its_precision(micro_run, tmp
 def test_finished_pipeline_reruns_nothing_and_refuses_a_changed_step(micro_run):
     home, root, _, _, _, precision = micro_run
     command = [*MICRO, f"precision={precision}"]
-    again = subprocess.run([sys.executable, *command], cwd=REPO, env=_env(home), capture_output=True, text=True, timeout=300)
+    again = subprocess.run(
+        [sys.executable, *command], cwd=REPO, env=_env(home), capture_output=True, text=True, timeout=300
+    )
     assert again.returncode == 0, again.stderr
     assert again.stdout.count("finished earlier, skipped") == 5
-    changed = subprocess.run([sys.executable, *command, "budget.base_steps=30"], cwd=REPO, env=_env(home),
-                             capture_output=True, text=True, timeout=300)
+    changed = subprocess.run(
+        [sys.executable, *command, "budget.base_steps=30"],
+        cwd=REPO,
+        env=_env(home),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert changed.returncode == 2
     assert "step 'tokenizer' of this pipeline already finished with a different command" in changed.stderr
     assert "Traceback" not in changed.stderr
 
 
 def _cfg_job(*overrides: str) -> dict:
-    out = subprocess.run([sys.executable, "train.py", *overrides, "--cfg", "job"], cwd=REPO, capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run(
+        [sys.executable, "train.py", *overrides, "--cfg", "job"], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     return yaml.safe_load(out.stdout)
 
 
-@pytest.mark.parametrize("name, depth, params, device_batch, shards, steps", [
-    ("speedrun_d20", 20, 560_988_160, 32, 240, 21_400),
-    ("speedrun_d26", 26, 1_081_999_360, 16, 450, 41_275),
-    ("speedrun_d32", 32, 1_879_048_192, 8, 800, 71_680),
-])
+@pytest.mark.parametrize(
+    "name, depth, params, device_batch, shards, steps",
+    [
+        ("speedrun_d20", 20, 560_988_160, 32, 240, 21_400),
+        ("speedrun_d26", 26, 1_081_999_360, 16, 450, 41_275),
+        ("speedrun_d32", 32, 1_879_048_192, 8, 800, 71_680),
+    ],
+)
 def test_gpu_recipes_pin_nanochats_numbers(name, depth, params, device_batch, shards, steps):
     job = _cfg_job(f"experiment={name}", "trainer=8xh100")
     m = job["model"]
-    assert (m["depth"], m["device_batch_size"], m["total_batch_size"], m["sequence_len"]) == (depth, device_batch, 524_288, 2_048)
+    assert (m["depth"], m["device_batch_size"], m["total_batch_size"], m["sequence_len"]) == (
+        depth,
+        device_batch,
+        524_288,
+        2_048,
+    )
     assert m["vocab_size"] == 65_536 and job["pipeline"]["shards"] == shards
     assert job["trainer"]["devices"] == 8
     assert list(job["pipeline"]["steps"]) == ["tokenizer", "base", "base_eval", "mid", "sft", "rl"]
@@ -169,8 +224,12 @@ def test_gpu_recipes_pin_nanochats_numbers(name, depth, params, device_batch, sh
             gpt = GPT(GPTConfig.from_depth(depth, m["vocab_size"], m["sequence_len"]))
         assert gpt.num_params() == params
         horizon = OmegaConf.to_object(cfg.module.horizon)
-        assert num_iterations(num_params=params, flops_per_token=gpt.flops_per_token(), total_batch_size=524_288,
-                              horizon=horizon) == steps
+        assert (
+            num_iterations(
+                num_params=params, flops_per_token=gpt.flops_per_token(), total_batch_size=524_288, horizon=horizon
+            )
+            == steps
+        )
         accum = grad_accum_steps(524_288, cfg.model.device_batch_size, 2_048, world)
         assert accum * cfg.model.device_batch_size * 2_048 * world == 524_288
         assert accum == (32 // device_batch) * (8 // world)
@@ -180,7 +239,11 @@ def test_cpu_recipe_and_data_resolution(monkeypatch, tmp_path):
     from nanochat.data import resolve
 
     job = _cfg_job("experiment=speedrun_cpu")
-    assert job["model"]["depth"] == 4 and job["trainer"]["accelerator"] == "cpu" and job["pipeline"]["data"] == "auto_or_builtin"
+    assert (
+        job["model"]["depth"] == 4
+        and job["trainer"]["accelerator"] == "cpu"
+        and job["pipeline"]["data"] == "auto_or_builtin"
+    )
     assert list(job["pipeline"]["steps"]) == ["tokenizer", "base", "mid", "sft", "rl"]
     cfg = compose(["experiment=speedrun_cpu"])
     monkeypatch.setattr(resolve, "hub_reachable", lambda: False)

@@ -11,8 +11,8 @@ import torch
 
 from nanochat import precision as prec
 from nanochat.configs import compose
-from nanochat.engine.engine import Engine
 from nanochat.engine.batching import BatchDecoder
+from nanochat.engine.engine import Engine
 from nanochat.errors import UserError
 from nanochat.models.components import gpt as gpt_module
 
@@ -35,7 +35,10 @@ def test_auto_follows_the_hardware(no_env, monkeypatch, hardware_native, expecte
     native(monkeypatch, hardware_native)
     chosen = prec.resolve("auto", "cpu")
     assert chosen.name == expected and chosen.lightning == prec.LIGHTNING[expected]
-    assert str(chosen) == f"precision: {expected} (auto: CPU (TEST) {'multiplies bf16 natively' if hardware_native else 'has no native bf16'})"
+    assert str(chosen) == (
+        f"precision: {expected} (auto: CPU (TEST) "
+        f"{'multiplies bf16 natively' if hardware_native else 'has no native bf16'})"
+    )
 
 
 def test_the_environment_overrides_auto_and_an_explicit_value_overrides_both(monkeypatch):
@@ -45,8 +48,9 @@ def test_the_environment_overrides_auto_and_an_explicit_value_overrides_both(mon
     assert prec.resolve("bf16").name == "bf16" and prec.resolve("BF16").reason == "precision=bf16"
     native(monkeypatch, False)
     monkeypatch.setenv(prec.ENV, "bf16")
-    assert str(prec.resolve("auto")) == ("precision: bf16 (NANOCHAT_PRECISION=bf16; not native on this CPU (TEST), "
-                                         "so emulated and slow)")
+    assert str(prec.resolve("auto")) == (
+        "precision: bf16 (NANOCHAT_PRECISION=bf16; not native on this CPU (TEST), so emulated and slow)"
+    )
     assert prec.resolve("fp32").name == "fp32" and prec.resolve("bf16").dtype == torch.bfloat16
 
 
@@ -63,8 +67,12 @@ def test_bad_values_are_one_sentence_naming_the_key(monkeypatch):
 @pytest.mark.parametrize("trainer", ["cpu", "1xgpu", "8xh100"])
 def test_every_trainer_preset_takes_the_precision_key(no_env, trainer, monkeypatch):
     native(monkeypatch, False)
-    for requested, env, expected in [("bf16", None, "bf16-mixed"), ("fp32", "bf16", "32-true"), ("auto", "bf16", "bf16-mixed"),
-                                     ("auto", None, "32-true")]:
+    for requested, env, expected in [
+        ("bf16", None, "bf16-mixed"),
+        ("fp32", "bf16", "32-true"),
+        ("auto", "bf16", "bf16-mixed"),
+        ("auto", None, "32-true"),
+    ]:
         if env:
             monkeypatch.setenv(prec.ENV, env)
         else:
@@ -108,7 +116,9 @@ def test_cast_weights_keeps_the_residual_stream_and_rotary_in_fp32_and_computes_
     ids = torch.tensor([prompt])
     # bf16 weights compute bit for bit what autocast computes over the fp32 master weights
     assert torch.equal(logits(cast, ids, torch.bfloat16), logits(random_model, ids, torch.bfloat16))
-    with pytest.raises(UserError, match="bfloat16 weights cannot compute in torch.float32; load it with precision=fp32"):
+    with pytest.raises(
+        UserError, match="bfloat16 weights cannot compute in torch.float32; load it with precision=fp32"
+    ):
         logits(cast, ids, torch.float32)
 
 
@@ -127,7 +137,9 @@ def greedy(engine, prompt, n=24):
     return [column[0] for column, _ in engine.generate(prompt, max_tokens=n, temperature=0)]
 
 
-def test_the_engine_takes_its_dtype_from_the_caller_and_keeps_it_for_the_whole_generation(random_model, tiny_tokenizer, prompt):
+def test_the_engine_takes_its_dtype_from_the_caller_and_keeps_it_for_the_whole_generation(
+    random_model, tiny_tokenizer, prompt
+):
     reference = greedy(Engine(random_model, tiny_tokenizer, use_tools=False, dtype=torch.bfloat16), prompt)
     ambient = Engine(random_model, tiny_tokenizer, use_tools=False)
     assert ambient.compute_dtype() == torch.float32
@@ -147,8 +159,9 @@ def test_the_engine_takes_its_dtype_from_the_caller_and_keeps_it_for_the_whole_g
     assert greedy(Engine(cast, tiny_tokenizer, use_tools=False), prompt) == reference  # inference weights: bf16 too
 
 
-def test_keys_queries_and_values_share_a_dtype_when_autocast_runs_the_norms_in_fp32(random_model, tiny_tokenizer, prompt,
-                                                                                     monkeypatch):
+def test_keys_queries_and_values_share_a_dtype_when_autocast_runs_the_norms_in_fp32(
+    random_model, tiny_tokenizer, prompt, monkeypatch
+):
     """CUDA's autocast policy runs rms_norm in fp32 (CPU's in bf16): the cache must still get bf16 keys and values."""
     reference = greedy(Engine(random_model, tiny_tokenizer, use_tools=False, dtype=torch.bfloat16), prompt)
     plain = gpt_module.norm

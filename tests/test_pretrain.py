@@ -9,12 +9,12 @@ import lightning as L
 import pytest
 import torch
 
-from nanochat.eval.bpb import bits_per_byte
 from nanochat.configs import compose
 from nanochat.errors import UserError
+from nanochat.eval.bpb import bits_per_byte
 from nanochat.models.components import GPT, GPTConfig
-from nanochat.settings import HorizonConfig
 from nanochat.models.horizon import grad_accum_steps, num_iterations
+from nanochat.settings import HorizonConfig
 from nanochat.stages import run_stage
 from nanochat.stages.fit import build
 
@@ -71,8 +71,13 @@ def test_run_dir_is_fixed_and_config_is_resolvable():
 
 
 def test_train_py_help_and_cfg_are_fast_and_light():
-    out = subprocess.run([sys.executable, "train.py", "--cfg", "job", "model=d20", "trainer=8xh100"], cwd=REPO,
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "train.py", "--cfg", "job", "model=d20", "trainer=8xh100"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert "depth: 20" in out.stdout and "devices: 8" in out.stdout
     probe = (
@@ -86,7 +91,9 @@ def test_train_py_help_and_cfg_are_fast_and_light():
 
 
 def test_unknown_model_name_is_one_clear_error():
-    out = subprocess.run([sys.executable, "train.py", "model=d99"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "train.py", "model=d99"], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode != 0
     assert "model/d99" in out.stderr and "Traceback" not in out.stderr
 
@@ -96,8 +103,15 @@ def test_horizon_precedence_and_nanochat_numbers():
     with torch.device("meta"):
         d20 = GPT(GPTConfig.from_depth(20))
     n, f = d20.num_params(), d20.flops_per_token()
-    steps = lambda **h: num_iterations(num_params=n, flops_per_token=f, total_batch_size=524_288,  # noqa: E731
-                                       horizon=HorizonConfig(**h))
+
+    def steps(**h):
+        return num_iterations(
+            num_params=n,
+            flops_per_token=f,
+            total_batch_size=524_288,
+            horizon=HorizonConfig(**h),
+        )
+
     assert steps() == 21_400  # nanochat's d20: 20 tokens per parameter
     assert steps(target_flops=f * 524_288 * 1000) == 1000
     assert steps(num_iterations=7, target_flops=1e20) == 7
@@ -108,7 +122,9 @@ def test_horizon_precedence_and_nanochat_numbers():
 
 # --- bits per byte ------------------------------------------------------------------------------
 def test_bpb_of_uniform_logits_is_log2_vocab_over_bytes_per_token(tiny_tokenizer):
-    model = GPT(GPTConfig(sequence_len=64, vocab_size=tiny_tokenizer.vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
+    model = GPT(
+        GPTConfig(sequence_len=64, vocab_size=tiny_tokenizer.vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
+    )
     assert not model.lm_head.weight.any()  # zero-initialised head: every logit 0, exactly uniform
     text = "The quick brown fox jumps over the lazy dog. Ünïcödé and 12345 digits! " * 2
     bos = tiny_tokenizer.bos_token_id
@@ -128,8 +144,15 @@ def test_bpb_of_uniform_logits_is_log2_vocab_over_bytes_per_token(tiny_tokenizer
 # --- training through the Trainer ---------------------------------------------------------------
 def test_grad_accumulation_matches_one_big_batch(tiny_run, precision):
     def train(device_batch: int, prec: str) -> dict:  # 64-token steps: 4 x 16 in one pass, or 4 micro-batches of 1 x 16
-        _, module, _ = fit(tiny_run(f"model.device_batch_size={device_batch}", "budget.base_steps=3", "callbacks=[]",
-                                    "+trainer.enable_checkpointing=false", f"precision={prec}"))
+        _, module, _ = fit(
+            tiny_run(
+                f"model.device_batch_size={device_batch}",
+                "budget.base_steps=3",
+                "callbacks=[]",
+                "+trainer.enable_checkpointing=false",
+                f"precision={prec}",
+            )
+        )
         return {k: v.clone() for k, v in module.model.state_dict().items()}
 
     big, accumulated = train(4, precision), train(1, precision)
@@ -156,9 +179,13 @@ def test_grad_accumulation_matches_one_big_batch(tiny_run, precision):
 def test_compiled_bf16_training_step_equals_the_uncompiled_one(tiny_run):
     """The GPU presets compile (compile=true) and train in bf16: the compiled graph trains the same weights, up to
     bf16 rounding (inductor fuses ops and rounds in other places: measured 0.15-1.1x the bf16-vs-fp32 gap)."""
+
     def train(*extra: str) -> tuple[dict, object]:
-        _, module, _ = fit(tiny_run("model.depth=1", "budget.base_steps=3", "callbacks=[]",
-                                    "+trainer.enable_checkpointing=false", *extra))
+        _, module, _ = fit(
+            tiny_run(
+                "model.depth=1", "budget.base_steps=3", "callbacks=[]", "+trainer.enable_checkpointing=false", *extra
+            )
+        )
         return {k: v.clone() for k, v in module.model.state_dict().items()}, module
 
     compiled, module = train("compile=true", "precision=bf16")
@@ -177,7 +204,9 @@ def test_cpu_preset_compiles_and_without_a_compiler_trains_uncompiled(tiny_run, 
     assert compose(["stage=base", "trainer=cpu"]).module.compile  # the CPU preset compiles; debug=default does not
     assert not compose(["stage=base", "debug=default"]).module.compile
     monkeypatch.setattr(stage_parts, "cpp_compiler_found", lambda: False)
-    _, module, _ = fit(tiny_run("compile=true", "budget.base_steps=2", "callbacks=[]", "+trainer.enable_checkpointing=false"))
+    _, module, _ = fit(
+        tiny_run("compile=true", "budget.base_steps=2", "callbacks=[]", "+trainer.enable_checkpointing=false")
+    )
     assert "_compiled" not in module.__dict__ and module.global_step == 2
     assert "no C++ compiler" in caplog.text
 
@@ -223,8 +252,15 @@ def test_run_writes_metrics_checkpoint_export_and_config(tiny_run, precision, ca
     assert meta["step"] == 8 and meta["metrics"]["val/bpb"] == pytest.approx(bpb[-1])
     assert tok.vocab_size == model.config.vocab_size and model.config.n_layer == 2
     # init_from starts a new run from those weights
-    cfg2 = compose(tiny_run("run=second", f"init_from={run_dir}", "budget.base_steps=1", "callbacks=[]",
-                            "+trainer.enable_checkpointing=false"))
+    cfg2 = compose(
+        tiny_run(
+            "run=second",
+            f"init_from={run_dir}",
+            "budget.base_steps=1",
+            "callbacks=[]",
+            "+trainer.enable_checkpointing=false",
+        )
+    )
     _, module2, _, _ = build(cfg2)
     for k, v in model.state_dict().items():
         assert torch.equal(module2.model.state_dict()[k], v)
@@ -249,8 +285,16 @@ def test_missing_tokenizer_says_which_stage_to_run(tiny_run, tmp_path, stage_err
 def test_tokenizer_stage_trains_from_config(tiny_corpus_shards, tmp_path):
     from nanochat.tokenizer import Tokenizer
 
-    cfg = compose(["stage=tokenizer", "data=local", f"data.dir={tiny_corpus_shards}", "model.vocab_size=600",
-                   f"paths.tokenizer_dir={tmp_path / 'tok'}", "tokenizer.progress=false"])
+    cfg = compose(
+        [
+            "stage=tokenizer",
+            "data=local",
+            f"data.dir={tiny_corpus_shards}",
+            "model.vocab_size=600",
+            f"paths.tokenizer_dir={tmp_path / 'tok'}",
+            "tokenizer.progress=false",
+        ]
+    )
     run_stage(cfg)
     tok = Tokenizer.load(tmp_path / "tok")
     assert tok.vocab_size == 600
@@ -264,14 +308,32 @@ def test_d4_on_shared_text_lowers_val_bpb(shared_data, tmp_path):
     from nanochat.callbacks import ValBPB
 
     home = tmp_path / "home"
-    common = ["data=local", f"data.source={shared_data / 'pretrain_text'}", f"data.dir={home / 'shards'}",
-              f"paths.tokenizer_dir={home / 'tok'}", "model.vocab_size=2048", "logger=none"]
+    common = [
+        "data=local",
+        f"data.source={shared_data / 'pretrain_text'}",
+        f"data.dir={home / 'shards'}",
+        f"paths.tokenizer_dir={home / 'tok'}",
+        "model.vocab_size=2048",
+        "logger=none",
+    ]
     run_stage(compose(["stage=tokenizer", "tokenizer.max_chars=5000000", "tokenizer.progress=false", *common]))
     # fp32 whatever NANOCHAT_PRECISION says: this is about learning from real text, and emulated bf16 (AVX2) would
     # take 17 minutes instead of 40 s; the tiny runs cover bf16 training
-    cfg = compose(["stage=base", *common, "model.sequence_len=128", "model.device_batch_size=8", "model.total_batch_size=1024",
-                   "budget.base_steps=60", "budget.eval_every=30", "budget.eval_tokens=8192", "budget.sample_every=0",
-                   "budget.save_every=60", "precision=fp32"])
+    cfg = compose(
+        [
+            "stage=base",
+            *common,
+            "model.sequence_len=128",
+            "model.device_batch_size=8",
+            "model.total_batch_size=1024",
+            "budget.base_steps=60",
+            "budget.eval_every=30",
+            "budget.eval_tokens=8192",
+            "budget.sample_every=0",
+            "budget.save_every=60",
+            "precision=fp32",
+        ]
+    )
     trainer, module, datamodule, ckpt = build(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
     (val,) = [c for c in trainer.callbacks if isinstance(c, ValBPB)]

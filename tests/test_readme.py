@@ -14,7 +14,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from common import serve_process
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,7 +28,7 @@ SMALL = {  # what makes each verb's command a few seconds long
 
 def readme_commands() -> list[list[str]]:
     text = (REPO / "README.md").read_text(encoding="utf-8")
-    block = re.search(r"```bash\n(.*?)```", text[text.index(MARKER):], re.S).group(1)
+    block = re.search(r"```bash\n(.*?)```", text[text.index(MARKER) :], re.S).group(1)
     return [shlex.split(line.split("  #")[0]) for line in block.splitlines() if line.strip()]
 
 
@@ -38,7 +37,7 @@ def test_the_readme_block_is_the_stage_sequence():
     assert all(c[0] == "nanochat" for c in commands)
     stages = [c[2].removeprefix("stage=") for c in commands if c[1] == "train"]
     assert stages == ["tokenizer", "base", "mid", "sft", "rl"]
-    assert [c[1] for c in commands[len(stages):]] == ["eval", "serve", "chat"]
+    assert [c[1] for c in commands[len(stages) :]] == ["eval", "serve", "chat"]
 
 
 @pytest.mark.slow
@@ -50,9 +49,14 @@ def test_readme_stage_commands_run_at_debug_size(tmp_path):
         verb, args = argv[1], [a.replace(HOME, str(home)) for a in argv[2:]]
         if verb == "serve":
             ckpt = next(a.split("=", 1)[1] for a in args if a.startswith("ckpt="))
-            with serve_process(Path(ckpt), [a for a in args if not a.startswith("ckpt=")], env, tmp_path / "serve.log") as (_, port):
-                r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60,
-                               json={"messages": [{"role": "user", "content": "What is 12*7?"}], "max_tokens": 8})
+            with serve_process(
+                Path(ckpt), [a for a in args if not a.startswith("ckpt=")], env, tmp_path / "serve.log"
+            ) as (_, port):
+                r = httpx.post(
+                    f"http://127.0.0.1:{port}/v1/chat/completions",
+                    timeout=60,
+                    json={"messages": [{"role": "user", "content": "What is 12*7?"}], "max_tokens": 8},
+                )
             assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] is not None
             continue
         quiet = ["tokenizer.progress=false"] if "stage=tokenizer" in args else []
@@ -64,4 +68,7 @@ def test_readme_stage_commands_run_at_debug_size(tmp_path):
     for stage in ("base", "mid", "sft", "rl"):
         assert (home / "runs" / "d4" / stage / "export" / "model.safetensors").is_file()
     report = (home / "runs" / "d4" / "report.md").read_text()
-    assert all(f"## {title}" in report for title in ("Tokenizer training", "Base model training", "Midtraining", "SFT", "RL", "SFT evaluation"))
+    assert all(
+        f"## {title}" in report
+        for title in ("Tokenizer training", "Base model training", "Midtraining", "SFT", "RL", "SFT evaluation")
+    )

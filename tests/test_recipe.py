@@ -16,8 +16,17 @@ NANOCHAT_SHAPE = ["model.vocab_size=32768", "model.sequence_len=2048"]  # its to
 
 
 def base_config(depth: int, *extra: str):
-    cfg = compose(["stage=base", "recipe=nanochat2026", "arch=nanochat2026", "model=d24", f"model.depth={depth}",
-                   *NANOCHAT_SHAPE, *extra])
+    cfg = compose(
+        [
+            "stage=base",
+            "recipe=nanochat2026",
+            "arch=nanochat2026",
+            "model=d24",
+            f"model.depth={depth}",
+            *NANOCHAT_SHAPE,
+            *extra,
+        ]
+    )
     resolve_total_batch_size(cfg)
     return cfg
 
@@ -34,25 +43,33 @@ def plan(cfg):
     horizon = OmegaConf.to_object(m.horizon)
     horizon.num_iterations = -1
     steps, lr_scale, wd_scale = pretrain_plan(
-        model, total_batch_size=cfg.model.total_batch_size, horizon=horizon, transfer=OmegaConf.to_object(m.transfer),
-        reference_shape=dict(vocab_size=cfg.model.vocab_size, sequence_len=m.sequence_len, **shape, **arch))
+        model,
+        total_batch_size=cfg.model.total_batch_size,
+        horizon=horizon,
+        transfer=OmegaConf.to_object(m.transfer),
+        reference_shape=dict(vocab_size=cfg.model.vocab_size, sequence_len=m.sequence_len, **shape, **arch),
+    )
     return cfg.model.total_batch_size, steps, lr_scale, m.optimizer.muon_weight_decay * wd_scale
 
 
-@pytest.mark.parametrize("depths,batch", [((4, 6, 8), 2**18), ((10, 12, 16), 2**19), ((18, 20, 24, 26), 2**20),
-                                           ((32,), 2**21)])
+@pytest.mark.parametrize(
+    "depths,batch", [((4, 6, 8), 2**18), ((10, 12, 16), 2**19), ((18, 20, 24, 26), 2**20), ((32,), 2**21)]
+)
 def test_auto_batch_depends_on_depth_only(depths, batch):
     for depth in depths:
         assert base_config(depth).model.total_batch_size == batch, depth
 
 
-@pytest.mark.parametrize("depth,ratio,steps,lr_scale,weight_decay", [  # weight decay to the digits given
-    (12, 12, 2520, 1.0, "0.28"),
-    (20, 12, 4980, 2**0.5, "0.100"),
-    (24, 8, 5568, 2**0.5, "0.0597"),  # the GPT-2 speedrun
-    (26, 12, 10510, 2**0.5, "0.0475"),
-    (32, 12, 9600, 2.0, "0.0368"),
-])
+@pytest.mark.parametrize(
+    "depth,ratio,steps,lr_scale,weight_decay",
+    [  # weight decay to the digits given
+        (12, 12, 2520, 1.0, "0.28"),
+        (20, 12, 4980, 2**0.5, "0.100"),
+        (24, 8, 5568, 2**0.5, "0.0597"),  # the GPT-2 speedrun
+        (26, 12, 10510, 2**0.5, "0.0475"),
+        (32, 12, 9600, 2.0, "0.0368"),
+    ],
+)
 def test_nanochats_derived_numbers(depth, ratio, steps, lr_scale, weight_decay):
     cfg = base_config(depth, f"module.horizon.param_data_ratio={ratio}")
     _, got_steps, got_lr_scale, got_wd = plan(cfg)
@@ -88,8 +105,13 @@ def test_the_2026_recipe_at_d20():
 def test_the_2025_recipe_is_the_default():
     cfg = compose(["stage=base", "model=d20"])
     o, s, h, t = cfg.module.optimizer, cfg.module.schedule, cfg.module.horizon, cfg.module.transfer
-    assert (o.ns_coefficients, o.normuon, o.cautious_weight_decay, o.muon_eq, o.muon_plus) == ("quintic", False, False,
-                                                                                               False, False)
+    assert (o.ns_coefficients, o.normuon, o.cautious_weight_decay, o.muon_eq, o.muon_plus) == (
+        "quintic",
+        False,
+        False,
+        False,
+        False,
+    )
     assert (o.embedding_lr, o.unembedding_lr, o.muon_weight_decay, dict(o.role_betas)) == (0.2, 0.004, 0.0, {})
     assert (s.warmup_steps, s.warmdown_ratio, s.final_lr_frac, s.momentum_final) == (-1, 0.2, 0.0, None)
     assert (h.param_data_ratio, h.ratio_params, t.lr, t.weight_decay) == (20, "total", False, False)
@@ -102,9 +124,11 @@ def test_the_2025_recipe_is_the_default():
 def test_the_2026_chat_stage():
     cfg = compose(["stage=sft", "recipe=nanochat2026"])
     assert cfg.init_from.endswith("/base")
-    assert [dict(e) for e in cfg.datamodule.train] == [{"name": "smoltalk", "split": "train"},
-                                                       {"name": "mmlu", "split": "auxiliary_train", "epochs": 3},
-                                                       {"name": "gsm8k", "split": "train", "epochs": 4}]
+    assert [dict(e) for e in cfg.datamodule.train] == [
+        {"name": "smoltalk", "split": "train"},
+        {"name": "mmlu", "split": "auxiliary_train", "epochs": 3},
+        {"name": "gsm8k", "split": "train", "epochs": 4},
+    ]
     assert cfg.datamodule.packing == "bestfit" and cfg.datamodule.total_batch_size == "auto"
     assert (cfg.module.schedule.init_lr_frac, cfg.module.schedule.warmdown_ratio) == (0.8, 0.5)
     assert cfg.module.optimizer.muon_weight_decay == 0.0 and cfg.module.optimizer.normuon

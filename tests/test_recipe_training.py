@@ -60,9 +60,14 @@ def test_sft_rows_start_bos_padded_masked_and_resume(tiny_tokenizer, chat_files)
     assert set(trained) <= every and trained
     state = steps[3]["state"]
     assert len(state["buffer"]) >= 4 and state["crop"]["padded"] > 0
-    resumed = BestFitConversationRows(mixture, tiny_tokenizer, start=Position(**{k: state[k] for k in
-                                      ("epoch", "round", "doc", "token")}), buffer=state["buffer"],
-                                      counts=state["crop"], **kwargs)
+    resumed = BestFitConversationRows(
+        mixture,
+        tiny_tokenizer,
+        start=Position(**{k: state[k] for k in ("epoch", "round", "doc", "token")}),
+        buffer=state["buffer"],
+        counts=state["crop"],
+        **kwargs,
+    )
     for want, got in zip(steps[4:], resumed):
         for (x1, y1), (x2, y2) in zip(want["pairs"], got["pairs"]):
             assert torch.equal(x1, x2) and torch.equal(y1, y2)
@@ -71,8 +76,15 @@ def test_sft_rows_start_bos_padded_masked_and_resume(tiny_tokenizer, chat_files)
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_base_steps_of_the_2026_recipe(tiny_run, precision):
-    cfg = compose(tiny_run("recipe=nanochat2026", "arch=nanochat2026", "model.arch.short_window=4",
-                           f"precision={precision}", "logger=csv"))
+    cfg = compose(
+        tiny_run(
+            "recipe=nanochat2026",
+            "arch=nanochat2026",
+            "model.arch.short_window=4",
+            f"precision={precision}",
+            "logger=csv",
+        )
+    )
     trainer, module, datamodule, ckpt = build(cfg)
     assert module.config.value_embeds and datamodule.stream_kwargs["packing"] == "bestfit"
     assert module.lr_scale == pytest.approx((64 / 524288) ** 0.5)
@@ -91,17 +103,33 @@ def test_base_steps_of_the_2026_recipe(tiny_run, precision):
 
 
 def test_the_one_chat_stage_trains_from_base(base_export, chat_files):  # noqa: F811
-    overrides = [o for o in chat_overrides("sft", base_export, chat_files, "recipe=nanochat2026", "logger=csv",
-                                           "run=chat2026") if not o.startswith(("mixture.sft", "module.horizon"))]
+    overrides = [
+        o
+        for o in chat_overrides("sft", base_export, chat_files, "recipe=nanochat2026", "logger=csv", "run=chat2026")
+        if not o.startswith(("mixture.sft", "module.horizon"))
+    ]
     mixture = f"[{{name: custom_json, path: '{chat_files / 'train.jsonl'}', epochs: 2}}]"
     val = f"[{{name: custom_json, path: '{chat_files / 'val.jsonl'}'}}]"
     chat = [f"mixture.chat.train={mixture}", f"mixture.chat.val={val}"]
     cfg = compose(overrides + chat + ["module.horizon.num_iterations=-1"])
     trainer, module, datamodule, _ = build(cfg)
     # 128 conversations best-fit into rows of SEQ + 1 tokens, 4 x SEQ tokens per step: the horizon is measured
-    rows = sum(1 for _ in pack_bestfit_padded(
-        ((Position(0, i), *datamodule.mixtures.tokenizer.render_conversation(datamodule.mixtures.train[i], SEQ + 1))
-         for i in range(len(datamodule.mixtures.train))), 1, SEQ + 1, 0, 100))
+    rows = sum(
+        1
+        for _ in pack_bestfit_padded(
+            (
+                (
+                    Position(0, i),
+                    *datamodule.mixtures.tokenizer.render_conversation(datamodule.mixtures.train[i], SEQ + 1),
+                )
+                for i in range(len(datamodule.mixtures.train))
+            ),
+            1,
+            SEQ + 1,
+            0,
+            100,
+        )
+    )
     assert module.num_iterations == math.ceil(rows / 4)  # 2 micro-batches of 2 rows per step
     cfg = compose(overrides + chat + ["module.horizon.num_iterations=4"])
     run_stage(cfg)

@@ -30,10 +30,19 @@ def _child_env() -> dict:
 
 
 def _launch(overrides: list[str], run: str, record: Path, log: Path, delay: float = 0.05) -> subprocess.Popen:
-    args = [sys.executable, "train.py", *overrides, f"run={run}", "+callbacks.record._target_=fault_helpers.RecordSteps",
-            f"+callbacks.record.path={record}", f"+callbacks.record.delay={delay}"]
+    args = [
+        sys.executable,
+        "train.py",
+        *overrides,
+        f"run={run}",
+        "+callbacks.record._target_=fault_helpers.RecordSteps",
+        f"+callbacks.record.path={record}",
+        f"+callbacks.record.delay={delay}",
+    ]
     with open(log, "a") as out:
-        return subprocess.Popen(args, cwd=REPO, env=_child_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            args, cwd=REPO, env=_child_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 def _records(path: Path) -> list[tuple[int, str]]:
@@ -81,8 +90,9 @@ def _losses(run_dir: Path) -> list[tuple[int, str]]:
 
 # --- SIGKILL, SIGTERM and SIGUSR1 at random moments, then resume: the same weights, the same data --------------
 def test_killed_and_preempted_run_resumes_to_the_bitwise_same_weights_and_data(tiny_run, tmp_path):
-    overrides = tiny_run(f"budget.base_steps={STEPS}", "budget.save_every=4", "budget.log_every=2", "budget.eval_every=0",
-                         "logger=csv")
+    overrides = tiny_run(
+        f"budget.base_steps={STEPS}", "budget.save_every=4", "budget.log_every=2", "budget.eval_every=0", "logger=csv"
+    )
     home = Path(os.environ["NANOCHAT_BASE_DIR"])
     straight_rec, killed_rec = tmp_path / "straight.txt", tmp_path / "killed.txt"
     straight_log, killed_log = tmp_path / "straight.log", tmp_path / "killed.log"
@@ -106,7 +116,9 @@ def test_killed_and_preempted_run_resumes_to_the_bitwise_same_weights_and_data(t
             os.kill(proc.pid, signum)
             assert proc.wait(timeout=120) == 128 + signum, f"(seed {SEED}) {killed_log.read_text()[-3000:]}"
             stopped_at = _records(killed_rec)[-1][0]
-            assert torch.load(last_ckpt, weights_only=False)["global_step"] == stopped_at  # saved at the step it stopped after, not an earlier one
+            assert (
+                torch.load(last_ckpt, weights_only=False)["global_step"] == stopped_at
+            )  # saved at the step it stopped after, not an earlier one
     proc = _launch(overrides, "killed", killed_rec, killed_log)
     _finish(proc, killed_log)
     _finish(straight, straight_log)
@@ -130,8 +142,9 @@ def test_killed_and_preempted_run_resumes_to_the_bitwise_same_weights_and_data(t
     assert a["global_step"] == b["global_step"] == STEPS
     _assert_same_tensors(a["state_dict"], b["state_dict"], "state_dict")
     _assert_same_tensors(a["optimizer_states"], b["optimizer_states"], "optimizer_states")
-    assert (runs / "straight" / "base" / "export" / "model.safetensors").read_bytes() == \
-        (runs / "killed" / "base" / "export" / "model.safetensors").read_bytes()
+    assert (runs / "straight" / "base" / "export" / "model.safetensors").read_bytes() == (
+        runs / "killed" / "base" / "export" / "model.safetensors"
+    ).read_bytes()
 
     # The logger run: each logged step once, the same losses as the uninterrupted run.
     losses = _losses(runs / "killed" / "base")
@@ -175,8 +188,10 @@ def _storm(directory: Path, io, kills: int, rng: random.Random) -> tuple[int, in
     from nanochat.models.components import GPT, GPTConfig
 
     model = GPT(GPTConfig(sequence_len=64, vocab_size=4096, n_layer=4, n_head=4, n_kv_head=4, n_embd=256))
-    checkpoint = {"state_dict": model.state_dict(),
-                  "optimizer_states": [{"state": {i: {"exp_avg": torch.randn(64, 1024)} for i in range(8)}}]}
+    checkpoint = {
+        "state_dict": model.state_dict(),
+        "optimizer_states": [{"state": {i: {"exp_avg": torch.randn(64, 1024)} for i in range(8)}}],
+    }
     mid_write = files = unreadable = 0
     directory.mkdir()
     for _ in range(kills):
@@ -215,8 +230,10 @@ def test_twenty_sigkills_during_checkpoint_writes_leave_every_checkpoint_loadabl
     plain_mid, plain_files, plain_bad = _storm(tmp_path / "plain", _PlainIO(), 8, rng)
     assert plain_bad >= 1, f"plain torch.save survived 8 kills (seed {SEED}): the storm is not hitting writes"
     with capsys.disabled():
-        print(f"\n[kill storm, seed {SEED}] atomic: 20 kills, {mid_write} mid-write, {files} files checked, {unreadable} "
-              f"unreadable | plain torch.save: 8 kills, {plain_bad} of {plain_files} files unreadable")
+        print(
+            f"\n[kill storm, seed {SEED}] atomic: 20 kills, {mid_write} mid-write, {files} files checked, {unreadable} "
+            f"unreadable | plain torch.save: 8 kills, {plain_bad} of {plain_files} files unreadable"
+        )
 
 
 def test_resume_skips_an_unreadable_last_checkpoint_and_leftover_temporaries(tmp_path, caplog):
@@ -257,7 +274,9 @@ def test_nan_loss_at_step_k_stops_there_and_keeps_the_last_good_checkpoint(tiny_
     cfg = compose(tiny_run("budget.base_steps=12", "budget.save_every=3", "budget.eval_every=0"))
     trainer, module, datamodule, ckpt = build(cfg)
     _poison_step(module, trainer, 8)
-    with pytest.raises(NonFiniteError, match=r"^step 8: the loss is NaN or infinite; stopped before the optimizer step"):
+    with pytest.raises(
+        NonFiniteError, match=r"^step 8: the loss is NaN or infinite; stopped before the optimizer step"
+    ):
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
     assert trainer.global_step == 7
     run_dir = Path(cfg.paths.run_dir)
@@ -277,7 +296,9 @@ def test_nan_loss_in_skip_mode_skips_that_batch_counts_it_and_finishes(tiny_run,
     run_dir = Path(cfg.paths.run_dir)
     assert _all_finite(torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"])
     with open(run_dir / "logs" / "metrics.csv", newline="") as f:
-        assert [r["train/nonfinite_skipped"] for r in csv.DictReader(f) if r.get("train/nonfinite_skipped")][-1] == "1.0"
+        assert [r["train/nonfinite_skipped"] for r in csv.DictReader(f) if r.get("train/nonfinite_skipped")][
+            -1
+        ] == "1.0"
     assert module.report_items()["non-finite batches skipped"] == 1
 
 
@@ -285,7 +306,9 @@ def test_diverged_weights_are_never_written_as_a_checkpoint_or_export(tmp_path, 
     from nanochat.export import save_export
     from nanochat.models.components import GPT, GPTConfig
 
-    model = GPT(GPTConfig(sequence_len=16, vocab_size=tiny_tokenizer.vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
+    model = GPT(
+        GPTConfig(sequence_len=16, vocab_size=tiny_tokenizer.vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
+    )
     io = AtomicCheckpointIO()
     io.save_checkpoint({"state_dict": model.state_dict(), "global_step": 1}, tmp_path / "last.ckpt")
     save_export(model, tiny_tokenizer, tmp_path / "export")
@@ -303,7 +326,9 @@ def test_export_swap_interrupted_between_renames_is_recovered(tmp_path, tiny_tok
     from nanochat.export import load_export, save_export
     from nanochat.models.components import GPT, GPTConfig
 
-    model = GPT(GPTConfig(sequence_len=16, vocab_size=tiny_tokenizer.vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
+    model = GPT(
+        GPTConfig(sequence_len=16, vocab_size=tiny_tokenizer.vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
+    )
     out = save_export(model, tiny_tokenizer, tmp_path / "export", {"step": 1})
     os.replace(out, tmp_path / "export.old")  # a kill after the first rename of the swap
     (tmp_path / "export.partial").mkdir()

@@ -24,9 +24,9 @@ pytest.importorskip("fastapi")
 pytest.importorskip("gradio")
 
 import httpx  # noqa: E402
+from conftest import PRECISIONS, random_gpt  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
-from conftest import PRECISIONS, random_gpt  # noqa: E402
 from nanochat.engine.engine import Engine  # noqa: E402
 from nanochat.models.components import GPTConfig  # noqa: E402
 from nanochat.serving.api import create_app  # noqa: E402
@@ -106,7 +106,8 @@ def scripted(tok):
 
 
 def calculator_script(tok, say):
-    """A reply with a tool call; the engine forces <|output_start|> 84 <|output_end|> while the model's picks are ignored."""
+    """A reply with a tool call; the engine forces <|output_start|> 84 <|output_end|> while the model's picks
+    are ignored."""
     forced = ["<|bos|>"] * (len(tok.encode("84")) + 2)
     say("Let me compute", "<|python_start|>", "12*7", "<|python_end|>", *forced, " so 84.")
 
@@ -121,10 +122,14 @@ def reply_text(events, index=0):
 
 # --- limits --------------------------------------------------------------------------------------
 
+
 def test_validate_chat_normalizes_parts_and_defaults(tok, engine):
     parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]
-    req = validate_chat([{"role": "system", "content": "Be brief"}, {"role": "user", "content": parts}], tokenizer=tok,
-                        max_context=engine.max_context)
+    req = validate_chat(
+        [{"role": "system", "content": "Be brief"}, {"role": "user", "content": parts}],
+        tokenizer=tok,
+        max_context=engine.max_context,
+    )
     assert req.messages[1]["content"] == "Hello\nthere"
     assert (req.temperature, req.top_k, req.n) == (0.6, 50, 1)
     assert req.max_tokens == min(512, engine.max_context - len(req.prompt_ids))
@@ -138,10 +143,15 @@ def test_developer_is_system_and_same_role_runs_are_merged(tok, engine):
     from nanochat.serving.limits import validate_messages
 
     calc = [{"type": "python", "text": "1+1"}, {"type": "python_output", "text": "2"}]
-    messages = [{"role": "developer", "content": "Be brief."}, {"role": "system", "content": "Use tools."},
-                {"role": "user", "content": "Hi."}, {"role": "user", "content": [{"type": "text", "text": "1+1?"}]},
-                {"role": "assistant", "content": "Let me see."}, {"role": "assistant", "content": calc},
-                {"role": "user", "content": "Thanks"}]
+    messages = [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "system", "content": "Use tools."},
+        {"role": "user", "content": "Hi."},
+        {"role": "user", "content": [{"type": "text", "text": "1+1?"}]},
+        {"role": "assistant", "content": "Let me see."},
+        {"role": "assistant", "content": calc},
+        {"role": "user", "content": "Thanks"},
+    ]
     assert validate_messages(messages) == [
         {"role": "system", "content": "Be brief.\n\nUse tools."},
         {"role": "user", "content": "Hi.\n\n1+1?"},
@@ -153,6 +163,7 @@ def test_developer_is_system_and_same_role_runs_are_merged(tok, engine):
 
 
 # --- generation ----------------------------------------------------------------------------------
+
 
 def test_utf8_is_never_split_and_stop_strings_cut(tok, scripted):
     engine, _model, say = scripted
@@ -178,10 +189,18 @@ def test_tool_calls_as_text_or_as_events(tok, scripted):
     assert reply_text(events) == "Let me compute\n[calculator] 12*7 = 84\n so 84."
     events = list(generate_events(engine, tok, request_for(tok, engine), tools_as_text=False))
     kinds = [type(e).__name__ for e in events]
-    assert [k for i, k in enumerate(kinds) if i == 0 or k != kinds[i - 1]] == ["TextDelta", "ToolUse", "TextDelta", "Finish"]
+    assert [k for i, k in enumerate(kinds) if i == 0 or k != kinds[i - 1]] == [
+        "TextDelta",
+        "ToolUse",
+        "TextDelta",
+        "Finish",
+    ]
     assert [e for e in events if isinstance(e, ToolUse)] == [ToolUse(0, "12*7", "84")]
     say("Try", "<|python_start|>", "__import__('os')", "<|python_end|>", " sorry")  # refused: nothing forced
-    assert reply_text(generate_events(engine, tok, request_for(tok, engine))) == "Try\n[calculator] __import__('os') = (no result)\n sorry"
+    assert (
+        reply_text(generate_events(engine, tok, request_for(tok, engine)))
+        == "Try\n[calculator] __import__('os') = (no result)\n sorry"
+    )
 
 
 def test_queue_rejects_when_full_and_skips_cancelled_jobs(tok, scripted):
@@ -208,6 +227,7 @@ def test_queue_rejects_when_full_and_skips_cancelled_jobs(tok, scripted):
 
 # --- HTTP API ------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def client(engine, tok):
     with TestClient(create_app(engine, tok, "tiny-test")) as c:
@@ -219,7 +239,7 @@ def chat(client, **body):
 
 
 def sse_events(text: str) -> list:
-    lines = [line[len("data: "):] for line in text.split("\n") if line.startswith("data: ")]
+    lines = [line[len("data: ") :] for line in text.split("\n") if line.startswith("data: ")]
     assert lines[-1] == "[DONE]"
     return [json.loads(line) for line in lines[:-1]]
 
@@ -235,7 +255,10 @@ def test_non_streaming_shape_and_usage(client, tok):
         assert c["finish_reason"] in ("stop", "length")
     usage = body["usage"]
     assert usage["prompt_tokens"] == len(tok.render_for_completion(HI))
-    assert 3 <= usage["completion_tokens"] <= 36 and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert (
+        3 <= usage["completion_tokens"] <= 36
+        and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    )
     if all(c["finish_reason"] == "length" for c in body["choices"]):
         assert usage["completion_tokens"] == 36
 
@@ -281,9 +304,17 @@ BAD_REQUESTS = [  # (body or raw bytes, expected status, expected param)
     ({"messages": [{"role": "user", "content": "x"}, {"role": "system", "content": "y"}]}, 400, "messages[1].role"),
     ({"messages": [{"role": "user", "content": ""}]}, 400, "messages[0].content"),
     ({"messages": [{"role": "user", "content": 42}]}, 400, "messages[0].content"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, 400, "messages[0].content[0]"),
+    (
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+        400,
+        "messages[0].content[0]",
+    ),
     ({"messages": [{"role": "user", "content": "x" * 8001}]}, 400, "messages[0].content"),
-    ({"messages": [{"role": r, "content": "x" * 7000} for r in ("user", "assistant") * 2 + ("user",)]}, 400, "messages"),
+    (
+        {"messages": [{"role": r, "content": "x" * 7000} for r in ("user", "assistant") * 2 + ("user",)]},
+        400,
+        "messages",
+    ),
     ({"messages": HI, "temperature": 5}, 400, "temperature"),
     ({"messages": HI, "temperature": "hot"}, 400, "temperature"),
     ({"messages": HI, "top_k": 0}, 400, "top_k"),
@@ -309,7 +340,10 @@ def test_malformed_requests_get_json_4xx_and_the_server_stays_up(client):
         r = client.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
         assert r.status_code == status, (body if len(raw) < 200 else raw[:200], r.text)
         error = r.json()["error"]
-        assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"], (raw[:200], error)
+        assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"], (
+            raw[:200],
+            error,
+        )
     huge = b'{"messages": [{"role": "user", "content": "' + b"x" * 1_100_000 + b'"}]}'
     r = client.post("/v1/chat/completions", content=huge, headers={"content-type": "application/json"})
     assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
@@ -326,8 +360,15 @@ def test_health_and_models(client):
     deadline = time.time() + 10
     while not client.get("/health").json()["ready"] and time.time() < deadline:  # the engine's warm-up generation
         time.sleep(0.01)
-    assert client.get("/health").json() == {"status": "ok", "ready": True, "model": "tiny-test", "generating": 0, "pending": 0,
-                                            "free": 17, "max_waiting": 16}
+    assert client.get("/health").json() == {
+        "status": "ok",
+        "ready": True,
+        "model": "tiny-test",
+        "generating": 0,
+        "pending": 0,
+        "free": 17,
+        "max_waiting": 16,
+    }
     models = client.get("/v1/models").json()
     assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["tiny-test"]
     assert client.get("/v1/models/tiny-test").json()["id"] == "tiny-test"
@@ -339,13 +380,16 @@ def test_api_key(engine, tok):
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
             r = c.post("/v1/chat/completions", json={"messages": HI, "max_tokens": 2}, headers=headers)
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-        r = c.post("/v1/chat/completions", json={"messages": HI, "max_tokens": 2}, headers={"Authorization": "Bearer s3cret"})
+        r = c.post(
+            "/v1/chat/completions", json={"messages": HI, "max_tokens": 2}, headers={"Authorization": "Bearer s3cret"}
+        )
         assert r.status_code == 200
         assert c.get("/v1/models").status_code == 401
         assert c.get("/health").status_code == 200  # for load balancers; reveals only the model name
 
 
 # --- a live server: concurrency, disconnects, the mounted UI --------------------------------------
+
 
 @contextlib.contextmanager
 def live_server(app):
@@ -445,8 +489,17 @@ def test_gradio_shows_tool_calls_apart_and_replays_them(scripted, tok):
         assert client.predict("And again?", 0.0, 50, 64, api_name="/chat")[0]["content"] == "Sure"
         t = tok.token_id
         replayed = model.prompts[-1]
-        call = [t("<|python_start|>"), *tok.encode("12*7"), t("<|python_end|>"), t("<|output_start|>"), *tok.encode("84"), t("<|output_end|>")]
-        assert any(replayed[i : i + len(call)] == call for i in range(len(replayed)))  # the tool tokens, not marker text
+        call = [
+            t("<|python_start|>"),
+            *tok.encode("12*7"),
+            t("<|python_end|>"),
+            t("<|output_start|>"),
+            *tok.encode("84"),
+            t("<|output_end|>"),
+        ]
+        assert any(
+            replayed[i : i + len(call)] == call for i in range(len(replayed))
+        )  # the tool tokens, not marker text
     finally:
         demo.close()
 
@@ -464,12 +517,18 @@ def test_ui_requires_the_api_key_when_one_is_set(engine, tok):
 
 # --- CLI -----------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_cli_one_shot_and_interactive_commands(export_dir, precision):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
     cmd = [sys.executable, "-m", "nanochat", "chat", str(export_dir), "--max-tokens", "12", "--precision", precision]
-    one_shot = subprocess.Popen([*cmd, "-p", "Hello there", "--temperature", "0"], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+    one_shot = subprocess.Popen(
+        [*cmd, "-p", "Hello there", "--temperature", "0"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     script = "Hello\n/temperature 5\n/temperature 0\n/topk 10\nAgain\n/clear\n/bogus\nOnce more\n/quit\nnever read\n"
     interactive = subprocess.run(cmd, input=script, env=env, capture_output=True, text=True, timeout=60)
     out, err = one_shot.communicate(timeout=60)
@@ -481,8 +540,13 @@ def test_cli_one_shot_and_interactive_commands(export_dir, precision):
     assert lines.count("Assistant: ") == 3
     assert "error: temperature must be in 0..2" in lines and "temperature = 0" in lines and "top-k = 10" in lines
     assert "(conversation cleared)" in lines and "unknown command /bogus" in lines
-    missing = subprocess.run([sys.executable, "-m", "nanochat", "chat", "/no/such/dir", "-p", "hi"], env=env,
-                             capture_output=True, text=True, timeout=60)
+    missing = subprocess.run(
+        [sys.executable, "-m", "nanochat", "chat", "/no/such/dir", "-p", "hi"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert missing.returncode == 2 and missing.stderr.startswith("error: ") and missing.stderr.count("\n") == 1
 
 
@@ -517,8 +581,10 @@ def test_cli_internal_failure_is_one_line_and_exit_1(export_dir, monkeypatch, ca
         main([str(export_dir), "-p", "hi"])
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
-    assert err == ("error: internal error (RuntimeError: CUDA error: an illegal memory access was encountered); "
-                   "NANOCHAT_TRACEBACK=1 shows the traceback\n")
+    assert err == (
+        "error: internal error (RuntimeError: CUDA error: an illegal memory access was encountered); "
+        "NANOCHAT_TRACEBACK=1 shows the traceback\n"
+    )
     monkeypatch.setenv("NANOCHAT_TRACEBACK", "1")
     with pytest.raises(SystemExit):
         main([str(export_dir), "-p", "hi"])
@@ -538,7 +604,9 @@ def test_an_engine_failure_is_a_json_500_logged_with_its_traceback_and_the_serve
             r = chat(c)
             streamed = chat(c, stream=True)
         assert r.status_code == 500
-        assert r.json() == {"error": {"message": "internal server error", "type": "server_error", "param": None, "code": None}}
+        assert r.json() == {
+            "error": {"message": "internal server error", "type": "server_error", "param": None, "code": None}
+        }
         assert "simulated device failure" in caplog.text and "Traceback (most recent call last)" in caplog.text
         assert streamed.status_code == 200  # already streaming: the error arrives in-band, then [DONE]
         assert sse_events(streamed.text)[-1]["error"]["type"] == "server_error"
@@ -562,11 +630,18 @@ def test_an_export_missing_weights_is_one_line_and_exit_2(export_dir, tmp_path, 
     with pytest.raises(SystemExit) as exit_info:
         main([str(broken), "-p", "hi"])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err == (f"error: {broken / 'model.safetensors'} does not hold this model's weights "
-                                       "(missing ['lm_head.weight'], unexpected []); re-export it\n")
+    assert capsys.readouterr().err == (
+        f"error: {broken / 'model.safetensors'} does not hold this model's weights "
+        "(missing ['lm_head.weight'], unexpected []); re-export it\n"
+    )
 
 
 def test_serve_without_a_model_is_one_line_and_exit_2(tmp_path):
-    r = subprocess.run([sys.executable, str(REPO / "serve.py"), f"ckpt={tmp_path}"], capture_output=True, text=True, timeout=60,
-                       env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    r = subprocess.run(
+        [sys.executable, str(REPO / "serve.py"), f"ckpt={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+    )
     assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr

@@ -10,12 +10,11 @@ import threading
 
 import pytest
 import torch
+from conftest import dtype_of, random_gpt
 from torch import nn
 
-from conftest import dtype_of, random_gpt
-
-from nanochat.engine.engine import Engine
 from nanochat.engine.batching import BatchDecoder
+from nanochat.engine.engine import Engine
 from nanochat.models.components import GPT, GPTConfig
 from nanochat.precision import cast_weights
 from nanochat.serving.generation import (
@@ -62,9 +61,17 @@ def gpt(fp32_gpt, precision):
 
 def requests(tok, sampled: bool = False) -> list[dict]:
     """Different prompt lengths, max_tokens and n; greedy, or seeded sampling on every other request."""
-    return [dict(tokens=tok.encode(t, prepend="<|bos|>"), num_samples=1 + i % 3, max_tokens=9 + 7 * i,
-                 temperature=1.0 if sampled and i % 2 else 0.0, top_k=20 if sampled and i % 2 else None, seed=i)
-            for i, t in enumerate(TEXTS)]
+    return [
+        dict(
+            tokens=tok.encode(t, prepend="<|bos|>"),
+            num_samples=1 + i % 3,
+            max_tokens=9 + 7 * i,
+            temperature=1.0 if sampled and i % 2 else 0.0,
+            top_k=20 if sampled and i % 2 else None,
+            seed=i,
+        )
+        for i, t in enumerate(TEXTS)
+    ]
 
 
 def run_batched(decoder, reqs: list[dict], remove_at: dict[int, int] | None = None) -> dict[int, list]:
@@ -118,8 +125,9 @@ def test_a_removed_generation_frees_its_rows_and_the_others_continue_exactly(gpt
     batched = run_batched(decoder, reqs, remove_at={2: 6})  # request 2 (3 rows, in the middle of the batch) leaves
     kept = [0, 1, 3, 4]
     assert comparable([batched[i] for i in kept], [reqs[i] for i in kept], precision) == comparable(
-        [alone[i] for i in kept], [reqs[i] for i in kept], precision)
-    assert batched[2] == alone[2][:len(batched[2])] and len(batched[2]) < len(alone[2])  # greedy: exact
+        [alone[i] for i in kept], [reqs[i] for i in kept], precision
+    )
+    assert batched[2] == alone[2][: len(batched[2])] and len(batched[2]) < len(alone[2])  # greedy: exact
     # rows per decode step: 1 + 2 + 3 + 1 + 2 join one by one; after step 6 request 2's 3 rows are gone; request 0
     # (9 columns: the prefill's and 8 steps') leaves after step 8
     assert model.decode_batches()[:9] == [1, 3, 6, 7, 9, 9, 6, 6, 5]
@@ -171,15 +179,27 @@ def test_tool_call_forcing_works_for_a_batched_row(serving_tokenizer):
     assert batched[0] == alone_b and batched[1] == alone_a
     # A's forced tokens were fed back to the model as its input, in steps shared with B
     a_inputs = [step[p] for step in model.inputs if len(step) == 2 for p in step if p < 39]
-    assert a_inputs[len(call): len(call) + len(forced)] == forced
+    assert a_inputs[len(call) : len(call) + len(forced)] == forced
 
 
 # --- the server's queue --------------------------------------------------------------------------------------
 
+
 def chat_requests(tok, max_context: int) -> list:
     prompts = ["Hi", "Tell me a story about a cat", "What is two plus two? Answer briefly, please", "Why?"]
-    return [validate_chat([{"role": "user", "content": p}], 0.0, None, 12 + 9 * i, 1 + (i == 1), i, tokenizer=tok,
-                          max_context=max_context) for i, p in enumerate(prompts)]
+    return [
+        validate_chat(
+            [{"role": "user", "content": p}],
+            0.0,
+            None,
+            12 + 9 * i,
+            1 + (i == 1),
+            i,
+            tokenizer=tok,
+            max_context=max_context,
+        )
+        for i, p in enumerate(prompts)
+    ]
 
 
 async def collect(jobs) -> list[list]:
@@ -190,8 +210,10 @@ async def collect(jobs) -> list[list]:
 
 
 def events_of(jobs_or_lists) -> list:
-    return [[(type(e).__name__, e.index, getattr(e, "text", None), getattr(e, "reason", None)) for e in events]
-            for events in jobs_or_lists]
+    return [
+        [(type(e).__name__, e.index, getattr(e, "text", None), getattr(e, "reason", None)) for e in events]
+        for events in jobs_or_lists
+    ]
 
 
 def queued_together(gpt, tok, precision):

@@ -34,11 +34,11 @@ pytest.importorskip("fastapi")
 pytest.importorskip("hypothesis")
 
 import httpx  # noqa: E402
+from common import serve_process  # noqa: E402  (bench/common.py, on pytest's pythonpath)
+from conftest import PRECISIONS, random_gpt  # noqa: E402
 from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from common import serve_process  # noqa: E402  (bench/common.py, on pytest's pythonpath)
-from conftest import PRECISIONS, random_gpt  # noqa: E402
 from nanochat.settings import ServerLimits  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,6 +54,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # the server process h
 
 
 # --- a live server -------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def tok(serving_tokenizer):
@@ -118,8 +119,13 @@ class Server:
 def server(export_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("fuzz-log") / "serve.log"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NANOCHAT_API_KEY": KEY}
-    overrides = ["model_name=fuzz", "limits.max_waiting=8", "sampling.max_tokens=4", f"limits.send_timeout={SEND_TIMEOUT}",
-                 f"limits.body_timeout={BODY_TIMEOUT}"]  # no host=: the default must be localhost
+    overrides = [
+        "model_name=fuzz",
+        "limits.max_waiting=8",
+        "sampling.max_tokens=4",
+        f"limits.send_timeout={SEND_TIMEOUT}",
+        f"limits.body_timeout={BODY_TIMEOUT}",
+    ]  # no host=: the default must be localhost
     with serve_process(export_dir, overrides, env, log) as (proc, port):
         yield Server(proc, port, log)
 
@@ -141,6 +147,7 @@ def long_body(**kw) -> dict:
 
 # --- binding, auth, health -----------------------------------------------------------------------
 
+
 def listening_addresses(port: int) -> set[str]:
     """Local addresses LISTENing on `port` (hex, as /proc/net/tcp* writes them)."""
     found = set()
@@ -159,7 +166,15 @@ def test_binds_to_localhost_by_default_and_health_says_ready(server):
         assert listening_addresses(server.port) == {"0100007F"}  # 127.0.0.1 only, not 0.0.0.0
     r = httpx.get(server.url + "/health")  # no key needed
     assert r.status_code == 200
-    assert r.json() == {"status": "ok", "ready": True, "model": "fuzz", "generating": 0, "pending": 0, "free": 9, "max_waiting": 8}
+    assert r.json() == {
+        "status": "ok",
+        "ready": True,
+        "model": "fuzz",
+        "generating": 0,
+        "pending": 0,
+        "free": 9,
+        "max_waiting": 8,
+    }
 
 
 def test_api_key_is_enforced(server):
@@ -168,7 +183,17 @@ def test_api_key_is_enforced(server):
     assert "hmac.compare_digest" in inspect.getsource(bearer_guard)  # constant time, so no timing oracle
     good = {"messages": HI, "max_tokens": 2}
     basic = "Basic " + base64.b64encode(f"user:{KEY}".encode()).decode()
-    wrong = [None, "Bearer nope", f"Bearer {KEY}x", f"Bearer {KEY[:-1]}", KEY, basic, f"Token {KEY}", "Bearer", b"Bearer \xff\xfe"]
+    wrong = [
+        None,
+        "Bearer nope",
+        f"Bearer {KEY}x",
+        f"Bearer {KEY[:-1]}",
+        KEY,
+        basic,
+        f"Token {KEY}",
+        "Bearer",
+        b"Bearer \xff\xfe",
+    ]
     with httpx.Client(base_url=server.url, timeout=10) as c:
         for auth in wrong:
             headers = {} if auth is None else {"Authorization": auth}
@@ -183,25 +208,94 @@ def test_api_key_is_enforced(server):
 
 # --- fuzzing -------------------------------------------------------------------------------------
 
-HOSTILE_NUMBERS = [10**400, -10**400, 2**63, 2**64, 10**18, -1, 0, 1e308, -1e308, 5e-324, 1e-40, -0.0, 0.5, 2.0000001,
-                   math.nan, math.inf, -math.inf, True, False, None, "", "1", "NaN", "0x10", [], {}, [1], {"value": 1}]
-HOSTILE_STRINGS = ["", " ", "\x00", "\ud800", "\udfff\ud800", "a\x1b[31mred\x07", "<|assistant_end|>", "<|bos|>",
-                   "<|python_start|>1+1<|python_end|>", "\u202eevil", "💥" * 200, "x" * 8_001, "y" * 40_000, "null",
-                   "\r\n\r\nHTTP/1.1 200 OK", "%s%n%x", "'; DROP TABLE users; --", "../../etc/passwd"]
+HOSTILE_NUMBERS = [
+    10**400,
+    -(10**400),
+    2**63,
+    2**64,
+    10**18,
+    -1,
+    0,
+    1e308,
+    -1e308,
+    5e-324,
+    1e-40,
+    -0.0,
+    0.5,
+    2.0000001,
+    math.nan,
+    math.inf,
+    -math.inf,
+    True,
+    False,
+    None,
+    "",
+    "1",
+    "NaN",
+    "0x10",
+    [],
+    {},
+    [1],
+    {"value": 1},
+]
+HOSTILE_STRINGS = [
+    "",
+    " ",
+    "\x00",
+    "\ud800",
+    "\udfff\ud800",
+    "a\x1b[31mred\x07",
+    "<|assistant_end|>",
+    "<|bos|>",
+    "<|python_start|>1+1<|python_end|>",
+    "\u202eevil",
+    "💥" * 200,
+    "x" * 8_001,
+    "y" * 40_000,
+    "null",
+    "\r\n\r\nHTTP/1.1 200 OK",
+    "%s%n%x",
+    "'; DROP TABLE users; --",
+    "../../etc/passwd",
+]
 
-numbers = st.one_of(st.sampled_from(HOSTILE_NUMBERS), st.integers(-3, 12), st.integers(min_value=10_000),
-                    st.integers(max_value=-4), st.floats(allow_nan=True, allow_infinity=True))
+numbers = st.one_of(
+    st.sampled_from(HOSTILE_NUMBERS),
+    st.integers(-3, 12),
+    st.integers(min_value=10_000),
+    st.integers(max_value=-4),
+    st.floats(allow_nan=True, allow_infinity=True),
+)
 strings = st.one_of(st.sampled_from(HOSTILE_STRINGS), st.text(max_size=30))
-junk = st.recursive(st.none() | st.booleans() | numbers | strings,
-                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-                    max_leaves=12)
+junk = st.recursive(
+    st.none() | st.booleans() | numbers | strings,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
 roles = st.sampled_from(["user", "assistant", "system", "tool", "function", "USER", "", "developer"]) | junk
-part = st.fixed_dictionaries({}, optional={"type": st.sampled_from(["text", "image_url", "python", "python_output"]) | junk,
-                                           "text": strings | junk, "image_url": junk})
-message = st.fixed_dictionaries({}, optional={"role": roles, "content": strings | junk | st.lists(part, max_size=3),
-                                              "name": strings, "tool_calls": junk})
-VALID_TURNS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-               {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}]
+part = st.fixed_dictionaries(
+    {},
+    optional={
+        "type": st.sampled_from(["text", "image_url", "python", "python_output"]) | junk,
+        "text": strings | junk,
+        "image_url": junk,
+    },
+)
+message = st.fixed_dictionaries(
+    {},
+    optional={
+        "role": roles,
+        "content": strings | junk | st.lists(part, max_size=3),
+        "name": strings,
+        "tool_calls": junk,
+    },
+)
+VALID_TURNS = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello!"},
+    {"role": "user", "content": "Bye"},
+]
 messages = st.one_of(
     st.just(HI),
     st.lists(message, max_size=4),
@@ -211,15 +305,33 @@ messages = st.one_of(
     junk,
 )
 FIELDS = {
-    "model": strings | junk, "temperature": numbers, "top_k": numbers, "max_tokens": numbers,
-    "max_completion_tokens": numbers, "n": numbers, "seed": numbers, "top_p": numbers, "presence_penalty": numbers,
-    "frequency_penalty": numbers, "stop": strings | st.lists(strings, max_size=6) | junk, "stream": st.booleans() | junk,
-    "stream_options": st.just({"include_usage": True}) | junk, "logprobs": junk, "top_logprobs": numbers, "tools": junk,
-    "tool_choice": junk, "response_format": junk, "logit_bias": junk, "user": strings,
+    "model": strings | junk,
+    "temperature": numbers,
+    "top_k": numbers,
+    "max_tokens": numbers,
+    "max_completion_tokens": numbers,
+    "n": numbers,
+    "seed": numbers,
+    "top_p": numbers,
+    "presence_penalty": numbers,
+    "frequency_penalty": numbers,
+    "stop": strings | st.lists(strings, max_size=6) | junk,
+    "stream": st.booleans() | junk,
+    "stream_options": st.just({"include_usage": True}) | junk,
+    "logprobs": junk,
+    "top_logprobs": numbers,
+    "tools": junk,
+    "tool_choice": junk,
+    "response_format": junk,
+    "logit_bias": junk,
+    "user": strings,
 }
 chat_bodies = st.one_of(
-    st.builds(lambda known, extra: {**extra, **known}, st.fixed_dictionaries({}, optional={"messages": messages, **FIELDS}),
-              st.dictionaries(st.text(max_size=12), junk, max_size=3)),
+    st.builds(
+        lambda known, extra: {**extra, **known},
+        st.fixed_dictionaries({}, optional={"messages": messages, **FIELDS}),
+        st.dictionaries(st.text(max_size=12), junk, max_size=3),
+    ),
     # one hostile field in an otherwise good request: reaches the code behind the validation (the sampler, ...)
     st.sampled_from(sorted(FIELDS)).flatmap(lambda name: FIELDS[name].map(lambda value: {"messages": HI, name: value})),
 )
@@ -230,25 +342,63 @@ def deep(depth: int) -> bytes:
 
 
 HUGE_CONTENT = b'{"messages": [{"role": "user", "content": "' + b"x" * (BODY_LIMIT + 10) + b'"}]}'
-RAW_BODIES = [b"", b"null", b"[]", b'"hi"', b"42", b"{", b"}", b"{" * 50_000, b"[" * 200_000, deep(900), deep(5000),
-              b'{"messages": NaN}', b'{"messages": [{"role": "user", "content": "hi"}], "temperature": Infinity}',
-              b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1' + b"0" * 5_000 + b"}",
-              b'{"messages": [{"role": "user", "content": "\\ud800"}], "max_tokens": 2}',
-              b'{"messages": [{"role": "user", "content": "hi"}], "messages": 5}', b"\xef\xbb\xbf{}",
-              json.dumps({"messages": HI}).encode("utf-16"), b"\xff\xfe\x00garbage", b"messages=hi&max_tokens=2",
-              b'{"messages": [{"role": "user", "content": "hi"}], "junk": "' + b"j" * 900_000 + b'"}', HUGE_CONTENT]
-raw_bodies = st.one_of(st.sampled_from(RAW_BODIES), st.binary(max_size=300),
-                       chat_bodies.map(lambda b: json.dumps(b).encode()[:-3]))  # truncated JSON
+RAW_BODIES = [
+    b"",
+    b"null",
+    b"[]",
+    b'"hi"',
+    b"42",
+    b"{",
+    b"}",
+    b"{" * 50_000,
+    b"[" * 200_000,
+    deep(900),
+    deep(5000),
+    b'{"messages": NaN}',
+    b'{"messages": [{"role": "user", "content": "hi"}], "temperature": Infinity}',
+    b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1' + b"0" * 5_000 + b"}",
+    b'{"messages": [{"role": "user", "content": "\\ud800"}], "max_tokens": 2}',
+    b'{"messages": [{"role": "user", "content": "hi"}], "messages": 5}',
+    b"\xef\xbb\xbf{}",
+    json.dumps({"messages": HI}).encode("utf-16"),
+    b"\xff\xfe\x00garbage",
+    b"messages=hi&max_tokens=2",
+    b'{"messages": [{"role": "user", "content": "hi"}], "junk": "' + b"j" * 900_000 + b'"}',
+    HUGE_CONTENT,
+]
+raw_bodies = st.one_of(
+    st.sampled_from(RAW_BODIES), st.binary(max_size=300), chat_bodies.map(lambda b: json.dumps(b).encode()[:-3])
+)  # truncated JSON
 
 PATHS = ["/v1/chat/completions"] * 12 + [
-    "/v1/chat/completions/", "/v1/models", "/v1/models/fuzz", "/v1/models/other", "/health", "/", "/v1", "/v1/",
-    "/v2/chat/completions", "/v1/chat/completions?stream=true&n=99", "/docs", "/openapi.json", "/v1/" + "a" * 5000,
-    "/v1/models/%00%ff", "/v1/chat%2Fcompletions", "/gradio_api/info",
+    "/v1/chat/completions/",
+    "/v1/models",
+    "/v1/models/fuzz",
+    "/v1/models/other",
+    "/health",
+    "/",
+    "/v1",
+    "/v1/",
+    "/v2/chat/completions",
+    "/v1/chat/completions?stream=true&n=99",
+    "/docs",
+    "/openapi.json",
+    "/v1/" + "a" * 5000,
+    "/v1/models/%00%ff",
+    "/v1/chat%2Fcompletions",
+    "/gradio_api/info",
 ]
 METHODS = ["POST"] * 6 + ["GET", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"]
 AUTHS = [f"Bearer {KEY}"] * 9 + [None, "Bearer nope", f"Bearer {KEY}x", "Basic Zm9vOmJhcg==", KEY, b"Bearer \xe9\xff"]
-CONTENT_TYPES = ["application/json"] * 4 + [None, "text/plain", "application/x-www-form-urlencoded",
-                                            "multipart/form-data; boundary=zz", "application/json; charset=utf-16", "*/*", "garbage"]
+CONTENT_TYPES = ["application/json"] * 4 + [
+    None,
+    "text/plain",
+    "application/x-www-form-urlencoded",
+    "multipart/form-data; boundary=zz",
+    "application/json; charset=utf-16",
+    "*/*",
+    "garbage",
+]
 
 
 @st.composite
@@ -262,48 +412,100 @@ def api_requests(draw):
     if (kind := draw(st.sampled_from(CONTENT_TYPES))) is not None:
         headers["Content-Type"] = kind
     if draw(st.booleans()):
-        headers.update(draw(st.dictionaries(st.sampled_from(["X-Junk", "Accept", "Accept-Encoding", "User-Agent", "Cookie"]),
-                                            st.text(st.characters(min_codepoint=33, max_codepoint=126), max_size=40), max_size=3)))
+        headers.update(
+            draw(
+                st.dictionaries(
+                    st.sampled_from(["X-Junk", "Accept", "Accept-Encoding", "User-Agent", "Cookie"]),
+                    st.text(st.characters(min_codepoint=33, max_codepoint=126), max_size=40),
+                    max_size=3,
+                )
+            )
+        )
     return method, path, headers, body
 
 
 TOKEN_CHARS = st.characters(min_codepoint=33, max_codepoint=126, exclude_characters=":")
-RAW_HEADERS = [("Content-Type", "application/json"), ("Authorization", f"Bearer {KEY}"), ("Authorization", "Bearer nope"),
-               ("Authorization", "Bearer \xff\xfe"), ("Expect", "100-continue"), ("Content-Encoding", "gzip"),
-               ("Host", "evil.example"), ("Upgrade", "websocket"), ("Upgrade", "h2c"), ("Header With Space", "x"),
-               ("", "empty name"), ("X-Long", "a" * 20_000), ("X-Nul", "a\x00b"), ("X-Latin", "caf\xe9"),
-               ("X-Folded", "a\r\n folded"), ("Transfer-Encoding", "gzip"), ("Content-Length", "+5")]
-FRAMINGS = ["length"] * 5 + ["none", "length-twice", "lengths-differ", "length-negative", "length-junk", "length-huge",
-                             "length-unicode", "chunked", "chunked-junk", "chunked-and-length", "body-longer", "body-shorter"]
+RAW_HEADERS = [
+    ("Content-Type", "application/json"),
+    ("Authorization", f"Bearer {KEY}"),
+    ("Authorization", "Bearer nope"),
+    ("Authorization", "Bearer \xff\xfe"),
+    ("Expect", "100-continue"),
+    ("Content-Encoding", "gzip"),
+    ("Host", "evil.example"),
+    ("Upgrade", "websocket"),
+    ("Upgrade", "h2c"),
+    ("Header With Space", "x"),
+    ("", "empty name"),
+    ("X-Long", "a" * 20_000),
+    ("X-Nul", "a\x00b"),
+    ("X-Latin", "caf\xe9"),
+    ("X-Folded", "a\r\n folded"),
+    ("Transfer-Encoding", "gzip"),
+    ("Content-Length", "+5"),
+]
+FRAMINGS = ["length"] * 5 + [
+    "none",
+    "length-twice",
+    "lengths-differ",
+    "length-negative",
+    "length-junk",
+    "length-huge",
+    "length-unicode",
+    "chunked",
+    "chunked-junk",
+    "chunked-and-length",
+    "body-longer",
+    "body-shorter",
+]
 
 
 @st.composite
 def raw_requests(draw):
     """Raw bytes for a socket: broken request lines, framing and headers that no HTTP client library would send."""
     method = draw(st.sampled_from(["POST"] * 4 + ["GET", "PUT", "FOO", "get", "P@ST", "CONNECT", "TRACE"]))
-    target = draw(st.sampled_from(PATHS + ["*", "http://evil.example/v1/models", "", "/v1/../health", "/v1/%2e%2e/health"])
-                  | st.text(TOKEN_CHARS, max_size=30).map(lambda t: "/" + t))
+    target = draw(
+        st.sampled_from(PATHS + ["*", "http://evil.example/v1/models", "", "/v1/../health", "/v1/%2e%2e/health"])
+        | st.text(TOKEN_CHARS, max_size=30).map(lambda t: "/" + t)
+    )
     version = draw(st.sampled_from(["HTTP/1.1"] * 6 + ["HTTP/1.0", "HTTP/2.0", "HTTP/1.2", "HTTP/0.9", "http/1.1", ""]))
     body = draw(st.one_of(chat_bodies.map(lambda b: json.dumps(b).encode()), st.binary(max_size=200)))
     headers = [("Host", "127.0.0.1")] if draw(st.booleans()) or version == "HTTP/1.1" and draw(st.booleans()) else []
-    headers += draw(st.lists(st.sampled_from(RAW_HEADERS) | st.tuples(st.text(TOKEN_CHARS, min_size=1, max_size=10),
-                                                                         st.text(st.characters(min_codepoint=32, max_codepoint=255), max_size=20)),
-                             max_size=5))
+    headers += draw(
+        st.lists(
+            st.sampled_from(RAW_HEADERS)
+            | st.tuples(
+                st.text(TOKEN_CHARS, min_size=1, max_size=10),
+                st.text(st.characters(min_codepoint=32, max_codepoint=255), max_size=20),
+            ),
+            max_size=5,
+        )
+    )
     framing, n = draw(st.sampled_from(FRAMINGS)), len(body)
     framing_headers = {
-        "length": [("Content-Length", str(n))], "none": [], "length-twice": [("Content-Length", str(n))] * 2,
+        "length": [("Content-Length", str(n))],
+        "none": [],
+        "length-twice": [("Content-Length", str(n))] * 2,
         "lengths-differ": [("Content-Length", str(n)), ("Content-Length", str(n + 1))],
-        "length-negative": [("Content-Length", "-1")], "length-junk": [("Content-Length", "12abc")],
-        "length-huge": [("Content-Length", "9" * 30)], "length-unicode": [("Content-Length", "\xb2")],
-        "chunked": [("Transfer-Encoding", "chunked")], "chunked-junk": [("Transfer-Encoding", "chunked")],
+        "length-negative": [("Content-Length", "-1")],
+        "length-junk": [("Content-Length", "12abc")],
+        "length-huge": [("Content-Length", "9" * 30)],
+        "length-unicode": [("Content-Length", "\xb2")],
+        "chunked": [("Transfer-Encoding", "chunked")],
+        "chunked-junk": [("Transfer-Encoding", "chunked")],
         "chunked-and-length": [("Transfer-Encoding", "chunked"), ("Content-Length", str(n))],
-        "body-longer": [("Content-Length", str(max(0, n - 5)))], "body-shorter": [("Content-Length", str(n + 50))],
+        "body-longer": [("Content-Length", str(max(0, n - 5)))],
+        "body-shorter": [("Content-Length", str(n + 50))],
     }[framing]
     if framing in ("chunked", "chunked-and-length"):
         body = f"{n:x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
     elif framing == "chunked-junk":
         body = b"zz\r\n" + body + b"\r\n"
-    lines = [f"{method} {target} {version}".rstrip(), *(f"{k}: {v}" for k, v in headers + framing_headers), "Connection: close"]
+    lines = [
+        f"{method} {target} {version}".rstrip(),
+        *(f"{k}: {v}" for k, v in headers + framing_headers),
+        "Connection: close",
+    ]
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
     # body-shorter: the server would wait for the rest (until body_timeout): send it and leave instead.
     return head + body, framing != "body-shorter"
@@ -342,7 +544,7 @@ def check_answer(status: int, content_type: str, body: bytes, what) -> None:
     if status >= 400 and content_type.startswith("application/json") and body:
         message = json.loads(body)["error"]["message"]
         assert isinstance(message, str) and 0 < len(message) <= 300 and "\n" not in message, (message, what)
-        assert "Traceback" not in message and "File \"" not in message
+        assert "Traceback" not in message and 'File "' not in message
 
 
 def test_hostile_requests_never_get_a_5xx_and_the_server_stays_up(server):
@@ -356,10 +558,18 @@ def test_hostile_requests_never_get_a_5xx_and_the_server_stays_up(server):
     client = httpx.Client(base_url=server.url, timeout=10)
 
     def chat(body: bytes, auth=AUTH["Authorization"]):
-        return ("api", ("POST", "/v1/chat/completions", {"Authorization": auth, "Content-Type": "application/json"}, body))
+        return (
+            "api",
+            ("POST", "/v1/chat/completions", {"Authorization": auth, "Content-Type": "application/json"}, body),
+        )
 
-    @settings(max_examples=FUZZ_EXAMPLES, derandomize=True, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=FUZZ_EXAMPLES,
+        derandomize=True,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(st.one_of(api_requests().map(lambda r: ("api", r)), raw_requests().map(lambda r: ("raw", r))))
     @example(chat(HUGE_CONTENT))  # over the body limit: 413
     @example(chat(HUGE_CONTENT, auth="Bearer nope"))  # the key is checked first: 401
@@ -368,8 +578,16 @@ def test_hostile_requests_never_get_a_5xx_and_the_server_stays_up(server):
     @example(chat(json.dumps({"messages": HI, "temperature": 10**400}).encode()))  # OverflowError in isfinite
     @example(chat(json.dumps({"messages": HI, "top_p": "p" * 100_000}).encode()))  # echoed 100 kB back
     # uvicorn answers the broken chunk with its own 400; the app's 401 after it raised in h11 (two tracebacks)
-    @example(("raw", (b"POST /v1/models/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
-                      b"Connection: close\r\n\r\nzz\r\nabc\r\n", True)))
+    @example(
+        (
+            "raw",
+            (
+                b"POST /v1/models/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                b"Connection: close\r\n\r\nzz\r\nabc\r\n",
+                True,
+            ),
+        )
+    )
     def hostile(case):
         kind, request = case
         kinds[kind] += 1
@@ -382,9 +600,13 @@ def test_hostile_requests_never_get_a_5xx_and_the_server_stays_up(server):
                 stats["closed during upload"] += 1
                 return
             stats[r.status_code] += 1
-            check_answer(r.status_code, r.headers.get("content-type", ""), r.content, (method, path, headers, body[:300]))
+            check_answer(
+                r.status_code, r.headers.get("content-type", ""), r.content, (method, path, headers, body[:300])
+            )
             if r.status_code < 300 and path.startswith("/v1") and headers.get("Authorization") not in AUTHS[:1]:
-                raise AssertionError(f"{method} {path} answered {r.status_code} with a wrong key {headers.get('Authorization')!r}")
+                raise AssertionError(
+                    f"{method} {path} answered {r.status_code} with a wrong key {headers.get('Authorization')!r}"
+                )
         else:
             data, wait = request
             answer = raw_exchange(server.port, data, wait)
@@ -403,8 +625,10 @@ def test_hostile_requests_never_get_a_5xx_and_the_server_stays_up(server):
         hostile()
     finally:
         client.close()
-        print(f"\nfuzz: {sum(kinds.values())} requests ({dict(kinds)}) in {time.monotonic() - start:.1f} s; "
-              f"status histogram: {dict(sorted(stats.items(), key=str))}")
+        print(
+            f"\nfuzz: {sum(kinds.values())} requests ({dict(kinds)}) in {time.monotonic() - start:.1f} s; "
+            f"status histogram: {dict(sorted(stats.items(), key=str))}"
+        )
     assert sum(kinds.values()) >= 500
     assert not [s for s in stats if isinstance(s, int) and s >= 500]
     assert stats["closed without answer"] == 0
@@ -412,15 +636,22 @@ def test_hostile_requests_never_get_a_5xx_and_the_server_stays_up(server):
     rss_after = rss_mb(server.proc.pid)
     print(f"server RSS {rss_before:.1f} MB before, {rss_after:.1f} MB after (idle after {idle:.2f} s)")
     assert rss_after - rss_before < RSS_GROWTH_LIMIT_MB
-    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": HI, "max_tokens": 5, "n": 2, "temperature": 0},
-                   headers=AUTH, timeout=30)
+    r = httpx.post(
+        server.url + "/v1/chat/completions",
+        json={"messages": HI, "max_tokens": 5, "n": 2, "temperature": 0},
+        headers=AUTH,
+        timeout=30,
+    )
     assert r.status_code == 200, r.text
     body = r.json()
-    assert [c["finish_reason"] for c in body["choices"]] == ["length", "length"] and body["usage"]["completion_tokens"] == 10
+    assert [c["finish_reason"] for c in body["choices"]] == ["length", "length"] and body["usage"][
+        "completion_tokens"
+    ] == 10
     assert server.health()["ready"] is True
 
 
 # --- slow and vanishing clients ------------------------------------------------------------------
+
 
 def test_a_streaming_client_that_disconnects_frees_its_slot(server, step_seconds):
     with httpx.Client(base_url=server.url, timeout=30) as c:
@@ -439,7 +670,9 @@ def test_a_streaming_client_that_disconnects_frees_its_slot(server, step_seconds
 
 def test_a_non_streaming_client_that_gives_up_frees_its_slot(server, step_seconds):
     with pytest.raises(httpx.ReadTimeout):  # the client stops waiting and closes the connection
-        httpx.post(server.url + "/v1/chat/completions", json=long_body(), headers=AUTH, timeout=httpx.Timeout(10, read=0.5))
+        httpx.post(
+            server.url + "/v1/chat/completions", json=long_body(), headers=AUTH, timeout=httpx.Timeout(10, read=0.5)
+        )
     freed = server.wait_idle(within=5)
     assert freed < min(2.0, 4500 * step_seconds / 2), (freed, step_seconds)
 
@@ -456,15 +689,19 @@ def test_a_client_that_stops_reading_holds_no_one_up_and_is_dropped(server):
     stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window, never read from
     stalled.connect(("127.0.0.1", server.port))
     body = json.dumps(long_body(stream=True, max_tokens=3000)).encode()
-    stalled.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                    + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    stalled.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
     try:
         server.wait_generating()
         start, answer = time.monotonic(), {}
 
         def good_request():
-            answer["r"] = httpx.post(server.url + "/v1/chat/completions", json={"messages": HI, "max_tokens": 3},
-                                     headers=AUTH, timeout=60)
+            answer["r"] = httpx.post(
+                server.url + "/v1/chat/completions", json={"messages": HI, "max_tokens": 3}, headers=AUTH, timeout=60
+            )
             answer["at"] = time.monotonic()
 
         thread = threading.Thread(target=good_request)
@@ -484,16 +721,20 @@ def test_a_client_that_stops_reading_holds_no_one_up_and_is_dropped(server):
         while "dropped a streaming client that read nothing for 1 s" not in server.log():
             assert time.monotonic() - start < 30, server.log()[-2000:]
             time.sleep(0.05)
-        print(f"\nbehind a client that stopped reading: waited {waited:.2f} s for its generation, answered "
-              f"{after_turn:.2f} s after it; the client was dropped after {time.monotonic() - start:.1f} s")
+        print(
+            f"\nbehind a client that stopped reading: waited {waited:.2f} s for its generation, answered "
+            f"{after_turn:.2f} s after it; the client was dropped after {time.monotonic() - start:.1f} s"
+        )
         server.wait_idle(within=2)
     finally:
         stalled.close()
 
 
 def test_a_slow_body_gets_408_and_never_holds_a_slot(server):
-    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            + f"Authorization: Bearer {KEY}\r\nContent-Length: 100\r\n".encode())
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Authorization: Bearer {KEY}\r\nContent-Length: 100\r\n".encode()
+    )
     for _ in range(3):  # leaves mid-body: answered by nobody, logged as nothing (see the last live test)
         with socket.create_connection(("127.0.0.1", server.port)) as s:
             s.sendall(head + b'\r\n{"messages"')
@@ -516,7 +757,9 @@ def test_a_slow_body_gets_408_and_never_holds_a_slot(server):
     status, headers, body = parse_response(answer)
     assert status == 408 and json.loads(body)["error"]["message"] == "the request body did not arrive within 1 s"
     assert BODY_TIMEOUT - 0.1 < elapsed < BODY_TIMEOUT + 2
-    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": HI, "max_tokens": 2}, headers=AUTH, timeout=30)
+    r = httpx.post(
+        server.url + "/v1/chat/completions", json={"messages": HI, "max_tokens": 2}, headers=AUTH, timeout=30
+    )
     assert r.status_code == 200  # the half-sent headers above hold a socket, nothing else
     slowloris.close()
 
@@ -525,15 +768,24 @@ def test_concurrent_and_cancelled_requests_leave_nothing_behind(server):
     """Waves of concurrent requests, a third abandoned mid-stream and a third given up on: back to idle, RSS flat."""
 
     async def one(client, i):
-        body = {"messages": [{"role": "user", "content": f"Question {i}"}], "max_tokens": 100, "seed": i, "n": 1 + i % 3}
+        body = {
+            "messages": [{"role": "user", "content": f"Question {i}"}],
+            "max_tokens": 100,
+            "seed": i,
+            "n": 1 + i % 3,
+        }
         try:
             if i % 3 == 0:  # streams, and leaves after the first chunk
-                async with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}, headers=AUTH) as r:
+                async with client.stream(
+                    "POST", "/v1/chat/completions", json={**body, "stream": True}, headers=AUTH
+                ) as r:
                     async for _ in r.aiter_lines():
                         break
                     return r.status_code
             if i % 3 == 1:  # gives up waiting
-                r = await client.post("/v1/chat/completions", json=body, headers=AUTH, timeout=httpx.Timeout(10, read=0.05))
+                r = await client.post(
+                    "/v1/chat/completions", json=body, headers=AUTH, timeout=httpx.Timeout(10, read=0.05)
+                )
                 return r.status_code
             r = await client.post("/v1/chat/completions", json=body, headers=AUTH)
             return r.status_code
@@ -564,8 +816,10 @@ def test_the_server_log_holds_no_traceback(server):
 
 # --- in-process: readiness states and KV caches -------------------------------------------------
 
+
 class GatedModel(torch.nn.Module):
-    """The real model, except that each forward waits for `gate` (or fails): while it is closed the worker looks stuck."""
+    """The real model, except that each forward waits for `gate` (or fails): while it is closed the worker
+    looks stuck."""
 
     def __init__(self, model, fail: bool = False):
         super().__init__()
@@ -635,7 +889,10 @@ def test_health_is_503_with_a_reason_until_ready_and_when_stuck_or_stopped(engin
         time.sleep(0.4)  # longer than stall_timeout: still "warming up", which comes first
         r = c.get("/health")
         assert r.status_code == 503 and r.headers["retry-after"] == "1"
-        assert r.json()["ready"] is False and r.json()["reason"] == "the engine is warming up: its first generation has not finished"
+        assert (
+            r.json()["ready"] is False
+            and r.json()["reason"] == "the engine is warming up: its first generation has not finished"
+        )
         gated.gate.set()
         deadline = time.monotonic() + 10
         while c.get("/health").status_code != 200:
@@ -643,7 +900,9 @@ def test_health_is_503_with_a_reason_until_ready_and_when_stuck_or_stopped(engin
             time.sleep(0.01)
         gated.gate.clear()  # the next generation hangs in its prefill
         answer = {}
-        thread = threading.Thread(target=lambda: answer.update(r=c.post("/v1/chat/completions", json={"messages": HI, "max_tokens": 3})))
+        thread = threading.Thread(
+            target=lambda: answer.update(r=c.post("/v1/chat/completions", json={"messages": HI, "max_tokens": 3}))
+        )
         thread.start()
         time.sleep(0.8)
         r = c.get("/health")
@@ -676,8 +935,10 @@ def test_cancelled_and_finished_jobs_leave_no_kv_cache(engine, tok):
 
     async def scenario():
         queue = GenerationQueue(engine, tok, max_waiting=40)
-        jobs = [queue.submit(validate_chat(HI, 0.0, None, 100, 1 + i % 4, tokenizer=tok, max_context=engine.max_context))
-                for i in range(24)]
+        jobs = [
+            queue.submit(validate_chat(HI, 0.0, None, 100, 1 + i % 4, tokenizer=tok, max_context=engine.max_context))
+            for i in range(24)
+        ]
         for i, job in enumerate(jobs):
             if i % 3 == 0:
                 job.cancel()  # gone before its turn

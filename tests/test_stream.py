@@ -43,8 +43,16 @@ def test_two_ranks_two_readers_read_every_document_exactly_once(numbered_shards,
     slots = 2
     seen = []
     for rank in range(2):
-        stream = TokenStream(numbered_shards, DigitTokenizer(), rows=1, seq_len=3, rank=rank, world_size=2,
-                             num_slots=slots, infinite=False)
+        stream = TokenStream(
+            numbered_shards,
+            DigitTokenizer(),
+            rows=1,
+            seq_len=3,
+            rank=rank,
+            world_size=2,
+            num_slots=slots,
+            infinite=False,
+        )
         if num_workers:
             seen += doc_ids(DataLoader(stream, batch_size=None, num_workers=num_workers))
         else:  # the same four readers, driven one after another in this process
@@ -59,7 +67,9 @@ def test_scarce_row_groups_are_split_between_readers(tmp_path):
     write_shard(path, [str(d) for d in range(101)])  # one row group, four readers
     seen = []
     for rank in range(2):
-        stream = TokenStream([path], DigitTokenizer(), rows=1, seq_len=3, rank=rank, world_size=2, num_slots=2, infinite=False)
+        stream = TokenStream(
+            [path], DigitTokenizer(), rows=1, seq_len=3, rank=rank, world_size=2, num_slots=2, infinite=False
+        )
         per_slot = [doc_ids(stream.batches(slot)) for slot in range(2)]
         assert all(len(ids) >= 25 for ids in per_slot)  # each reader gets a quarter, not zero
         seen += [d for ids in per_slot for d in ids]
@@ -86,8 +96,14 @@ def test_rows_are_packed_bos_prefixed_documents(tiny_corpus_shards, tiny_tokeniz
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_datamodule_state_round_trip_resumes_at_the_same_token(tiny_corpus_shards, tiny_tokenizer_dir, num_workers):
     def make():
-        dm = PretrainDataModule(dir=str(tiny_corpus_shards), tokenizer_dir=str(tiny_tokenizer_dir), sequence_len=16,
-                                device_batch_size=2, total_batch_size=64, num_workers=num_workers)
+        dm = PretrainDataModule(
+            dir=str(tiny_corpus_shards),
+            tokenizer_dir=str(tiny_tokenizer_dir),
+            sequence_len=16,
+            device_batch_size=2,
+            total_batch_size=64,
+            num_workers=num_workers,
+        )
         dm.setup("fit")
         return dm
 
@@ -159,8 +175,14 @@ def test_unreadable_shard_fails_at_setup_naming_it_in_fail_mode(tmp_path, tiny_t
     for i in range(3):
         write_shard(tmp_path / f"shard_{i:05d}.parquet", [f"document {j}" for j in range(10)])
     (tmp_path / "shard_00001.parquet").write_bytes(b"PAR1 this is not parquet")
-    dm = PretrainDataModule(dir=str(tmp_path), tokenizer_dir=str(tiny_tokenizer_dir), sequence_len=8,
-                            device_batch_size=1, total_batch_size=8, on_bad_data="fail")  # skip: tests/test_data_faults.py
+    dm = PretrainDataModule(
+        dir=str(tmp_path),
+        tokenizer_dir=str(tiny_tokenizer_dir),
+        sequence_len=8,
+        device_batch_size=1,
+        total_batch_size=8,
+        on_bad_data="fail",
+    )  # skip: tests/test_data_faults.py
     with pytest.raises(UserError, match="shard_00001.parquet"):
         dm.setup("fit")
 

@@ -18,14 +18,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 def train(tmp_path, *overrides):
     env = {**os.environ, "NANOCHAT_BASE_DIR": str(tmp_path / "home")}
-    return subprocess.run([sys.executable, "train.py", "-m", *overrides], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "train.py", "-m", *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def depth_sweep(tiny_run, *extra, **values):
     """tiny_run's seconds-long base run over depths 2 and 3, 4 steps each, val bpb only at the start and end."""
-    swap = {"model.depth": "2,3", "budget.base_steps": "4", "budget.eval_every": "0", "budget.save_every": "4",
-            **{k.replace("__", "."): v for k, v in values.items()}}
+    swap = {
+        "model.depth": "2,3",
+        "budget.base_steps": "4",
+        "budget.eval_every": "0",
+        "budget.save_every": "4",
+        **{k.replace("__", "."): v for k, v in values.items()},
+    }
     return [f"{k}={swap[k]}" if (k := o.split("=", 1)[0]) in swap else o for o in tiny_run(*extra)]
 
 
@@ -43,7 +49,10 @@ def test_depth_sweep_writes_csv_and_png_and_the_cli_rebuilds_them(tmp_path, tiny
     (sweep_dir,) = (tmp_path / "home" / "sweeps").glob("*/*")
     assert f"sweep summary: {sweep_dir / CSV_NAME} and {sweep_dir / PNG_NAME} (2 of 2 jobs finished)" in out.stdout
     rows = list(csv.DictReader((sweep_dir / CSV_NAME).read_text().splitlines()))
-    assert [(r["run"], int(r["depth"]), r["status"]) for r in rows] == [("speedrun_d2", 2, "completed"), ("speedrun_d3", 3, "completed")]
+    assert [(r["run"], int(r["depth"]), r["status"]) for r in rows] == [
+        ("speedrun_d2", 2, "completed"),
+        ("speedrun_d3", 3, "completed"),
+    ]
     assert int(rows[0]["params"]) < int(rows[1]["params"])
     vocab = tiny_tokenizer.vocab_size
     for row in rows:
@@ -61,8 +70,9 @@ def test_depth_sweep_writes_csv_and_png_and_the_cli_rebuilds_them(tmp_path, tiny
     written = (sweep_dir / CSV_NAME).read_text()
     (sweep_dir / CSV_NAME).unlink()
     (sweep_dir / PNG_NAME).unlink()
-    rebuilt = subprocess.run([sys.executable, "-m", "nanochat.sweep", str(sweep_dir)], cwd=REPO, capture_output=True,
-                             text=True, timeout=120)
+    rebuilt = subprocess.run(
+        [sys.executable, "-m", "nanochat.sweep", str(sweep_dir)], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert rebuilt.returncode == 0 and "(2 of 2 jobs finished)" in rebuilt.stdout, rebuilt.stderr
     assert (sweep_dir / CSV_NAME).read_text() == written and (sweep_dir / PNG_NAME).stat().st_size > 0
 
@@ -81,9 +91,13 @@ def test_a_job_failing_with_a_user_error_leaves_the_others_running(tmp_path, tin
     out = train(tmp_path, *sweep)
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert [line[:30] for line in out.stderr.splitlines() if line.startswith("error: ")] == [
-        "error: total_batch_size=100 to", "error: total_batch_size=200 to"]  # both jobs ran
-    assert "(0 of 2 jobs finished); not finished: job 0 (model.total_batch_size=100): failed: total_batch_size=100 " \
-           "tokens is not a positive multiple" in out.stderr
+        "error: total_batch_size=100 to",
+        "error: total_batch_size=200 to",
+    ]  # both jobs ran
+    assert (
+        "(0 of 2 jobs finished); not finished: job 0 (model.total_batch_size=100): failed: total_batch_size=100 "
+        "tokens is not a positive multiple" in out.stderr
+    )
 
 
 def test_run_dir_claims_admit_the_same_job_again_and_refuse_another(tmp_path, capsys):
@@ -101,20 +115,41 @@ def test_run_dir_claims_admit_the_same_job_again_and_refuse_another(tmp_path, ca
 
 def test_summary_keeps_the_finished_jobs_and_names_the_others(tmp_path, capsys):
     base = {"stage": "base", "run_dir": "/r", "overrides": ["trainer=cpu"]}
-    done = {**base, "job": 0, "run": "d4", "status": "completed", "depth": 4, "params": 10**6, "flops_per_token": 6 * 10**6,
-            "tokens": 10**7, "training_flops": 6 * 10**13, "val_bpb": 1.5, "core_score": None}
-    plan = [{**base, "job": n, "run": f"d{d}", "overrides": [f"model=d{d}", "trainer=cpu"]} for n, d in enumerate((4, 6, 8))]
+    done = {
+        **base,
+        "job": 0,
+        "run": "d4",
+        "status": "completed",
+        "depth": 4,
+        "params": 10**6,
+        "flops_per_token": 6 * 10**6,
+        "tokens": 10**7,
+        "training_flops": 6 * 10**13,
+        "val_bpb": 1.5,
+        "core_score": None,
+    }
+    plan = [
+        {**base, "job": n, "run": f"d{d}", "overrides": [f"model=d{d}", "trainer=cpu"]} for n, d in enumerate((4, 6, 8))
+    ]
     (tmp_path / "sweep_plan.json").write_text(json.dumps(plan))
-    for name, result in {"d4-0": {**done, **plan[0]}, "d6-1": {**plan[1], "status": "failed: RuntimeError: out of memory"}}.items():
+    for name, result in {
+        "d4-0": {**done, **plan[0]},
+        "d6-1": {**plan[1], "status": "failed: RuntimeError: out of memory"},
+    }.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "sweep_result.json").write_text(json.dumps(result))
     assert main([str(tmp_path)]) == 0
     line = capsys.readouterr().out.strip()
-    assert line.endswith("(1 of 3 jobs finished); not finished: job 1 (model=d6): failed: RuntimeError: out of memory; "
-                         "job 2 (model=d8): not started")
+    assert line.endswith(
+        "(1 of 3 jobs finished); not finished: job 1 (model=d6): failed: RuntimeError: out of memory; "
+        "job 2 (model=d8): not started"
+    )
     rows = list(csv.DictReader((tmp_path / CSV_NAME).read_text().splitlines()))
     assert [(r["run"], r["status"], r["val_bpb"]) for r in rows] == [
-        ("d4", "completed", "1.5"), ("d6", "failed: RuntimeError: out of memory", ""), ("d8", "not started", "")]
+        ("d4", "completed", "1.5"),
+        ("d6", "failed: RuntimeError: out of memory", ""),
+        ("d8", "not started", ""),
+    ]
     assert (tmp_path / PNG_NAME).stat().st_size > 0
 
 
@@ -132,7 +167,9 @@ def test_slurm_launcher_takes_tasks_and_nodes_from_the_trainer(trainer, nodes):
 
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=["hydra/launcher=slurm", f"trainer={trainer}", "model=d20"], return_hydra_config=True)
+        cfg = compose(
+            "train", overrides=["hydra/launcher=slurm", f"trainer={trainer}", "model=d20"], return_hydra_config=True
+        )
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (nodes, 8, 8)

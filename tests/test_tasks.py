@@ -8,8 +8,19 @@ import pytest
 
 from nanochat.errors import UserError
 from nanochat.tasks import (
-    ARC, GSM8K, MMLU, CustomJSON, HumanEval, SimpleSpelling, SmolTalk, SpellingBee, Task, TaskMixture, TaskSequence,
-    build_mixture, render_mc,
+    ARC,
+    GSM8K,
+    MMLU,
+    CustomJSON,
+    HumanEval,
+    SimpleSpelling,
+    SmolTalk,
+    SpellingBee,
+    Task,
+    TaskMixture,
+    TaskSequence,
+    build_mixture,
+    render_mc,
 )
 
 
@@ -54,11 +65,17 @@ def test_mixture_deterministic_and_epochs():
 
 def test_render_mc_exact():
     text = render_mc("What is 2+2?", ["A", "B"], ["3", "4"])
-    assert text == "Multiple Choice question: What is 2+2?\n- 3=A\n- 4=B\n\nRespond only with the letter of the correct answer."
+    assert (
+        text
+        == "Multiple Choice question: What is 2+2?\n- 3=A\n- 4=B\n\nRespond only with the letter of the correct answer."
+    )
 
 
 def gsm8k_row():
-    return {"question": "Tom has 3 bags of 1,000 apples. How many?", "answer": "He has 3*1000=<<3*1000=3000>>3000 apples.\n#### 3,000"}
+    return {
+        "question": "Tom has 3 bags of 1,000 apples. How many?",
+        "answer": "He has 3*1000=<<3*1000=3000>>3000 apples.\n#### 3,000",
+    }
 
 
 def test_gsm8k_parts_and_evaluate(tmp_path):
@@ -122,7 +139,12 @@ def test_smoltalk_parquet(tmp_path):
 
 
 def test_arc_parquet(tmp_path):
-    row = {"id": "x", "question": "Which is a gas?", "choices": {"text": ["rock", "steam", "ice"], "label": ["1", "2", "3"]}, "answerKey": "2"}
+    row = {
+        "id": "x",
+        "question": "Which is a gas?",
+        "choices": {"text": ["rock", "steam", "ice"], "label": ["1", "2", "3"]},
+        "answerKey": "2",
+    }
     pq.write_table(pa.Table.from_pylist([row]), tmp_path / "train-00000-of-00001.parquet")
     task = ARC("ARC-Challenge", split="train", path=tmp_path)
     conv = task[0]
@@ -198,7 +220,9 @@ def test_humaneval_real(shared_data):
     assert conv["messages"][1]["content"].startswith(conv["messages"][0]["content"])
     assert conv["task_id"].startswith("HumanEval/") and "def check" in conv["test"] and conv["entry_point"]
     # the sandboxed check: all 164 canonical solutions pass; fenced answers pass too; a wrong body fails
-    failed = [task[i]["task_id"] for i in range(len(task)) if not task.evaluate(task[i], task[i]["messages"][1]["content"])]
+    failed = [
+        task[i]["task_id"] for i in range(len(task)) if not task.evaluate(task[i], task[i]["messages"][1]["content"])
+    ]
     assert failed == []
     for i in range(0, 164, 41):
         conv = task[i]

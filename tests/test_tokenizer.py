@@ -9,9 +9,9 @@ from hypothesis import strategies as st
 
 from nanochat.data.documents import iter_documents, strip_gutenberg
 from nanochat.errors import UserError
+from nanochat.settings import TOKENIZER_TRAINERS
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 from nanochat.tokenizer.compression import compression_table
-from nanochat.settings import TOKENIZER_TRAINERS
 
 HARD_CASES = [
     "",
@@ -64,7 +64,11 @@ def test_hf_tiktoken_parity_and_round_trip_on_random_unicode(tiny_tokenizer, tex
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(st.sampled_from(["12", "345", "6789", " ", "  ", "\n", "\t", "ab", "Ünï", "字", "🙂", "'s", "'LL"]), max_size=80))
+@given(
+    st.lists(
+        st.sampled_from(["12", "345", "6789", " ", "  ", "\n", "\t", "ab", "Ünï", "字", "🙂", "'s", "'LL"]), max_size=80
+    )
+)
 def test_parity_on_digit_and_whitespace_runs(tiny_tokenizer, pieces):
     text = "".join(pieces)
     assert tiny_tokenizer.hf.encode(text, add_special_tokens=False).ids == tiny_tokenizer.encode(text)
@@ -101,8 +105,15 @@ def test_save_load_round_trip(tiny_tokenizer, tmp_path):
     assert loaded.vocab_size == tiny_tokenizer.vocab_size and loaded.special_tokens == tiny_tokenizer.special_tokens
     for text in HARD_CASES:
         assert loaded.encode(text) == tiny_tokenizer.encode(text)
-        assert loaded.hf.encode(text, add_special_tokens=False).ids == tiny_tokenizer.hf.encode(text, add_special_tokens=False).ids
-    assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == ["tokenizer.json", "tokenizer.tiktoken", "tokenizer_config.json"]
+        assert (
+            loaded.hf.encode(text, add_special_tokens=False).ids
+            == tiny_tokenizer.hf.encode(text, add_special_tokens=False).ids
+        )
+    assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == [
+        "tokenizer.json",
+        "tokenizer.tiktoken",
+        "tokenizer_config.json",
+    ]
 
 
 def test_load_errors_are_one_sentence(tmp_path, tiny_tokenizer):
@@ -177,7 +188,10 @@ def test_user_typed_special_text_stays_text_in_chat(tiny_tokenizer):
         ([{"role": "assistant", "content": "hi"}], "alternate"),
         ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "alternate"),
         ([{"role": "system", "content": "s"}], "followed by a user"),
-        ([{"role": "user", "content": "a"}, {"role": "assistant", "content": [{"type": "image", "text": ""}]}], "part type"),
+        (
+            [{"role": "user", "content": "a"}, {"role": "assistant", "content": [{"type": "image", "text": ""}]}],
+            "part type",
+        ),
     ],
 )
 def test_malformed_conversations_are_clear_errors(tiny_tokenizer, conversation, match):
@@ -209,7 +223,9 @@ def test_both_trainers_follow_the_same_conventions():
     from conftest import corpus_documents
 
     docs = corpus_documents()
-    toks = {name: Tokenizer.train(docs, vocab_size=600, show_progress=False, trainer=name) for name in TOKENIZER_TRAINERS}
+    toks = {
+        name: Tokenizer.train(docs, vocab_size=600, show_progress=False, trainer=name) for name in TOKENIZER_TRAINERS
+    }
     for tok in toks.values():
         assert tok.vocab_size == 600
         assert [tok.token_id(t) for t in SPECIAL_TOKENS] == list(range(591, 600))
@@ -238,10 +254,17 @@ def test_unknown_trainer_is_named(tmp_path):
 def test_cli_errors_are_one_line_and_write_nothing(tmp_path):
     (tmp_path / "bad.txt").write_bytes(b"caf\xe9\n")
     out = tmp_path / "out"
-    for args in (["--input", str(tmp_path / "missing")], ["--input", str(tmp_path / "bad.txt")],
-                 ["--input", str(tmp_path / "bad.txt"), "--vocab-size", "100"]):
-        proc = subprocess.run([sys.executable, "-m", "nanochat.tokenizer", "train", "--quiet", "--out", str(out), *args],
-                              capture_output=True, text=True, timeout=120)
+    for args in (
+        ["--input", str(tmp_path / "missing")],
+        ["--input", str(tmp_path / "bad.txt")],
+        ["--input", str(tmp_path / "bad.txt"), "--vocab-size", "100"],
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "nanochat.tokenizer", "train", "--quiet", "--out", str(out), *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 2
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
@@ -253,13 +276,28 @@ def test_cli_train_then_eval(tmp_path):
 
     (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in corpus_documents()))
     out = tmp_path / "tok"
-    run = lambda *a: subprocess.run([sys.executable, "-m", "nanochat.tokenizer", *a], capture_output=True, text=True, timeout=300)
+
+    def run(*a):
+        return subprocess.run(
+            [sys.executable, "-m", "nanochat.tokenizer", *a], capture_output=True, text=True, timeout=300
+        )
+
     proc = run("train", "--input", str(tmp_path / "corpus.jsonl"), "--vocab-size", "600", "--out", str(out), "--quiet")
     assert proc.returncode == 0, proc.stderr
     stats = json.loads((out / "train_stats.json").read_text())
     assert stats["vocab_size"] == 600 and stats["token_bytes_min"] == 1 and stats["trainer"] == "rustbpe"
-    proc = run("train", "--input", str(tmp_path / "corpus.jsonl"), "--vocab-size", "600", "--out", str(tmp_path / "hf"),
-               "--quiet", "--trainer", "hf")
+    proc = run(
+        "train",
+        "--input",
+        str(tmp_path / "corpus.jsonl"),
+        "--vocab-size",
+        "600",
+        "--out",
+        str(tmp_path / "hf"),
+        "--quiet",
+        "--trainer",
+        "hf",
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "hf" / "train_stats.json").read_text())["trainer"] == "hf"
     proc = run("eval", "--tokenizer", str(out), "--input", str(tmp_path / "corpus.jsonl"), "--json")
@@ -298,8 +336,10 @@ def test_long_text_files_become_paragraph_aligned_documents(tmp_path):
 
 def test_strip_gutenberg_variants():
     body = "Chapter 1\n\nIt was a dark night."
-    for start, end in [("*** START OF THIS PROJECT GUTENBERG EBOOK X ***", "*** END OF THIS PROJECT GUTENBERG EBOOK X ***"),
-                       ("***START OF THE PROJECT GUTENBERG EBOOK X***", "   *** END OF THE PROJECT GUTENBERG EBOOK X ***")]:
+    for start, end in [
+        ("*** START OF THIS PROJECT GUTENBERG EBOOK X ***", "*** END OF THIS PROJECT GUTENBERG EBOOK X ***"),
+        ("***START OF THE PROJECT GUTENBERG EBOOK X***", "   *** END OF THE PROJECT GUTENBERG EBOOK X ***"),
+    ]:
         assert strip_gutenberg(f"licence header\n{start}\n\n{body}\n\n{end}\nlicence footer") == body
     assert strip_gutenberg(f"header\n*** START OF THE PROJECT GUTENBERG ETEXT X ***\n{body}") == body  # no END
     assert strip_gutenberg(body) == body  # not a Gutenberg file: unchanged

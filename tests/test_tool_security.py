@@ -225,7 +225,14 @@ def test_calculator_refuses_quickly_and_cheaply(case):
 class _CharTokenizer:
     """One token per character, special tokens above the Unicode range: enough for the engine's tool path."""
 
-    SPECIAL = ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>", "<|assistant_end|>", "<|bos|>")
+    SPECIAL = (
+        "<|python_start|>",
+        "<|python_end|>",
+        "<|output_start|>",
+        "<|output_end|>",
+        "<|assistant_end|>",
+        "<|bos|>",
+    )
 
     def token_id(self, name: str) -> int:
         return 0x110000 + self.SPECIAL.index(name)
@@ -306,18 +313,24 @@ SANDBOX_ATTACKS: dict[str, list[str]] = {
         "import os; os.posix_spawn('/bin/touch', ['touch', '$outside/pwned'], {})",
         "import os; os.spawnv(os.P_WAIT, '/bin/touch', ['touch', '$outside/pwned'])",
         "import pty; pty.spawn(['touch', '$outside/pwned'])",
-        ("import _imp, importlib.machinery\n"
-         "_imp.create_builtin(importlib.machinery.ModuleSpec('posix', None)).system(b'touch $outside/pwned')"),
+        (
+            "import _imp, importlib.machinery\n"
+            "_imp.create_builtin(importlib.machinery.ModuleSpec('posix', None)).system(b'touch $outside/pwned')"
+        ),
         "import importlib._bootstrap as b; b._builtin_from_name('posix').system(b'touch $outside/pwned')",
         "import sys; del sys.modules['posix']; import posix; posix.system(b'touch $outside/pwned')",
-        ("import importlib.util\n"
-         "origin = importlib.util.find_spec('_posixsubprocess').origin\n"
-         "spec = importlib.util.spec_from_file_location('innocent._posixsubprocess', origin)\n"
-         "importlib.util.module_from_spec(spec)"),
-        ("import asyncio\n"
-         "async def main():\n"
-         "    p = await asyncio.create_subprocess_exec('touch', '$outside/pwned'); await p.wait()\n"
-         "asyncio.run(main())"),
+        (
+            "import importlib.util\n"
+            "origin = importlib.util.find_spec('_posixsubprocess').origin\n"
+            "spec = importlib.util.spec_from_file_location('innocent._posixsubprocess', origin)\n"
+            "importlib.util.module_from_spec(spec)"
+        ),
+        (
+            "import asyncio\n"
+            "async def main():\n"
+            "    p = await asyncio.create_subprocess_exec('touch', '$outside/pwned'); await p.wait()\n"
+            "asyncio.run(main())"
+        ),
         "import _xxsubinterpreters as i; i.run_string(i.create(), \"import os; os.system('touch $outside/pwned')\")",
         "import _testcapi",
         "import _testinternalcapi",
@@ -338,18 +351,22 @@ SANDBOX_ATTACKS: dict[str, list[str]] = {
         "import os; names = os.listdir('$outside'); assert names; print(names)",
         "import glob; names = glob.glob('$outside/*'); assert names; print(names)",
         "import os; print([e.name for e in os.scandir('/')])",
-        ("class P:\n"
-         "    calls = 0\n"
-         "    def __fspath__(self):\n"
-         "        P.calls += 1\n"
-         "        return '$outside/canary.txt' if P.calls == 1 else 'program.py'\n"
-         "print(open(P()).read())"),
+        (
+            "class P:\n"
+            "    calls = 0\n"
+            "    def __fspath__(self):\n"
+            "        P.calls += 1\n"
+            "        return '$outside/canary.txt' if P.calls == 1 else 'program.py'\n"
+            "print(open(P()).read())"
+        ),
         "import codecs; print(codecs.open('$outside/canary.txt').read())",
         "import fileinput; print(list(fileinput.input('$outside/canary.txt')))",
-        ("import tarfile\n"
-         "with tarfile.open('x.tar', 'w') as t:\n"
-         "    t.add('$outside/canary.txt')\n"
-         "print(open('x.tar', 'rb').read())"),
+        (
+            "import tarfile\n"
+            "with tarfile.open('x.tar', 'w') as t:\n"
+            "    t.add('$outside/canary.txt')\n"
+            "print(open('x.tar', 'rb').read())"
+        ),
         "import os; print(open(f'/proc/{os.getppid()}/cmdline').read())",
         "print(open('/proc/self/mounts').read())",
         "import sys; print(open(sys.executable + '/../../../../../../etc/passwd').read())",
@@ -416,26 +433,22 @@ SANDBOX_ATTACKS: dict[str, list[str]] = {
         "import socket; socket.sethostname(socket.gethostname())",
     ],
     "processes": [
-        ("import os, time\n"
-         "for _ in range(64):\n"
-         "    if os.fork() == 0:\n"
-         "        time.sleep(30)\n"
-         "        os._exit(0)"),
-        ("import posix, time\n"
-         "for _ in range(64):\n"
-         "    if posix.fork() == 0:\n"
-         "        time.sleep(30)\n"
-         "        posix._exit(0)"),
+        ("import os, time\nfor _ in range(64):\n    if os.fork() == 0:\n        time.sleep(30)\n        os._exit(0)"),
+        (
+            "import posix, time\n"
+            "for _ in range(64):\n"
+            "    if posix.fork() == 0:\n"
+            "        time.sleep(30)\n"
+            "        posix._exit(0)"
+        ),
         "import os\nwhile True:\n    os.fork()",
-        ("import posix, time\n"
-         "if posix.fork() == 0:\n"
-         "    posix.setsid()\n"
-         "    time.sleep(30)\n"
-         "    posix._exit(0)"),
+        ("import posix, time\nif posix.fork() == 0:\n    posix.setsid()\n    time.sleep(30)\n    posix._exit(0)"),
         "import multiprocessing; p = multiprocessing.Process(target=print); p.start(); p.join()",
         "import concurrent.futures; concurrent.futures.ProcessPoolExecutor(2).submit(print, 1).result()",
-        ("import importlib, subprocess; importlib.reload(subprocess)\n"
-         "subprocess.Popen(['sleep', '30'], start_new_session=True)"),
+        (
+            "import importlib, subprocess; importlib.reload(subprocess)\n"
+            "subprocess.Popen(['sleep', '30'], start_new_session=True)"
+        ),
         "import os; os.forkpty()",
         "import pty; pty.fork()",
         "import os; os.system('sleep 30 &')",
@@ -474,28 +487,34 @@ SANDBOX_ATTACKS: dict[str, list[str]] = {
         "import atexit, os; atexit.register(os._exit, 0); assert False",
         "import sys, os; sys.excepthook = lambda *a: os._exit(0); assert False",
         "import sys; sys.excepthook = lambda *a: sys.exit(0); assert False",
-        ("import sys\n"
-         "class Zero(int):\n"
-         "    def __eq__(self, other):\n"
-         "        return False\n"
-         "    __hash__ = int.__hash__\n"
-         "sys.exit(Zero(0))"),
-        ("class Exit(SystemExit):\n"
-         "    @property\n"
-         "    def code(self):\n"
-         "        raise SystemExit(0)\n"
-         "raise Exit(1)"),
-        ("import threading, os, time\n"
-         "threading.Thread(target=os._exit, args=(0,)).start(); time.sleep(1); assert False"),
-        ("import _imp, importlib.machinery\n"
-         "_imp.create_builtin(importlib.machinery.ModuleSpec('posix', None))._exit(0)"),
+        (
+            "import sys\n"
+            "class Zero(int):\n"
+            "    def __eq__(self, other):\n"
+            "        return False\n"
+            "    __hash__ = int.__hash__\n"
+            "sys.exit(Zero(0))"
+        ),
+        ("class Exit(SystemExit):\n    @property\n    def code(self):\n        raise SystemExit(0)\nraise Exit(1)"),
+        (
+            "import threading, os, time\n"
+            "threading.Thread(target=os._exit, args=(0,)).start(); time.sleep(1); assert False"
+        ),
+        (
+            "import _imp, importlib.machinery\n"
+            "_imp.create_builtin(importlib.machinery.ModuleSpec('posix', None))._exit(0)"
+        ),
         "try:\n    assert False\nfinally:\n    import sys; sys.exit(0)",
         "import builtins; builtins.SystemExit = KeyError; import sys; sys.exit(0)",
         # a handler raising SystemExit(0) between two bytecodes of the runner's own failure handling
-        ("import signal, sys\nsignal.signal(signal.SIGALRM, lambda *a: sys.exit(0))\n"
-         "signal.setitimer(signal.ITIMER_REAL, 0.0005, 0.00002)\nassert False"),
-        ("import _signal, sys\n_signal.signal(_signal.SIGALRM, lambda *a: sys.exit(0))\n"
-         "_signal.setitimer(_signal.ITIMER_REAL, 0.0005, 0.00002)\nwhile True:\n    pass"),
+        (
+            "import signal, sys\nsignal.signal(signal.SIGALRM, lambda *a: sys.exit(0))\n"
+            "signal.setitimer(signal.ITIMER_REAL, 0.0005, 0.00002)\nassert False"
+        ),
+        (
+            "import _signal, sys\n_signal.signal(_signal.SIGALRM, lambda *a: sys.exit(0))\n"
+            "_signal.setitimer(_signal.ITIMER_REAL, 0.0005, 0.00002)\nwhile True:\n    pass"
+        ),
     ],
     "cwd": [
         "import os; os.chdir('$outside'); open('pwned', 'w').write('x')",
@@ -515,10 +534,14 @@ SANDBOX_ATTACKS: dict[str, list[str]] = {
         "import os; print(os.popen(f'cat /proc/{os.getppid()}/environ').read())",
     ],
     "introspection": [
-        ("[c for c in ().__class__.__bases__[0].__subclasses__() if c.__name__ == '_wrap_close'][0]"
-         ".__init__.__globals__['system']('touch $outside/pwned')"),
-        ("w = [c for c in ().__class__.__mro__[1].__subclasses__() if c.__name__ == 'catch_warnings'][0]()\n"
-         "w._module.__builtins__['__import__']('posix').system('touch $outside/pwned')"),
+        (
+            "[c for c in ().__class__.__bases__[0].__subclasses__() if c.__name__ == '_wrap_close'][0]"
+            ".__init__.__globals__['system']('touch $outside/pwned')"
+        ),
+        (
+            "w = [c for c in ().__class__.__mro__[1].__subclasses__() if c.__name__ == 'catch_warnings'][0]()\n"
+            "w._module.__builtins__['__import__']('posix').system('touch $outside/pwned')"
+        ),
         "__builtins__.__dict__['__import__']('posix').system('touch $outside/pwned')",
         "[c for c in object.__subclasses__() if c.__name__ == 'Popen'][0](['touch', '$outside/pwned']).wait()",
         _HUNT + "try:\n"
@@ -530,16 +553,23 @@ SANDBOX_ATTACKS: dict[str, list[str]] = {
         "    f = f.f_back\n"
         "hunt([vars(m) for m in list(sys.modules.values())])\n"
         "import os; assert os.path.exists('$outside/pwned')",
-        _HUNT + "import gc; hunt([{'o': o} for o in gc.get_objects()])\nimport os; assert os.path.exists('$outside/pwned')",
+        _HUNT
+        + "import gc; hunt([{'o': o} for o in gc.get_objects()])\nimport os; assert os.path.exists('$outside/pwned')",
         "import gc; print(len(gc.get_referrers(print)))",
         "import gc; print(len(gc.get_referents(print)))",
-        ("import sys; f = sys._getframe(); hook = f.f_back.f_globals; print(sorted(hook))\n"
-         "sys.modules['posix'].system('touch $outside/pwned')"),
-        ("import inspect; [fr.frame.f_globals for fr in inspect.stack()]\n"
-         "import posix; posix.system('touch $outside/pwned')"),
-        ("def g():\n    yield\n"
-         "gen = g(); next(gen); gen.gi_frame.f_back\n"
-         "import posix; posix.system('touch $outside/pwned')"),
+        (
+            "import sys; f = sys._getframe(); hook = f.f_back.f_globals; print(sorted(hook))\n"
+            "sys.modules['posix'].system('touch $outside/pwned')"
+        ),
+        (
+            "import inspect; [fr.frame.f_globals for fr in inspect.stack()]\n"
+            "import posix; posix.system('touch $outside/pwned')"
+        ),
+        (
+            "def g():\n    yield\n"
+            "gen = g(); next(gen); gen.gi_frame.f_back\n"
+            "import posix; posix.system('touch $outside/pwned')"
+        ),
         "c = (lambda: 0).__code__; c.replace(co_consts=(1,))",
         "import marshal; marshal.loads(marshal.dumps((lambda: 0).__code__))",
         "import types; types.FunctionType((lambda: 0).__code__, {})",
@@ -547,37 +577,52 @@ SANDBOX_ATTACKS: dict[str, list[str]] = {
         "import importlib; importlib.reload(__import__('posix')); import posix; posix.system('touch $outside/pwned')",
         "import sys; sys.addaudithook(lambda *a: None); import posix; posix.system('touch $outside/pwned')",
         # the policy itself: the hook's locals through a traceback, the runner's globals, rebound builtins
-        ("try:\n    open('/etc/passwd')\nexcept PermissionError as e:\n    tb = e.__traceback__\n"
-         "while tb.tb_next:\n    tb = tb.tb_next\n"
-         "for value in list(tb.tb_frame.f_locals.values()):\n"
-         "    for attr in ('__code__', '__defaults__'):\n"
-         "        try:\n            setattr(value, attr, getattr(lambda *a, **k: None, attr))\n"
-         "        except Exception:\n            pass\n"
-         "print(open('$outside/canary.txt').read())"),
-        ("try:\n    open('/etc/passwd')\nexcept PermissionError as e:\n    tb = e.__traceback__\n"
-         "while tb.tb_next:\n    tb = tb.tb_next\n"
-         "g = tb.tb_frame.f_globals\n"
-         "g['_REFUSED_EVENTS'] = frozenset(); g['_REFUSED_PREFIXES'] = (); g['_EXTENSIONS'] = frozenset({'_ctypes'})\n"
-         "import ctypes; ctypes.CDLL(None).system(b'touch $outside/pwned')"),
-        ("import builtins\nclass S(str):\n    def startswith(self, *a):\n        return True\n"
-         "builtins.type = lambda x: str; builtins.str = S; builtins.PermissionError = KeyError\n"
-         "print(open('$outside/canary.txt').read())"),
-        ("import sys; m = sys.modules['__main__']; print(sorted(vars(m)))\n"
-         "m._audit_hook('/', ('/',)); import posix; posix.system('touch $outside/pwned')"),
-        ("import sys; m = sys.modules['__main__']\n"
-         "m._run.__defaults__ = (KeyError,) + m._run.__defaults__[1:]; sys.exit(0)"),
-        ("import importlib.util, _imp\n"
-         "class Name(str):  # equal to an allowed extension's name, while naming _posixsubprocess\n"
-         "    def __hash__(self):\n        return hash('math')\n"
-         "    def __eq__(self, other):\n        return True\n"
-         "spec = importlib.util.spec_from_file_location('x', importlib.util.find_spec('_posixsubprocess').origin)\n"
-         "spec.name = Name('_posixsubprocess')\n"
-         "_imp.create_dynamic(spec).fork_exec"),
+        (
+            "try:\n    open('/etc/passwd')\nexcept PermissionError as e:\n    tb = e.__traceback__\n"
+            "while tb.tb_next:\n    tb = tb.tb_next\n"
+            "for value in list(tb.tb_frame.f_locals.values()):\n"
+            "    for attr in ('__code__', '__defaults__'):\n"
+            "        try:\n            setattr(value, attr, getattr(lambda *a, **k: None, attr))\n"
+            "        except Exception:\n            pass\n"
+            "print(open('$outside/canary.txt').read())"
+        ),
+        (
+            "try:\n    open('/etc/passwd')\nexcept PermissionError as e:\n    tb = e.__traceback__\n"
+            "while tb.tb_next:\n    tb = tb.tb_next\n"
+            "g = tb.tb_frame.f_globals\n"
+            "g['_REFUSED_EVENTS'] = frozenset(); g['_REFUSED_PREFIXES'] = (); "
+            "g['_EXTENSIONS'] = frozenset({'_ctypes'})\n"
+            "import ctypes; ctypes.CDLL(None).system(b'touch $outside/pwned')"
+        ),
+        (
+            "import builtins\nclass S(str):\n    def startswith(self, *a):\n        return True\n"
+            "builtins.type = lambda x: str; builtins.str = S; builtins.PermissionError = KeyError\n"
+            "print(open('$outside/canary.txt').read())"
+        ),
+        (
+            "import sys; m = sys.modules['__main__']; print(sorted(vars(m)))\n"
+            "m._audit_hook('/', ('/',)); import posix; posix.system('touch $outside/pwned')"
+        ),
+        (
+            "import sys; m = sys.modules['__main__']\n"
+            "m._run.__defaults__ = (KeyError,) + m._run.__defaults__[1:]; sys.exit(0)"
+        ),
+        (
+            "import importlib.util, _imp\n"
+            "class Name(str):  # equal to an allowed extension's name, while naming _posixsubprocess\n"
+            "    def __hash__(self):\n        return hash('math')\n"
+            "    def __eq__(self, other):\n        return True\n"
+            "spec = importlib.util.spec_from_file_location('x', importlib.util.find_spec('_posixsubprocess').origin)\n"
+            "spec.name = Name('_posixsubprocess')\n"
+            "_imp.create_dynamic(spec).fork_exec"
+        ),
     ],
     "limits": [
         "import resource; resource.setrlimit(resource.RLIMIT_AS, (-1, -1)); x = bytearray(1024**3)",
-        ("import resource; resource.setrlimit(resource.RLIMIT_FSIZE, (-1, -1))\n"
-         "open('big', 'wb').write(b'x' * 20 * 1024**2)"),
+        (
+            "import resource; resource.setrlimit(resource.RLIMIT_FSIZE, (-1, -1))\n"
+            "open('big', 'wb').write(b'x' * 20 * 1024**2)"
+        ),
         "import resource; resource.prlimit(0, resource.RLIMIT_AS, (-1, -1)); x = bytearray(1024**3)",
         "import resource; resource.setrlimit(resource.RLIMIT_NPROC, (-1, -1))",
         "import resource; resource.setrlimit(resource.RLIMIT_CPU, (-1, -1))",
@@ -597,19 +642,23 @@ SANDBOX_ATTACKS: dict[str, list[str]] = {
     "loops": [
         "while True:\n    pass",
         "import time; time.sleep(10**6)",
-        ("import signal\n"
-         "for s in (signal.SIGXCPU, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):\n"
-         "    signal.signal(s, signal.SIG_IGN)\n"
-         "while True:\n    pass"),
+        (
+            "import signal\n"
+            "for s in (signal.SIGXCPU, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):\n"
+            "    signal.signal(s, signal.SIG_IGN)\n"
+            "while True:\n    pass"
+        ),
         "import threading; threading.Event().wait()",
         "import select; select.select([], [], [])",
         "for _ in iter(int, 1):\n    pass",
         "import itertools; sum(itertools.count())",
         "x = 10**10**8",
         "import re; re.match('(a+)+$$', 'a' * 40 + 'b')",  # $$: a Template escape
-        ("import threading\n"
-         "def spin():\n    while True:\n        pass\n"
-         "for _ in range(8):\n    threading.Thread(target=spin).start()"),
+        (
+            "import threading\n"
+            "def spin():\n    while True:\n        pass\n"
+            "for _ in range(8):\n    threading.Thread(target=spin).start()"
+        ),
     ],
     "output": [
         "print('x' * 10**7)",
@@ -621,16 +670,18 @@ SANDBOX_ATTACKS: dict[str, list[str]] = {
         "import sys\nfor _ in range(10**6):\n    sys.stdout.write('a')",
     ],
     "threads": [
-        ("import threading, time\n"
-         "for _ in range(10_000):\n"
-         "    threading.Thread(target=time.sleep, args=(100,), daemon=True).start()"),
-        ("import threading, os\n"
-         "t = threading.Thread(target=os.system, args=('touch $outside/pwned',)); t.start(); t.join()\n"
-         "assert os.path.exists('$outside/pwned')"),
+        (
+            "import threading, time\n"
+            "for _ in range(10_000):\n"
+            "    threading.Thread(target=time.sleep, args=(100,), daemon=True).start()"
+        ),
+        (
+            "import threading, os\n"
+            "t = threading.Thread(target=os.system, args=('touch $outside/pwned',)); t.start(); t.join()\n"
+            "assert os.path.exists('$outside/pwned')"
+        ),
         "import threading, time; threading.Thread(target=time.sleep, args=(100,)).start()",
-        ("import _thread, time\n"
-         "for _ in range(10):\n    _thread.start_new_thread(time.sleep, (100,))\n"
-         "assert False"),
+        ("import _thread, time\nfor _ in range(10):\n    _thread.start_new_thread(time.sleep, (100,))\nassert False"),
     ],
 }
 
@@ -651,14 +702,25 @@ class Arena:
 
     def substitute(self, code: str) -> str:
         return string.Template(code).substitute(
-            outside=self.outside, cwd=os.getcwd(), pwned=self.pwned, port=self.tcp.getsockname()[1],
-            udp_port=self.udp.getsockname()[1], unix=self.unix_path, decoy=self.decoy.pid, secret_var=SECRET_VAR,
+            outside=self.outside,
+            cwd=os.getcwd(),
+            pwned=self.pwned,
+            port=self.tcp.getsockname()[1],
+            udp_port=self.udp.getsockname()[1],
+            unix=self.unix_path,
+            decoy=self.decoy.pid,
+            secret_var=SECRET_VAR,
         )
 
     def shared_paths(self) -> list[Path]:
         """Where an escaping attack would leave `pwned`: none of them may exist afterwards."""
-        return [Path(os.getcwd()) / self.pwned, Path("/tmp") / self.pwned, self.sandboxes / self.pwned,
-                self.outside.parent / self.pwned, Path("/dev/shm") / self.pwned]
+        return [
+            Path(os.getcwd()) / self.pwned,
+            Path("/tmp") / self.pwned,
+            self.sandboxes / self.pwned,
+            self.outside.parent / self.pwned,
+            Path("/dev/shm") / self.pwned,
+        ]
 
 
 _usr1_received: list[int] = []
@@ -766,8 +828,12 @@ def _rss() -> int:
 def _parent_snapshot() -> dict:
     return {
         "cwd": os.getcwd(),
-        "handlers": {s: signal.getsignal(s) for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP)},
-        "limits": {name: resource.getrlimit(getattr(resource, name)) for name in dir(resource) if name.startswith("RLIMIT_")},
+        "handlers": {
+            s: signal.getsignal(s) for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP)
+        },
+        "limits": {
+            name: resource.getrlimit(getattr(resource, name)) for name in dir(resource) if name.startswith("RLIMIT_")
+        },
         "priority": os.getpriority(os.PRIO_PROCESS, 0),
         "affinity": os.sched_getaffinity(0),
         "scheduler": os.sched_getscheduler(0),
@@ -825,7 +891,11 @@ def _run_attack(arena: Arena, category: str, code: str):
             problems.append("canary modified")
         else:
             now = (arena.outside / "canary.txt").stat()
-            if (now.st_mode, now.st_mtime_ns, now.st_ino) != (canary_stat.st_mode, canary_stat.st_mtime_ns, canary_stat.st_ino):
+            if (now.st_mode, now.st_mtime_ns, now.st_ino) != (
+                canary_stat.st_mode,
+                canary_stat.st_mtime_ns,
+                canary_stat.st_ino,
+            ):
                 problems.append("canary metadata changed")
         problems += [f"{p} created" for p in arena.shared_paths() if p.exists() or p.is_symlink()]
         if os.listdir(arena.sandboxes):
@@ -863,28 +933,42 @@ def test_sandbox_attack_is_refused_or_contained(arena, case):
             problems.append("output not bounded")
     elif result.success or "ESCAPED" in result.stdout:
         problems.append("the program ran to its end")
-    assert not problems, f"{problems}\nerror: {result.error}\nstdout: {result.stdout[:300]!r}\nstderr: {result.stderr[-600:]}"
+    assert not problems, (
+        f"{problems}\nerror: {result.error}\nstdout: {result.stdout[:300]!r}\nstderr: {result.stderr[-600:]}"
+    )
 
 
 LEGITIMATE_PROGRAMS = [
     "from typing import List\n\ndef total(xs: List[int]) -> int:\n    return sum(xs)\n\nassert total([1, 2]) == 3",
-    ("import math, collections, itertools, functools, heapq, bisect, re, string\n"
-    "assert math.gcd(12, 18) == 6 and collections.Counter('aab')['a'] == 2\n"
-    "assert list(itertools.accumulate([1, 2, 3])) == [1, 3, 6] and functools.reduce(max, [3, 9, 2]) == 9\n"
-    "assert heapq.nsmallest(1, [5, 2]) == [2] and bisect.bisect([1, 3], 2) == 1\n"
-    "assert re.findall(r'\\d+', 'a1b22') == ['1', '22'] and string.ascii_lowercase[0] == 'a'"),
+    (
+        "import math, collections, itertools, functools, heapq, bisect, re, string\n"
+        "assert math.gcd(12, 18) == 6 and collections.Counter('aab')['a'] == 2\n"
+        "assert list(itertools.accumulate([1, 2, 3])) == [1, 3, 6] and functools.reduce(max, [3, 9, 2]) == 9\n"
+        "assert heapq.nsmallest(1, [5, 2]) == [2] and bisect.bisect([1, 3], 2) == 1\n"
+        "assert re.findall(r'\\d+', 'a1b22') == ['1', '22'] and string.ascii_lowercase[0] == 'a'"
+    ),
     "import hashlib; assert hashlib.md5(b'a').hexdigest() == '0cc175b9c0f1b6a831c399e269772661'",
     "from collections import namedtuple\nP = namedtuple('P', 'x y')\nassert P(1, 2).x == 1",
     "import dataclasses\n@dataclasses.dataclass\nclass C:\n    x: int = 1\nassert C().x == 1",
-    ("import os\nopen('data.txt', 'w').write('hi')\nassert open('data.txt').read() == 'hi'\n"
-    "os.makedirs('sub/deeper')\nopen('sub/x', 'w').close()\nassert sorted(os.listdir('sub')) == ['deeper', 'x']"),
-    ("import random, statistics, fractions, decimal, datetime, json, copy, enum, textwrap\n"
-    "random.seed(0); assert 0 <= random.random() < 1\n"
-    "assert statistics.mean([1, 3]) == 2 and fractions.Fraction(1, 2) + fractions.Fraction(1, 2) == 1\n"
-    "assert json.loads(json.dumps({'a': [1]})) == {'a': [1]} and datetime.date(2024, 1, 1).weekday() == 0"),
-    "import threading\nout = []\nt = threading.Thread(target=out.append, args=(1,))\nt.start(); t.join()\nassert out == [1]",
+    (
+        "import os\nopen('data.txt', 'w').write('hi')\nassert open('data.txt').read() == 'hi'\n"
+        "os.makedirs('sub/deeper')\nopen('sub/x', 'w').close()\nassert sorted(os.listdir('sub')) == ['deeper', 'x']"
+    ),
+    (
+        "import random, statistics, fractions, decimal, datetime, json, copy, enum, textwrap\n"
+        "random.seed(0); assert 0 <= random.random() < 1\n"
+        "assert statistics.mean([1, 3]) == 2 and fractions.Fraction(1, 2) + fractions.Fraction(1, 2) == 1\n"
+        "assert json.loads(json.dumps({'a': [1]})) == {'a': [1]} and datetime.date(2024, 1, 1).weekday() == 0"
+    ),
+    (
+        "import threading\nout = []\nt = threading.Thread(target=out.append, args=(1,))\n"
+        "t.start(); t.join()\nassert out == [1]"
+    ),
     "import typing\nT = typing.TypeVar('T')\nclass Box(typing.Generic[T]):\n    pass\nassert Box[int]",
-    "import traceback\ntry:\n    raise ValueError('x')\nexcept ValueError:\n    assert 'ValueError' in traceback.format_exc()",
+    (
+        "import traceback\ntry:\n    raise ValueError('x')\nexcept ValueError:\n"
+        "    assert 'ValueError' in traceback.format_exc()"
+    ),
     "import sys, os\nprint('to stderr', file=sys.stderr)\nassert os.path.exists('program.py') and os.getcwd()",
     "import sys; sys.exit(3) if False else None",
 ]
@@ -900,8 +984,22 @@ def test_legitimate_programs_still_pass(code):
 
 def test_no_unchecked_module_is_loaded_before_the_program():
     """The hook sees an import only the first time; what the runner loads itself the program gets for free."""
-    unchecked = {"_posixsubprocess", "subprocess", "_ctypes", "ctypes", "_socket", "_ssl", "_sqlite3", "readline",
-                 "_posixshmem", "_multiprocessing", "_xxsubinterpreters", "_testcapi", "_testinternalcapi", "fcntl"}
+    unchecked = {
+        "_posixsubprocess",
+        "subprocess",
+        "_ctypes",
+        "ctypes",
+        "_socket",
+        "_ssl",
+        "_sqlite3",
+        "readline",
+        "_posixshmem",
+        "_multiprocessing",
+        "_xxsubinterpreters",
+        "_testcapi",
+        "_testinternalcapi",
+        "fcntl",
+    }
     result = run_code("import sys\nprint(sorted(sys.modules))")
     assert result.success
     assert unchecked.isdisjoint(eval(result.stdout)), unchecked & set(eval(result.stdout))
@@ -909,7 +1007,9 @@ def test_no_unchecked_module_is_loaded_before_the_program():
 
 def test_the_runner_is_plain_python_for_trusted_code():
     """guard=False is for trusted code: none of the lock-down applies."""
-    result = run_code("import subprocess, os; print(subprocess.check_output(['echo', 'ok']).decode().strip())", guard=False)
+    result = run_code(
+        "import subprocess, os; print(subprocess.check_output(['echo', 'ok']).decode().strip())", guard=False
+    )
     assert result.success and result.stdout == "ok\n"
 
 

@@ -62,7 +62,7 @@ def wandb_records(path: Path, pb):
         if BLOCK - pos % BLOCK < 7 or kind == 0:  # a block's zero-padded tail
             pos += BLOCK - pos % BLOCK
             continue
-        payload += data[pos + 7:pos + 7 + length]
+        payload += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (FULL, LAST):
             record = pb.Record()
@@ -78,7 +78,9 @@ def item_name(item) -> str:
 def csv_points(metrics_csv: Path) -> list:
     """[(step, metric, value)] of every value in metrics.csv, in logging order."""
     with open(metrics_csv, newline="") as f:
-        return [(int(row["step"]), k, float(v)) for row in csv.DictReader(f) for k, v in row.items() if k != "step" and v]
+        return [
+            (int(row["step"]), k, float(v)) for row in csv.DictReader(f) for k, v in row.items() if k != "step" and v
+        ]
 
 
 def wandb_points(records) -> list:
@@ -124,7 +126,7 @@ def test_offline_run_logs_metrics_config_report_and_resumes(wandb_pb, no_wandb_l
 
     config = {}
     for r in records[0]:
-        for item in (r.run.config.update if r.WhichOneof("record_type") == "run" else r.config.update):
+        for item in r.run.config.update if r.WhichOneof("record_type") == "run" else r.config.update:
             config[item_name(item)] = json.loads(item.value_json)
     assert config["model"]["depth"] == 2 and config["run"] == "wb" and config["stage"]["name"] == "base"
 

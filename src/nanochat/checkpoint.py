@@ -39,8 +39,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         bad = nonfinite_tensors(checkpoint.get("state_dict", {}))
         if bad:
-            raise NonFiniteError(f"refusing to write {path}: the weights {', '.join(bad[:3])} hold NaN or infinite values "
-                                 f"(the previous checkpoint is kept)")
+            raise NonFiniteError(
+                f"refusing to write {path}: the weights {', '.join(bad[:3])} hold NaN or infinite values "
+                f"(the previous checkpoint is kept)"
+            )
         with atomic_open(path) as f:
             torch.save(checkpoint, f)
 
@@ -54,8 +56,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as e:
             if isinstance(e, FileNotFoundError):
                 raise
-            raise UserError(f"{path} cannot be read as a checkpoint ({e}); resume from another one with resume=<path> "
-                            f"or start over with resume=never") from None
+            raise UserError(
+                f"{path} cannot be read as a checkpoint ({e}); resume from another one with resume=<path> "
+                f"or start over with resume=never"
+            ) from None
 
 
 def readable(path: Path) -> bool:
@@ -78,7 +82,9 @@ def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
     last = checkpoint_dir / LAST
     if last.exists() and readable(last):
         return last
-    candidates = sorted((p for p in checkpoint_dir.glob("*.ckpt") if p.name != LAST), key=lambda p: p.stat().st_mtime, reverse=True)
+    candidates = sorted(
+        (p for p in checkpoint_dir.glob("*.ckpt") if p.name != LAST), key=lambda p: p.stat().st_mtime, reverse=True
+    )
     for p in candidates:
         if readable(p):
             log.warning(f"{last} is {'unreadable' if last.exists() else 'missing'}; resuming from {p} instead")

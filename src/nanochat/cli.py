@@ -18,8 +18,12 @@ from __future__ import annotations
 import sys
 
 HYDRA_VERBS = {"train": "train", "eval": "train", "serve": "serve"}  # verb -> its config
-OPTION_VERBS = {"chat": "nanochat.serving.chat_cli", "export": "nanochat.export.__main__",
-                "data": "nanochat.data.__main__", "tokenizer": "nanochat.tokenizer.__main__"}
+OPTION_VERBS = {
+    "chat": "nanochat.serving.chat_cli",
+    "export": "nanochat.export.__main__",
+    "data": "nanochat.data.__main__",
+    "tokenizer": "nanochat.tokenizer.__main__",
+}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,8 +39,11 @@ def main(argv: list[str] | None = None) -> None:
 
         importlib.import_module(OPTION_VERBS[verb]).main(rest)
     else:
-        print(f"error: unknown command {verb!r}; the commands are {', '.join([*HYDRA_VERBS, *OPTION_VERBS])} "
-              "(nanochat --help)", file=sys.stderr)
+        print(
+            f"error: unknown command {verb!r}; the commands are {', '.join([*HYDRA_VERBS, *OPTION_VERBS])} "
+            "(nanochat --help)",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
 
 

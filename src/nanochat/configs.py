@@ -50,13 +50,26 @@ def register_schemas() -> None:
     """The typed schemas, as `schema/<name>` configs the YAML puts where it needs them."""
     from hydra.core.config_store import ConfigStore
 
-    from nanochat.settings import (HorizonConfig, OptimizerConfig, SamplingConfig, ScheduleConfig, ServerLimits,
-                                   TokenizerConfig, TransferConfig)
+    from nanochat.settings import (
+        HorizonConfig,
+        OptimizerConfig,
+        SamplingConfig,
+        ScheduleConfig,
+        ServerLimits,
+        TokenizerConfig,
+        TransferConfig,
+    )
 
     store = ConfigStore.instance()
-    schemas = {"optimizer": OptimizerConfig, "schedule": ScheduleConfig, "horizon": HorizonConfig,
-               "transfer": TransferConfig, "sampling": SamplingConfig, "server_limits": ServerLimits,
-               "tokenizer": TokenizerConfig}
+    schemas = {
+        "optimizer": OptimizerConfig,
+        "schedule": ScheduleConfig,
+        "horizon": HorizonConfig,
+        "transfer": TransferConfig,
+        "sampling": SamplingConfig,
+        "server_limits": ServerLimits,
+        "tokenizer": TokenizerConfig,
+    }
     for name, node in schemas.items():
         store.store(group="schema", name=name, node=node)
 

@@ -63,8 +63,9 @@ def peak_flops(device_type: str, dtype: torch.dtype = torch.bfloat16) -> float:
     return measure_matmul_flops(device_type, dtype)
 
 
-def measure_matmul_flops(device_type: str, dtype: torch.dtype, n: int = 1024, repeats: int = 8,
-                         max_seconds: float = 0.05) -> float:
+def measure_matmul_flops(
+    device_type: str, dtype: torch.dtype, n: int = 1024, repeats: int = 8, max_seconds: float = 0.05
+) -> float:
     """FLOP/s of `repeats` n x n matmuls as training runs them (`F.linear` on fp32 tensors, under autocast for a
     lower `dtype`: on CPUs without native bf16 that path is ~6x faster than a plain bf16 matmul), n halved (down to
     128) while one takes longer than `max_seconds`, since this runs at the start of every training process."""

@@ -70,7 +70,9 @@ class CSVLogger(LightningCSVLogger):
             buf = io.StringIO()
             csv.writer(buf).writerows([header, *kept])
             atomic_write(path, buf.getvalue())
-            log.info(f"{path}: dropped {len(rows) - 1 - len(kept)} row(s) logged after step {step} by the interrupted run")
+            log.info(
+                f"{path}: dropped {len(rows) - 1 - len(kept)} row(s) logged after step {step} by the interrupted run"
+            )
 
     @property
     @rank_zero_experiment
@@ -150,8 +152,10 @@ class WandbLogger(LightningWandbLogger):
             if self._offline_reason:
                 run_dir = Path(run.dir).parent  # run.dir is <wandb dir>/offline-run-<time>-<id>/files
                 # The glob also picks up the earlier pieces of a resumed run; wandb syncs them in order.
-                log.info(f"W&B is offline ({self._offline_reason}): this run logs to {run_dir}; upload it later "
-                         f"with `wandb sync {run_dir.parent}/offline-run-*-{run.id}`")
+                log.info(
+                    f"W&B is offline ({self._offline_reason}): this run logs to {run_dir}; upload it later "
+                    f"with `wandb sync {run_dir.parent}/offline-run-*-{run.id}`"
+                )
         return run
 
     @rank_zero_only

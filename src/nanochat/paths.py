@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-
 SHARED_DATA_BESIDE_CHECKOUT = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 

@@ -58,7 +58,9 @@ def resolve(requested: str = "auto", device_type: str = "cpu") -> Precision:
     forced = os.environ.get(ENV, "").strip().lower()
     if forced:
         if forced not in LIGHTNING:
-            raise UserError(f"{ENV}={forced!r} is not one of {', '.join(LIGHTNING)} (it decides what precision=auto means)")
+            raise UserError(
+                f"{ENV}={forced!r} is not one of {', '.join(LIGHTNING)} (it decides what precision=auto means)"
+            )
         return Precision(forced, f"{ENV}={forced}" + (slow if forced == "bf16" else ""))
     if native:
         return Precision("bf16", f"auto: {hardware} multiplies bf16 natively")
@@ -96,8 +98,9 @@ def computing(model, dtype):
     if dtype == torch.bfloat16:
         return torch.autocast(kind, dtype=dtype)
     if weights_dtype(model) != torch.float32:
-        raise UserError(f"a model with {weights_dtype(model)} weights cannot compute in {dtype}; load it with "
-                        f"precision=fp32")
+        raise UserError(
+            f"a model with {weights_dtype(model)} weights cannot compute in {dtype}; load it with precision=fp32"
+        )
     return torch.autocast(kind, enabled=False) if kind in ("cpu", "cuda") else nullcontext()
 
 

@@ -24,10 +24,19 @@ from nanochat.io import atomic_write
 REPO = Path(__file__).resolve().parents[2]
 
 SECTION_ORDER = ("tokenizer", "base", "base-eval", "mid", "mid-eval", "sft", "sft-eval", "rl", "rl-eval")
-SUMMARY_METRICS = (("CORE", "core/score"), ("ARC-Easy", "chat/arc_easy"), ("ARC-Challenge", "chat/arc_challenge"),
-                   ("MMLU", "chat/mmlu"), ("GSM8K", "chat/gsm8k"), ("GSM8K pass@1 (T=1)", "chat/gsm8k_pass@1"), ("HumanEval", "chat/humaneval"),
-                   ("SpellingBee", "chat/spelling_bee"), ("Arithmetic (built-in)", "chat/arithmetic"),
-                   ("Arithmetic pass@1 (T=1)", "chat/arithmetic_pass@1"), ("ChatCORE", "chat/chatcore"))
+SUMMARY_METRICS = (
+    ("CORE", "core/score"),
+    ("ARC-Easy", "chat/arc_easy"),
+    ("ARC-Challenge", "chat/arc_challenge"),
+    ("MMLU", "chat/mmlu"),
+    ("GSM8K", "chat/gsm8k"),
+    ("GSM8K pass@1 (T=1)", "chat/gsm8k_pass@1"),
+    ("HumanEval", "chat/humaneval"),
+    ("SpellingBee", "chat/spelling_bee"),
+    ("Arithmetic (built-in)", "chat/arithmetic"),
+    ("Arithmetic pass@1 (T=1)", "chat/arithmetic_pass@1"),
+    ("ChatCORE", "chat/chatcore"),
+)
 STAGE_COLUMNS = ("base", "mid", "sft", "rl")
 STAGE_NAMES = {"tokenizer": "Tokenizer", "base": "Base model", "mid": "Midtraining", "sft": "SFT", "rl": "RL"}
 TRAINING_TITLES = {"tokenizer": "Tokenizer training", "base": "Base model training"}
@@ -61,8 +70,10 @@ def _load(path: Path):
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise UserError(f"report section {path} is not valid JSON ({e.msg}, line {e.lineno}); "
-                        "fix it or delete it and re-run its stage.") from None
+        raise UserError(
+            f"report section {path} is not valid JSON ({e.msg}, line {e.lineno}); "
+            "fix it or delete it and re-run its stage."
+        ) from None
     if not isinstance(data, dict):
         raise UserError(f"report section {path} holds a JSON {type(data).__name__}, not an object.")
     return data
@@ -93,8 +104,11 @@ def system_info() -> dict:
 
     cpu = platform.processor() or "unknown"
     try:  # platform.processor() is often empty or just "x86_64" on Linux; /proc/cpuinfo has the model name
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     try:
@@ -110,9 +124,18 @@ def system_info() -> dict:
         lightning = metadata.version("lightning")
     except metadata.PackageNotFoundError:
         lightning = "not installed"
-    return {"platform": platform.platform(), "cpu": cpu, "cpu_cores": os.cpu_count(), "ram_gib": ram_gib,
-            "gpu_count": len(gpus), "gpus": gpus, "python": platform.python_version(), "torch": torch.__version__,
-            "cuda": torch.version.cuda or "none", "lightning": lightning}
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_cores": os.cpu_count(),
+        "ram_gib": ram_gib,
+        "gpu_count": len(gpus),
+        "gpus": gpus,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda or "none",
+        "lightning": lightning,
+    }
 
 
 def git_info(repo) -> dict:
@@ -122,12 +145,17 @@ def git_info(repo) -> dict:
         return unknown
 
     def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
-                              check=True, timeout=10).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(repo), *args], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
 
     try:
-        return {"commit": git("rev-parse", "--short", "HEAD"), "branch": git("rev-parse", "--abbrev-ref", "HEAD"),
-                "dirty": bool(git("status", "--porcelain")), "message": git("log", "-1", "--format=%s")}
+        return {
+            "commit": git("rev-parse", "--short", "HEAD"),
+            "branch": git("rev-parse", "--abbrev-ref", "HEAD"),
+            "dirty": bool(git("status", "--porcelain")),
+            "message": git("log", "-1", "--format=%s"),
+        }
     except (OSError, subprocess.SubprocessError):
         return unknown
 
@@ -135,11 +163,21 @@ def git_info(repo) -> dict:
 def code_size(repo) -> dict:
     repo = Path(repo)
     found = {*repo.glob("src/nanochat/**/*.py"), *repo.glob("conf/**/*.yaml"), *repo.glob("*.py")}
-    texts = [p.read_text(encoding="utf-8", errors="replace") for p in sorted(found) if p.is_file() and not any(
-        part in ("tests", "__pycache__") or part.endswith(".egg-info") for part in p.relative_to(repo).parts)]
+    texts = [
+        p.read_text(encoding="utf-8", errors="replace")
+        for p in sorted(found)
+        if p.is_file()
+        and not any(
+            part in ("tests", "__pycache__") or part.endswith(".egg-info") for part in p.relative_to(repo).parts
+        )
+    ]
     chars = sum(len(t) for t in texts)
-    return {"characters": chars, "lines": sum(len(t.splitlines()) for t in texts), "files": len(texts),
-            "tokens": chars // 4}
+    return {
+        "characters": chars,
+        "lines": sum(len(t.splitlines()) for t in texts),
+        "files": len(texts),
+        "tokens": chars // 4,
+    }
 
 
 def format_value(v) -> str:
@@ -178,22 +216,29 @@ def _render_header(run: str, head: dict) -> str:
     gpus = Counter(f"{g['name']} ({g['memory_gib']} GiB)" for g in sysi.get("gpus", []))
     dirty = {True: "dirty", False: "clean"}.get(git.get("dirty"), "dirty: unknown")
     lines = [
-        "# nanochat report card", "",
+        "# nanochat report card",
+        "",
         f"- Run: {run}",
         f"- Generated: {_now()}",
         f"- Run started: {head.get('started', 'unknown')}",
-        (f"- Git: {git.get('commit', 'unknown')} on {git.get('branch', 'unknown')} ({dirty}): "
-         f"{git.get('message', 'unknown')}"),
+        (
+            f"- Git: {git.get('commit', 'unknown')} on {git.get('branch', 'unknown')} ({dirty}): "
+            f"{git.get('message', 'unknown')}"
+        ),
         f"- Platform: {sysi.get('platform', 'unknown')}",
         f"- CPU: {sysi.get('cpu', 'unknown')}, {sysi.get('cpu_cores', 'unknown')} cores",
         f"- RAM: {ram} GiB" if (ram := sysi.get("ram_gib")) else "- RAM: unknown",
         f"- GPUs: {', '.join(f'{n} x {g}' for g, n in gpus.items()) or 'none'}",
-        (f"- Python {sysi.get('python', 'unknown')}, PyTorch {sysi.get('torch', 'unknown')}, "
-         f"CUDA {sysi.get('cuda', 'unknown')}, Lightning {sysi.get('lightning', 'unknown')}"),
+        (
+            f"- Python {sysi.get('python', 'unknown')}, PyTorch {sysi.get('torch', 'unknown')}, "
+            f"CUDA {sysi.get('cuda', 'unknown')}, Lightning {sysi.get('lightning', 'unknown')}"
+        ),
     ]
     if size:
-        lines.append(f"- Code size: {format_value(size['characters'])} characters, {format_value(size['lines'])} "
-                     f"lines, {size['files']} files, ≈{format_value(size['tokens'])} tokens")
+        lines.append(
+            f"- Code size: {format_value(size['characters'])} characters, {format_value(size['lines'])} "
+            f"lines, {size['files']} files, ≈{format_value(size['tokens'])} tokens"
+        )
     return "\n".join(lines)
 
 
@@ -209,8 +254,11 @@ def _render_section(key: str, sec: dict) -> str:
     for t in sec.get("tables", []):
         parts.append(f"### {t.get('title', '')}\n\n{_table(t['columns'], t['rows'])}")
     # Per-task scores (core/<task>, chat/<task>) are stored for the summary but listed only in the tables above.
-    shown = {k: v for k, v in sec.get("metrics", {}).items()
-             if not (sec.get("tables") and k.startswith(("core/", "chat/")) and k not in ("core/score", "chat/chatcore"))}
+    shown = {
+        k: v
+        for k, v in sec.get("metrics", {}).items()
+        if not (sec.get("tables") and k.startswith(("core/", "chat/")) and k not in ("core/score", "chat/chatcore"))
+    }
     if shown:
         parts.append("### Final metrics\n\n" + "\n".join(f"- {k}: {format_value(v)}" for k, v in shown.items()))
     parts += [f"![{sec.get('title') or _title(key)}]({Path(p).as_posix()})" for p in sec.get("plots", [])]
@@ -230,11 +278,16 @@ def _render_summary(sections: dict) -> str:
     rows = [[label] + [value(s, m) for s in STAGE_COLUMNS] for label, m in SUMMARY_METRICS]
     rows = [r for r in rows if any(c != "-" for c in r[1:])]
     parts = ["## Summary"]
-    parts.append(_table(["Metric", *(s.upper() for s in STAGE_COLUMNS)], rows) if rows
-                 else "No summary metrics were recorded yet.")
+    parts.append(
+        _table(["Metric", *(s.upper() for s in STAGE_COLUMNS)], rows)
+        if rows
+        else "No summary metrics were recorded yet."
+    )
     if rows and any(k.endswith("-eval") for k in sections):
-        parts.append("Where a stage has a standalone evaluation section, its numbers are shown here rather than "
-                     "the ones measured at the end of training.")
+        parts.append(
+            "Where a stage has a standalone evaluation section, its numbers are shown here rather than "
+            "the ones measured at the end of training."
+        )
     timed = [k for k, s in sections.items() if isinstance(s.get("wall_time_s"), (int, float))]
     if timed:
         total = sum(sections[k]["wall_time_s"] for k in timed)
@@ -262,9 +315,13 @@ def _read_curves(metrics_csv: Path) -> dict[str, dict[int, float]]:
     return {name: dict(sorted(points.items())) for name, points in curves.items() if points}
 
 
-AXIS_LABELS = {"train/loss": "train/loss (nats per token)", "val/bpb": "val/bpb (bits per byte, held out)",
-               "val/loss": "val/loss (nats per token, held out)", "rl/reward": "rl/reward (mean per sample)",
-               "rl/seq_len": "rl/seq_len (generated tokens per sample)"}
+AXIS_LABELS = {
+    "train/loss": "train/loss (nats per token)",
+    "val/bpb": "val/bpb (bits per byte, held out)",
+    "val/loss": "val/loss (nats per token, held out)",
+    "rl/reward": "rl/reward (mean per sample)",
+    "rl/seq_len": "rl/seq_len (generated tokens per sample)",
+}
 
 
 def plot_curves(metrics_csv, out_png, title: str, names: tuple[str, ...] = ("train/loss", "val/bpb")) -> Path | None:

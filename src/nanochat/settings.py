@@ -8,7 +8,6 @@ stops a run at the start with one line naming it. Kept free of torch so composin
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
 
 from nanochat.errors import UserError
 
@@ -39,11 +38,11 @@ class OptimizerConfig:
     resid_lambda_lr: float = 0.005  # AdamW, per-layer residual scales (2026 architecture)
     x0_lambda_lr: float = 0.5  # AdamW, per-layer embedding scales (2026 architecture)
     smear_backout_lr: float = 0.2  # AdamW, smear gate and lambda, backout lambda (2026 architecture); never transferred
-    betas: List[float] = field(default_factory=lambda: [0.8, 0.95])  # AdamW, every role not in role_betas
+    betas: list[float] = field(default_factory=lambda: [0.8, 0.95])  # AdamW, every role not in role_betas
     eps: float = 1e-10
     adamw_weight_decay: float = 0.0  # every AdamW role not in role_weight_decay
-    role_betas: Dict[str, List[float]] = field(default_factory=dict)  # AdamW role -> [beta1, beta2]
-    role_weight_decay: Dict[str, float] = field(default_factory=dict)  # AdamW role -> decoupled weight decay
+    role_betas: dict[str, list[float]] = field(default_factory=dict)  # AdamW role -> [beta1, beta2]
+    role_weight_decay: dict[str, float] = field(default_factory=dict)  # AdamW role -> decoupled weight decay
     adamw_fp32_math: bool = False  # AdamW of low-precision (bf16) weights computed in fp32, moments kept in fp32
     muon_weight_decay: float = 0.0  # the schedule may decay it (ScheduleConfig.muon_weight_decay_schedule)
     muon_momentum: float = 0.95  # the schedule ramps it up to momentum_end
@@ -57,20 +56,32 @@ class OptimizerConfig:
     cautious_weight_decay: bool = False  # Muon weight decay only where the update and the weight agree in sign
 
     def __post_init__(self):
-        _positive("optimizer", matrix_lr=self.matrix_lr, embedding_lr=self.embedding_lr,
-                  unembedding_lr=self.unembedding_lr, value_embedding_lr=self.value_embedding_lr,
-                  resid_lambda_lr=self.resid_lambda_lr, x0_lambda_lr=self.x0_lambda_lr,
-                  smear_backout_lr=self.smear_backout_lr, eps=self.eps, ns_steps=self.ns_steps)
+        _positive(
+            "optimizer",
+            matrix_lr=self.matrix_lr,
+            embedding_lr=self.embedding_lr,
+            unembedding_lr=self.unembedding_lr,
+            value_embedding_lr=self.value_embedding_lr,
+            resid_lambda_lr=self.resid_lambda_lr,
+            x0_lambda_lr=self.x0_lambda_lr,
+            smear_backout_lr=self.smear_backout_lr,
+            eps=self.eps,
+            ns_steps=self.ns_steps,
+        )
         for where, betas in [("betas", self.betas)] + [(f"role_betas.{r}", b) for r, b in self.role_betas.items()]:
             if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
                 raise UserError(f"optimizer.{where}={list(betas)} must be two numbers in [0, 1)")
         for name, roles in (("role_betas", self.role_betas), ("role_weight_decay", self.role_weight_decay)):
             unknown = sorted(set(roles) - set(ADAMW_ROLES))
             if unknown:
-                raise UserError(f"optimizer.{name} names {', '.join(unknown)}, not AdamW roles "
-                                f"({', '.join(ADAMW_ROLES)})")
-        decays = {"adamw_weight_decay": self.adamw_weight_decay, "muon_weight_decay": self.muon_weight_decay,
-                  **{f"role_weight_decay.{r}": w for r, w in self.role_weight_decay.items()}}
+                raise UserError(
+                    f"optimizer.{name} names {', '.join(unknown)}, not AdamW roles ({', '.join(ADAMW_ROLES)})"
+                )
+        decays = {
+            "adamw_weight_decay": self.adamw_weight_decay,
+            "muon_weight_decay": self.muon_weight_decay,
+            **{f"role_weight_decay.{r}": w for r, w in self.role_weight_decay.items()},
+        }
         for name, value in decays.items():
             if value < 0:
                 raise UserError(f"optimizer.{name}={value} must not be negative")
@@ -79,8 +90,9 @@ class OptimizerConfig:
         if self.ns_coefficients not in NS_SCHEMES:
             raise UserError(f"optimizer.ns_coefficients={self.ns_coefficients!r} is not one of {', '.join(NS_SCHEMES)}")
         if self.ns_coefficients == "polar_express" and self.ns_steps > 5:
-            raise UserError(f"optimizer.ns_steps={self.ns_steps}: polar_express has coefficients for at most 5 "
-                            f"iterations")
+            raise UserError(
+                f"optimizer.ns_steps={self.ns_steps}: polar_express has coefficients for at most 5 iterations"
+            )
         if not 0 <= self.normuon_beta2 < 1:
             raise UserError(f"optimizer.normuon_beta2={self.normuon_beta2} must be in [0, 1)")
 
@@ -99,7 +111,7 @@ class ScheduleConfig:
     momentum_warmup_steps: int = 300
     momentum_start: float = 0.85
     momentum_end: float = 0.95
-    momentum_final: Optional[float] = None  # set: momentum goes linearly from momentum_end to this over the warmdown
+    momentum_final: float | None = None  # set: momentum goes linearly from momentum_end to this over the warmdown
     muon_weight_decay_schedule: str = "constant"  # constant | cosine (from muon_weight_decay at step 0 to 0 at the end)
 
     def __post_init__(self):
@@ -110,8 +122,10 @@ class ScheduleConfig:
         if self.final_lr_frac < 0 or self.momentum_warmup_steps < 0:
             raise UserError("schedule.final_lr_frac and schedule.momentum_warmup_steps must not be negative")
         if self.muon_weight_decay_schedule not in WEIGHT_DECAY_SCHEDULES:
-            raise UserError(f"schedule.muon_weight_decay_schedule={self.muon_weight_decay_schedule!r} is not one of "
-                            f"{', '.join(WEIGHT_DECAY_SCHEDULES)}")
+            raise UserError(
+                f"schedule.muon_weight_decay_schedule={self.muon_weight_decay_schedule!r} is not one of "
+                f"{', '.join(WEIGHT_DECAY_SCHEDULES)}"
+            )
 
 
 @dataclass
@@ -130,8 +144,12 @@ class TransferConfig:
     weight_decay: bool = False  # Muon weight decay x sqrt(B / B_ref) x D_ref / D
 
     def __post_init__(self):
-        _positive("transfer", reference_depth=self.reference_depth, reference_batch_size=self.reference_batch_size,
-                  batch_exponent=self.batch_exponent)
+        _positive(
+            "transfer",
+            reference_depth=self.reference_depth,
+            reference_batch_size=self.reference_batch_size,
+            batch_exponent=self.batch_exponent,
+        )
 
 
 @dataclass
@@ -202,7 +220,13 @@ class ServerLimits:
     stall_timeout: float = 120.0  # seconds without a decoding step before /health reports the worker stuck
 
     def __post_init__(self):
-        _positive("server", max_batch=self.max_batch, max_body_bytes=self.max_body_bytes, body_timeout=self.body_timeout,
-                  send_timeout=self.send_timeout, stall_timeout=self.stall_timeout)
+        _positive(
+            "server",
+            max_batch=self.max_batch,
+            max_body_bytes=self.max_body_bytes,
+            body_timeout=self.body_timeout,
+            send_timeout=self.send_timeout,
+            stall_timeout=self.stall_timeout,
+        )
         if self.max_waiting < 0:
             raise UserError(f"server.max_waiting={self.max_waiting} must not be negative")

@@ -34,8 +34,21 @@ from nanochat.io import atomic_write
 
 PLAN, RESULT, CLAIMS = "sweep_plan.json", "sweep_result.json", ".run_dirs"
 CSV_NAME, PNG_NAME = "sweep_summary.csv", "sweep_summary.png"
-COLUMNS = ("job", "run", "stage", "depth", "params", "flops_per_token", "tokens", "training_flops", "val_bpb",
-           "core_score", "status", "overrides", "run_dir")
+COLUMNS = (
+    "job",
+    "run",
+    "stage",
+    "depth",
+    "params",
+    "flops_per_token",
+    "tokens",
+    "training_flops",
+    "val_bpb",
+    "core_score",
+    "status",
+    "overrides",
+    "run_dir",
+)
 # Overrides that pick the depth: the x axis of the picture, so they do not split it into series.
 DEPTH_KEYS = ("model", "model.depth", "model.name", "run")
 FIX_RUN_NAME = "give each job its own run name, e.g. run='sweep_${model.name}'"
@@ -59,7 +72,9 @@ def _fail(message: str) -> None:
 
 
 def _differing(a: list[str], b: list[str]) -> tuple[str, str]:
-    return " ".join(o for o in a if o not in b) or "same overrides", " ".join(o for o in b if o not in a) or "same overrides"
+    return " ".join(o for o in a if o not in b) or "same overrides", " ".join(
+        o for o in b if o not in a
+    ) or "same overrides"
 
 
 class SweepSummary(Callback):
@@ -78,9 +93,11 @@ class SweepSummary(Callback):
                 first = seen.setdefault(job["run_dir"], job)
                 if first is not job:
                     a, b = _differing(first["overrides"], job["overrides"])
-                    _fail(f"jobs {first['job']} ({a}) and {job['job']} ({b}) of this sweep share the run dir "
-                          f"{job['run_dir']} (run={job['run']}), so the second would resume the first's checkpoint; "
-                          f"{FIX_RUN_NAME}")
+                    _fail(
+                        f"jobs {first['job']} ({a}) and {job['job']} ({b}) of this sweep share the run dir "
+                        f"{job['run_dir']} (run={job['run']}), so the second would resume the first's checkpoint; "
+                        f"{FIX_RUN_NAME}"
+                    )
             atomic_write(sweep_dir / PLAN, json.dumps(plan, indent=2))
         # A failed job makes Hydra raise before on_multirun_end: still leave the summary of the others.
         atexit.register(self._summary_if_not_ended, sweep_dir)
@@ -91,7 +108,9 @@ class SweepSummary(Callback):
         job = _job_record(config)
         claim_run_dir(Path(str(config.hydra.sweep.dir)), job)
         if _rank() == 0:
-            atomic_write(Path(config.hydra.runtime.output_dir) / RESULT, json.dumps({**job, "status": "started"}, indent=2))
+            atomic_write(
+                Path(config.hydra.runtime.output_dir) / RESULT, json.dumps({**job, "status": "started"}, indent=2)
+            )
 
     def on_job_end(self, config, job_return=None, **kwargs) -> None:
         if not _is_multirun(config) or _rank() != 0:
@@ -118,7 +137,9 @@ class SweepSummary(Callback):
         if self.ended or not any(sweep_dir.rglob(RESULT)):  # no job started: Hydra's own error says it all
             return
         with contextlib.suppress(Exception):  # the job's own error is the news; no second traceback at exit
-            print("the sweep ended with an error; " + summary_line(*write_summary(sweep_dir)), file=sys.stderr, flush=True)
+            print(
+                "the sweep ended with an error; " + summary_line(*write_summary(sweep_dir)), file=sys.stderr, flush=True
+            )
 
 
 def _describe(error) -> str:
@@ -132,8 +153,13 @@ def _describe(error) -> str:
 
 
 def _job_record(config) -> dict:
-    return {"job": int(config.hydra.job.num), "run": str(config.run), "stage": str(config.stage.name),
-            "run_dir": str(config.paths.run_dir), "overrides": _raw_overrides(config)}
+    return {
+        "job": int(config.hydra.job.num),
+        "run": str(config.run),
+        "stage": str(config.stage.name),
+        "run_dir": str(config.paths.run_dir),
+        "overrides": _raw_overrides(config),
+    }
 
 
 def _raw_overrides(config) -> list[str]:
@@ -158,8 +184,15 @@ def planned_jobs(config) -> list[dict] | None:
         plan = []
         for num, overrides in enumerate(jobs):
             cfg = loader.load_sweep_config(config, list(overrides))
-            plan.append({"job": num, "run": str(cfg.run), "stage": str(cfg.stage.name),
-                         "run_dir": str(cfg.paths.run_dir), "overrides": list(overrides)})
+            plan.append(
+                {
+                    "job": num,
+                    "run": str(cfg.run),
+                    "stage": str(cfg.stage.name),
+                    "run_dir": str(cfg.paths.run_dir),
+                    "overrides": list(overrides),
+                }
+            )
         return plan
     except Exception:
         return None
@@ -185,8 +218,10 @@ def claim_run_dir(sweep_dir: Path, job: dict) -> None:
         tmp.unlink(missing_ok=True)
     if owner["job"] != job["job"]:
         a, b = _differing(owner["overrides"], job["overrides"])
-        _fail(f"job {job['job']} ({b}) would train in the run dir {job['run_dir']} that job {owner['job']} ({a}) of this "
-              f"sweep already uses (run={job['run']}) and resume its checkpoint; {FIX_RUN_NAME}")
+        _fail(
+            f"job {job['job']} ({b}) would train in the run dir {job['run_dir']} that job {owner['job']} ({a}) of this "
+            f"sweep already uses (run={job['run']}) and resume its checkpoint; {FIX_RUN_NAME}"
+        )
 
 
 def export_numbers(run_dir: str) -> dict:
@@ -208,9 +243,17 @@ def export_numbers(run_dir: str) -> dict:
         model = GPT(GPTConfig.from_dict(saved["model"]))
     meta, per_token = saved.get("meta", {}), model.flops_per_token()
     metrics, tokens = meta.get("metrics", {}), int(meta.get("tokens") or 0)
-    return {"depth": model.config.n_layer, "params": model.num_params(), "flops_per_token": per_token, "tokens": tokens,
-            "training_flops": per_token * tokens, "step": meta.get("step"), "val_bpb": metrics.get("val/bpb"),
-            "core_score": metrics.get("core/score"), "metrics": metrics}
+    return {
+        "depth": model.config.n_layer,
+        "params": model.num_params(),
+        "flops_per_token": per_token,
+        "tokens": tokens,
+        "training_flops": per_token * tokens,
+        "step": meta.get("step"),
+        "val_bpb": metrics.get("val/bpb"),
+        "core_score": metrics.get("core/score"),
+        "metrics": metrics,
+    }
 
 
 # --- the summary ------------------------------------------------------------------------------------
@@ -245,8 +288,11 @@ def write_summary(sweep_dir: Path) -> tuple[Path, Path, list[dict]]:
 def summary_line(csv_path: Path, png_path: Path, jobs: list[dict]) -> str:
     done = [j for j in jobs if _finished(j)]
     line = f"sweep summary: {csv_path} and {png_path} ({len(done)} of {len(jobs)} jobs finished)"
-    missing = [f"job {j['job']} ({' '.join(d) or 'no overrides'}): {_why(j)}"
-               for j, d in zip(jobs, _distinct(jobs)) if not _finished(j)]
+    missing = [
+        f"job {j['job']} ({' '.join(d) or 'no overrides'}): {_why(j)}"
+        for j, d in zip(jobs, _distinct(jobs))
+        if not _finished(j)
+    ]
     return line + ("; not finished: " + "; ".join(missing) if missing else "")
 
 
@@ -289,8 +335,11 @@ def plot(jobs: list[dict], out_png: Path) -> Path:
             ax.set_xlabel(x_label)
             ax.set_ylabel(metric_label)
             ax.grid(True, which="both", alpha=0.3)
-            points = [(j[x_key], j[metric], j["run"], lab) for j, lab in zip(done, labels)
-                      if j.get(metric) is not None and (j.get(x_key) or 0) > 0]
+            points = [
+                (j[x_key], j[metric], j["run"], lab)
+                for j, lab in zip(done, labels)
+                if j.get(metric) is not None and (j.get(x_key) or 0) > 0
+            ]
             if not points:
                 ax.text(0.5, 0.5, "no finished job", ha="center", va="center", transform=ax.transAxes)
                 continue
@@ -312,9 +361,13 @@ def plot(jobs: list[dict], out_png: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m nanochat.sweep", description=(
-        "Rebuild sweep_summary.csv and sweep_summary.png of a multirun from its jobs' results."))
-    parser.add_argument("sweep_dir", type=Path, help="the sweep's directory (hydra.sweep.dir), e.g. <home>/sweeps/<date>/<time>")
+    parser = argparse.ArgumentParser(
+        prog="python -m nanochat.sweep",
+        description=("Rebuild sweep_summary.csv and sweep_summary.png of a multirun from its jobs' results."),
+    )
+    parser.add_argument(
+        "sweep_dir", type=Path, help="the sweep's directory (hydra.sweep.dir), e.g. <home>/sweeps/<date>/<time>"
+    )
     args = parser.parse_args(argv)
     if not (args.sweep_dir / PLAN).is_file() and not any(args.sweep_dir.rglob(RESULT)):
         print(f"error: {args.sweep_dir} holds no {PLAN} or job {RESULT}: not the directory of a sweep", file=sys.stderr)

@@ -20,7 +20,9 @@ class ExportModel(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "core/", "chat/", "rl/"))}
+        metrics = {
+            k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "core/", "chat/", "rl/"))
+        }
         meta = {"stage": self.stage, **pl_module.export_meta(), "metrics": metrics}
         save_export(pl_module.model, pl_module.tokenizer, self.dirpath, meta)
         log.info(f"exported model -> {self.dirpath}")

@@ -71,8 +71,14 @@ class EvalCallback(Periodic):
             return
         reduce = lambda t: trainer.strategy.reduce(t, reduce_op="sum")  # noqa: E731
         with evaluating(trainer, pl_module):
-            result = self.evaluator.evaluate(pl_module.model, pl_module.tokenizer, trainer.global_rank,
-                                             trainer.world_size, reduce, step=trainer.global_step)
+            result = self.evaluator.evaluate(
+                pl_module.model,
+                pl_module.tokenizer,
+                trainer.global_rank,
+                trainer.world_size,
+                reduce,
+                step=trainer.global_step,
+            )
         log_scalars(trainer, result["metrics"])
         if trainer.is_global_zero:
             self.evaluator.log_latest(f"step {trainer.global_step}: ")
@@ -100,4 +106,3 @@ def evaluating(trainer: L.Trainer, pl_module: L.LightningModule):
     finally:
         pl_module.train(was_training)
         pl_module.meter.excluded_seconds += time.perf_counter() - t0
-

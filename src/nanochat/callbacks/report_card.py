@@ -15,8 +15,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from nanochat.callbacks.val_bpb import ValBPB
 from nanochat.callbacks.periodic import EvalCallback
+from nanochat.callbacks.val_bpb import ValBPB
 from nanochat.loggers import log_report_artifact
 from nanochat.report import plot_curves, start_run, write_section
 
@@ -57,14 +57,21 @@ class ReportCard(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        section = {"items": pl_module.report_items(), "metrics": {}, "tables": [], "notes": [],
-                   "wall_time_s": time.perf_counter() - self.t0}
-        section["items"].update({
-            "world size": trainer.world_size,
-            "precision": str(trainer.precision),
-            "wall time": f"{section['wall_time_s']:.1f} s",
-            "peak memory": peak_memory(pl_module.device),
-        })
+        section = {
+            "items": pl_module.report_items(),
+            "metrics": {},
+            "tables": [],
+            "notes": [],
+            "wall_time_s": time.perf_counter() - self.t0,
+        }
+        section["items"].update(
+            {
+                "world size": trainer.world_size,
+                "precision": str(trainer.precision),
+                "wall time": f"{section['wall_time_s']:.1f} s",
+                "peak memory": peak_memory(pl_module.device),
+            }
+        )
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         section["metrics"] = {k: metrics[k] for k in REPORTED_METRICS if k in metrics}
         bpbs = [bpb for c in trainer.callbacks if isinstance(c, ValBPB) for _, bpb in c.history]

@@ -54,7 +54,7 @@ class Samples(Periodic):
             for prompt in self.prompts:
                 ids = self.encode(tok, prompt)
                 (row,), _ = engine.generate_batch(ids, max_tokens=self.max_tokens, temperature=0)
-                self.latest[prompt] = tok.decode(row[len(ids):])
+                self.latest[prompt] = tok.decode(row[len(ids) :])
         lines = [f"### step {trainer.global_step}", ""] + [f"- {p!r} → {c!r}" for p, c in self.latest.items()] + [""]
         for line in lines[2:-1]:
             log.info(f"sample {line[2:]}")
@@ -73,7 +73,9 @@ class ChatSamples(Samples):
 
     use_tools = True
 
-    def __init__(self, every_n_steps: int = 500, prompts: list[str] | tuple[str, ...] = CHAT_PROMPTS, max_tokens: int = 96):
+    def __init__(
+        self, every_n_steps: int = 500, prompts: list[str] | tuple[str, ...] = CHAT_PROMPTS, max_tokens: int = 96
+    ):
         super().__init__(every_n_steps, prompts, max_tokens)
 
     def encode(self, tok, prompt: str) -> list[int]:

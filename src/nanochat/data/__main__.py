@@ -1,10 +1,10 @@
 """Pretraining data command line.
 
-    nanochat data download fineweb-edu|climbmix -n 8 [--workers 4] [--out DIR]   (climbmix adds its validation shard)
-    nanochat data fetch identity|words [--out DIR] [--url URL]   (single files for the chat mixtures)
-    nanochat data fetch eval_bundle [--out DIR] [--url URL]      (CORE evaluation bundle -> DIR/eval_bundle/)
-    nanochat data prepare <files or dirs>... --out DIR [--gutenberg] [--val-fraction 0.01]
-        [--shard-chars 250000000] [--seed 42] [--overwrite] [--quiet]
+nanochat data download fineweb-edu|climbmix -n 8 [--workers 4] [--out DIR]   (climbmix adds its validation shard)
+nanochat data fetch identity|words [--out DIR] [--url URL]   (single files for the chat mixtures)
+nanochat data fetch eval_bundle [--out DIR] [--url URL]      (CORE evaluation bundle -> DIR/eval_bundle/)
+nanochat data prepare <files or dirs>... --out DIR [--gutenberg] [--val-fraction 0.01]
+    [--shard-chars 250000000] [--seed 42] [--overwrite] [--quiet]
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ def cmd_download(args) -> None:
         show_progress=not args.quiet,
     )
     size = sum(p.stat().st_size for p in paths)
-    print(f"{len(paths)} {args.name} shards ({size / 1e9:.2f} GB) ready in {paths[0].parent}; the last one is validation")
+    print(
+        f"{len(paths)} {args.name} shards ({size / 1e9:.2f} GB) ready in {paths[0].parent}; the last one is validation"
+    )
 
 
 def cmd_fetch(args) -> None:
@@ -71,8 +73,13 @@ def main(argv: list[str] | None = None) -> None:
 
     dl = sub.add_parser("download", help="download published pretraining shards (resumable)")
     dl.add_argument("name", help="data source: fineweb-edu or climbmix")
-    dl.add_argument("-n", "--num-shards", type=int, required=True,
-                    help="shards 0..N-1 to fetch (-1: all); climbmix also fetches its validation shard 6542")
+    dl.add_argument(
+        "-n",
+        "--num-shards",
+        type=int,
+        required=True,
+        help="shards 0..N-1 to fetch (-1: all); climbmix also fetches its validation shard 6542",
+    )
     dl.add_argument("--workers", type=int, default=4, help="parallel downloads")
     dl.add_argument("--out", type=Path, default=None, help=f"output directory (default {base_dir() / 'data'}/<source>)")
     dl.add_argument("--base-url", default=None, help="fetch from this mirror instead of the published URL")
@@ -80,10 +87,17 @@ def main(argv: list[str] | None = None) -> None:
     dl.set_defaults(func=cmd_download)
 
     fetch = sub.add_parser("fetch", help="download one file (identity, words) or the CORE eval bundle (eval_bundle)")
-    fetch.add_argument("name", help="identity (nanochat's identity conversations), words (English word list) or "
-                       "eval_bundle (CORE evaluation bundle, a zip unpacked into <out>/eval_bundle/)")
-    fetch.add_argument("--out", type=Path, default=None,
-                       help=f"output directory (default {base_dir() / 'data'}; for eval_bundle {base_dir()})")
+    fetch.add_argument(
+        "name",
+        help="identity (nanochat's identity conversations), words (English word list) or "
+        "eval_bundle (CORE evaluation bundle, a zip unpacked into <out>/eval_bundle/)",
+    )
+    fetch.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"output directory (default {base_dir() / 'data'}; for eval_bundle {base_dir()})",
+    )
     fetch.add_argument("--url", default=None, help="fetch from this URL instead of the published one")
     fetch.set_defaults(func=cmd_fetch)
 

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 PREFIX = "builtin:"
 CORPUS_NAME = "text/python_docs.jsonl"
 WORDS_NAME = "words.txt"
-DOC_CHARS = 8000          # module pages are cut at paragraph breaks like .txt files, for more, shuffleable documents
+DOC_CHARS = 8000  # module pages are cut at paragraph breaks like .txt files, for more, shuffleable documents
 MAX_SIGNATURE_CHARS = 160
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 MAX_WORDS = 5000
@@ -50,7 +50,7 @@ def is_builtin(spec) -> bool:
 
 
 def _root(spec: str) -> Path:
-    root = spec[len(PREFIX):].strip()
+    root = spec[len(PREFIX) :].strip()
     if not root:
         raise UserError(f"{spec!r} names no directory: write builtin:<dir>, e.g. builtin:${{paths.data_dir}}/builtin")
     return Path(root).expanduser()
@@ -71,8 +71,10 @@ def ensure_corpus(root: str | Path) -> Path:
     if not path.is_file():
         docs = documents()
         atomic_write(path, "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs))
-        log.info(f"wrote the built-in starter corpus: {len(docs):,} documents, {sum(map(len, docs)):,} characters "
-                 f"of Python's documentation, standard-library docstrings and comments -> {path}")
+        log.info(
+            f"wrote the built-in starter corpus: {len(docs):,} documents, {sum(map(len, docs)):,} characters "
+            f"of Python's documentation, standard-library docstrings and comments -> {path}"
+        )
     return path
 
 
@@ -89,14 +91,18 @@ def ensure_words(root: str | Path) -> Path:
 
 def word_list(texts, max_words: int = MAX_WORDS, min_count: int = 3) -> list[str]:
     """The `max_words` most frequent lowercase words (3-14 letters) of the prose lines, sorted."""
-    counts = Counter(w for text in texts for line in _prose_lines(text) for w in WORD_RE.findall(line) if VOWEL_RE.search(w))
+    counts = Counter(
+        w for text in texts for line in _prose_lines(text) for w in WORD_RE.findall(line) if VOWEL_RE.search(w)
+    )
     frequent = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))
     return sorted(frequent[:max_words])
 
 
 def _prose_lines(text: str):
     # Indented lines and doctest prompts are mostly code: their "words" are identifiers and hex escapes.
-    return (line for line in text.splitlines() if line and not line[0].isspace() and not line.startswith((">>>", "...")))
+    return (
+        line for line in text.splitlines() if line and not line[0].isspace() and not line.startswith((">>>", "..."))
+    )
 
 
 def documents() -> list[str]:

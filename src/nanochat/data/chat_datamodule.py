@@ -38,8 +38,15 @@ class ChatMixtures:
     """The task mixtures of a chat stage (lists of registry entries, see nanochat.tasks.registry) and their
     tokenizer, loaded once: the horizon needs the mixture before the Trainer exists."""
 
-    def __init__(self, train: list[Mapping], val: list[Mapping] | None, tokenizer_dir: str | None, init_from: str | None,
-                 seed: int, offline: bool):
+    def __init__(
+        self,
+        train: list[Mapping],
+        val: list[Mapping] | None,
+        tokenizer_dir: str | None,
+        init_from: str | None,
+        seed: int,
+        offline: bool,
+    ):
         self.train_entries, self.val_entries = list(train), list(val or [])
         self.tokenizer_dir, self.init_from, self.seed, self.offline = tokenizer_dir, init_from, seed, offline
         self.train = self.val = self.tokenizer = None
@@ -57,7 +64,9 @@ class ChatMixtures:
         self.train = build_mixture(self.train_entries, seed=self.seed)
         self.val = build_mixture(self.val_entries, seed=self.seed) if self.val_entries else None
         if len(self.train) == 0:
-            raise UserError(f"the training mixture {[entry_name(e) for e in self.train_entries]} holds no conversations")
+            raise UserError(
+                f"the training mixture {[entry_name(e) for e in self.train_entries]} holds no conversations"
+            )
         sizes = ", ".join(f"{type(t).__name__} {len(t):,}" for t in self.train.tasks)
         val = f"{len(self.val):,} val" if self.val is not None else "no val"
         log.info(f"chat mixture: {len(self.train):,} train conversations ({sizes}); {val}")
@@ -66,17 +75,30 @@ class ChatMixtures:
     def stream_kwargs(self, trainer, state: StreamState, max_tokens: int, infinite: bool) -> dict:
         rank, world = rank_and_world(trainer)
         start = state.start_positions(rank, world).get(0) if infinite else None
-        return dict(tokenizer=self.tokenizer, rank=rank, world_size=world, start=start, infinite=infinite,
-                    max_tokens=max_tokens)
+        return dict(
+            tokenizer=self.tokenizer, rank=rank, world_size=world, start=start, infinite=infinite, max_tokens=max_tokens
+        )
 
 
 class MidDataModule(L.LightningDataModule):
     """Midtraining batches: the mixture packed into (accum, B, T + 1) token rows, `total_batch_size` tokens per step."""
 
-    def __init__(self, *, train: list[Mapping], val: list[Mapping] | None = None, tokenizer_dir: str | None = None,
-                 init_from: str | None = None, sequence_len: int, device_batch_size: int, total_batch_size: int,
-                 seed: int = 42, num_workers: int = 1, max_conversation_tokens: int = 2048, offline: bool = False,
-                 estimate_sample: int = 2000):
+    def __init__(
+        self,
+        *,
+        train: list[Mapping],
+        val: list[Mapping] | None = None,
+        tokenizer_dir: str | None = None,
+        init_from: str | None = None,
+        sequence_len: int,
+        device_batch_size: int,
+        total_batch_size: int,
+        seed: int = 42,
+        num_workers: int = 1,
+        max_conversation_tokens: int = 2048,
+        offline: bool = False,
+        estimate_sample: int = 2000,
+    ):
         super().__init__()
         self.mixtures = ChatMixtures(train, val, tokenizer_dir, init_from, seed, offline)
         self.seq_len, self.device_batch_size, self.total_batch_size = sequence_len, device_batch_size, total_batch_size
@@ -91,7 +113,10 @@ class MidDataModule(L.LightningDataModule):
         picks = range(0, n, max(1, n // self.estimate_sample))
         lengths = [len(m.tokenizer.render_conversation(m.train[i], self.max_conversation_tokens)[0]) for i in picks]
         tokens = n * sum(lengths) / len(lengths)
-        log.info(f"mid epoch: ~{tokens:,.0f} tokens ({n:,} conversations, mean {tokens / n:.0f} tokens over {len(lengths):,})")
+        log.info(
+            f"mid epoch: ~{tokens:,.0f} tokens ({n:,} conversations, "
+            f"mean {tokens / n:.0f} tokens over {len(lengths):,})"
+        )
         return tokens / self.total_batch_size
 
     def setup(self, stage: str | None = None) -> None:
@@ -133,11 +158,25 @@ class SFTDataModule(L.LightningDataModule):
     """SFT batches: `examples_per_step` conversations per optimizer step across ranks, one per padded row
     (packing=none), or `total_batch_size` tokens of best-fit rows (packing=bestfit)."""
 
-    def __init__(self, *, train: list[Mapping], val: list[Mapping] | None = None, tokenizer_dir: str | None = None,
-                 init_from: str | None = None, sequence_len: int, device_batch_size: int = 4,
-                 examples_per_step: int = 32, seed: int = 42, num_workers: int = 1, max_conversation_tokens: int = 2048,
-                 offline: bool = False, packing: str = "none", total_batch_size: int | None = None,
-                 buffer_size: int = 100, estimate_sample: int = 2000):
+    def __init__(
+        self,
+        *,
+        train: list[Mapping],
+        val: list[Mapping] | None = None,
+        tokenizer_dir: str | None = None,
+        init_from: str | None = None,
+        sequence_len: int,
+        device_batch_size: int = 4,
+        examples_per_step: int = 32,
+        seed: int = 42,
+        num_workers: int = 1,
+        max_conversation_tokens: int = 2048,
+        offline: bool = False,
+        packing: str = "none",
+        total_batch_size: int | None = None,
+        buffer_size: int = 100,
+        estimate_sample: int = 2000,
+    ):
         super().__init__()
         if packing not in ("none", "bestfit"):
             raise UserError(f"datamodule.packing must be none or bestfit for SFT, got {packing!r}")
@@ -146,7 +185,11 @@ class SFTDataModule(L.LightningDataModule):
         if packing == "bestfit" and not total_batch_size:
             raise UserError("datamodule.packing=bestfit counts a step in tokens: set datamodule.total_batch_size")
         self.mixtures = ChatMixtures(train, val, tokenizer_dir, init_from, seed, offline)
-        self.seq_len, self.device_batch_size, self.examples_per_step = sequence_len, device_batch_size, examples_per_step
+        self.seq_len, self.device_batch_size, self.examples_per_step = (
+            sequence_len,
+            device_batch_size,
+            examples_per_step,
+        )
         self.packing, self.total_batch_size, self.buffer_size = packing, total_batch_size, buffer_size
         self.num_workers = min(num_workers, 1)
         self.max_conversation_tokens, self.estimate_sample = max_conversation_tokens, estimate_sample
@@ -163,13 +206,16 @@ class SFTDataModule(L.LightningDataModule):
         # Best-fit rows: the rows an evenly spaced sample packs into, scaled to the mixture (padding included).
         n = len(m.train)
         picks = list(range(0, n, max(1, n // self.estimate_sample)))
-        items = ((Position(0, i), *m.tokenizer.render_conversation(m.train[j], self.max_tokens))
-                 for i, j in enumerate(picks))
+        items = (
+            (Position(0, i), *m.tokenizer.render_conversation(m.train[j], self.max_tokens)) for i, j in enumerate(picks)
+        )
         width = self.seq_len + 1
         rows = sum(1 for _ in pack_bestfit_padded(items, 1, width, 0, self.buffer_size))
         rows_per_conversation = max(rows, 1) / len(picks)
-        log.info(f"sft epoch: ~{n * rows_per_conversation:,.0f} best-fit rows of {width} tokens ({n:,} conversations, "
-                 f"{rows_per_conversation:.3f} rows each over a sample of {len(picks):,})")
+        log.info(
+            f"sft epoch: ~{n * rows_per_conversation:,.0f} best-fit rows of {width} tokens ({n:,} conversations, "
+            f"{rows_per_conversation:.3f} rows each over a sample of {len(picks):,})"
+        )
         return n * rows_per_conversation * self.seq_len / self.total_batch_size
 
     def setup(self, stage: str | None = None) -> None:
@@ -185,9 +231,16 @@ class SFTDataModule(L.LightningDataModule):
         if self.packing == "none":
             return ConversationRows(mixture, rows=rows, accum=accum, **kwargs)
         resumed = self.stream_state.start_positions(*rank_and_world(self.trainer)) if infinite else {}
-        return BestFitConversationRows(mixture, rows=rows, seq_len=self.seq_len, accum=accum,
-                                       buffer_size=self.buffer_size, buffer=resumed.get("buffers", {}).get(0), counts=resumed.get("crop", {}).get(0),
-                                       **kwargs)
+        return BestFitConversationRows(
+            mixture,
+            rows=rows,
+            seq_len=self.seq_len,
+            accum=accum,
+            buffer_size=self.buffer_size,
+            buffer=resumed.get("buffers", {}).get(0),
+            counts=resumed.get("crop", {}).get(0),
+            **kwargs,
+        )
 
     def train_dataloader(self):
         stream = self._rows(self.mixtures.train, self.device_batch_size, self.grad_accum, True)
@@ -214,7 +267,9 @@ class SFTDataModule(L.LightningDataModule):
         share = self.stream_state.pad_share
         return {} if share is None else {"pad_share": share}
 
-    def val_batches(self, max_tokens: int, batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def val_batches(
+        self, max_tokens: int, batch_size: int | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(inputs, targets) micro-batches of the validation mixture, this rank's share of `max_tokens` input tokens."""
         rows = batch_size or self.device_batch_size
         budget = max(1, max_tokens // rank_and_world(self.trainer)[1])

@@ -25,15 +25,26 @@ from nanochat.errors import UserError
 class Conversations(IterableDataset):
     """This rank's conversations of a mixture as (position, rendered ids and mask), from `start`, epoch after epoch."""
 
-    def __init__(self, mixture, tokenizer, *, max_tokens: int, rank: int = 0, world_size: int = 1,
-                 start: Position | None = None, infinite: bool = True):
+    def __init__(
+        self,
+        mixture,
+        tokenizer,
+        *,
+        max_tokens: int,
+        rank: int = 0,
+        world_size: int = 1,
+        start: Position | None = None,
+        infinite: bool = True,
+    ):
         self.mixture, self.tokenizer, self.max_tokens = mixture, tokenizer, max_tokens
         self.rank, self.world_size = rank, world_size
         self.start = start or Position()
         self.infinite = infinite
         self.count = len(range(rank, len(mixture), world_size))
         if self.count == 0:
-            raise UserError(f"a mixture of {len(mixture)} conversations gives rank {rank} of {world_size} none to train on")
+            raise UserError(
+                f"a mixture of {len(mixture)} conversations gives rank {rank} of {world_size} none to train on"
+            )
 
     def indices(self) -> Iterator[tuple[Position, int]]:
         """(position, mixture index) of this rank's conversations. Positions count conversations as the `round`
@@ -89,9 +100,17 @@ def sft_pair(rendered: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[
     return inputs, targets
 
 
-def pack_bestfit_padded(items: Iterator[tuple[Position, list[int], list[int]]], rows: int, width: int, pad_id: int,
-                        buffer_size: int = 100, *, buffer: list | None = None, counts: dict | None = None,
-                        start: Position | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, Position, dict]]:
+def pack_bestfit_padded(
+    items: Iterator[tuple[Position, list[int], list[int]]],
+    rows: int,
+    width: int,
+    pad_id: int,
+    buffer_size: int = 100,
+    *,
+    buffer: list | None = None,
+    counts: dict | None = None,
+    start: Position | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, Position, dict]]:
     """(ids, mask) rows of `width` tokens best-fit from a buffer of `buffer_size` (position, ids, mask) items: the
     largest that fits the space left (the earliest of equals), again and again; when none fits, the rest of the row
     is `pad_id` with mask 0. Nothing is cropped: an item longer than `width` never fits, so it must not be given.
@@ -144,8 +163,19 @@ class BestFitConversationRows(Conversations):
     of `rows` x seq_len, conversations best-fit from a `buffer_size` buffer and padding (BOS in, -1 out) when
     nothing fits. Conversations with no trained token are left out and counted."""
 
-    def __init__(self, mixture, tokenizer, *, rows: int, seq_len: int, accum: int = 1, buffer_size: int = 100,
-                 buffer: list | None = None, counts: dict | None = None, **kwargs):
+    def __init__(
+        self,
+        mixture,
+        tokenizer,
+        *,
+        rows: int,
+        seq_len: int,
+        accum: int = 1,
+        buffer_size: int = 100,
+        buffer: list | None = None,
+        counts: dict | None = None,
+        **kwargs,
+    ):
         super().__init__(mixture, tokenizer, **kwargs)
         self.rows, self.seq_len, self.accum, self.buffer_size = rows, seq_len, accum, buffer_size
         self.buffer_positions, self.counts = list(buffer or []), dict(counts or {})
@@ -168,8 +198,16 @@ class BestFitConversationRows(Conversations):
 
     def __iter__(self) -> Iterator[dict]:
         skipped = [0]
-        packed = pack_bestfit_padded(self._usable(skipped), self.rows, self.seq_len + 1, self.bos, self.buffer_size,
-                                     buffer=self._buffered(), counts=self.counts, start=self.start)
+        packed = pack_bestfit_padded(
+            self._usable(skipped),
+            self.rows,
+            self.seq_len + 1,
+            self.bos,
+            self.buffer_size,
+            buffer=self._buffered(),
+            counts=self.counts,
+            start=self.start,
+        )
         pairs = []
         for ids, mask, nxt, state in packed:
             pairs.append(packed_pair(ids, mask))

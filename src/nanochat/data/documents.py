@@ -95,11 +95,15 @@ def read_text_file(path: Path, bad: BadRows | None = None) -> str:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         if bad is None or bad.on_bad_data == "fail":
-            raise UserError(f"{path} is not valid UTF-8 (bad byte at offset {e.start}); re-encode it as UTF-8") from None
+            raise UserError(
+                f"{path} is not valid UTF-8 (bad byte at offset {e.start}); re-encode it as UTF-8"
+            ) from None
         # A stray byte in a book should not cost the book: keep the text around it.
         text = data.decode("utf-8-sig", errors="replace")
-        log.warning(f"{path} is not valid UTF-8 (first bad byte at offset {e.start}): "
-                    f"{text.count(chr(0xFFFD)):,} undecodable character(s) replaced by U+FFFD")
+        log.warning(
+            f"{path} is not valid UTF-8 (first bad byte at offset {e.start}): "
+            f"{text.count(chr(0xFFFD)):,} undecodable character(s) replaced by U+FFFD"
+        )
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 

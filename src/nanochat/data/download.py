@@ -78,13 +78,20 @@ class RemoteFile:
 
 # The hub mixture (conf/mixture/hub.yaml) reads identity and words from <home>/data; CORE reads <home>/eval_bundle.
 FILES = {
-    "identity": RemoteFile("https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl",
-                           "identity_conversations.jsonl"),
-    "words": RemoteFile("https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt",
-                        "words_alpha.txt"),
-    "eval_bundle": RemoteFile("https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip", "eval_bundle",
-                              home_subdir="", unpack=True,
-                              required=("core.yaml", "eval_meta_data.csv", "eval_data/")),
+    "identity": RemoteFile(
+        "https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl",
+        "identity_conversations.jsonl",
+    ),
+    "words": RemoteFile(
+        "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt", "words_alpha.txt"
+    ),
+    "eval_bundle": RemoteFile(
+        "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip",
+        "eval_bundle",
+        home_subdir="",
+        unpack=True,
+        required=("core.yaml", "eval_meta_data.csv", "eval_data/"),
+    ),
 }
 
 
@@ -238,11 +245,20 @@ def download(
     failures: dict[str, str] = {}
     pool = ThreadPoolExecutor(max_workers=workers)
     try:
-        with tqdm(total=count, initial=count - len(todo), desc=f"downloading {name}", unit="shard",
-                  disable=not show_progress) as progress:
+        with tqdm(
+            total=count, initial=count - len(todo), desc=f"downloading {name}", unit="shard", disable=not show_progress
+        ) as progress:
             futures = {
-                pool.submit(fetch_shard, f"{base_url}/{p.name}", p, opener=opener, attempts=attempts,
-                            backoff=backoff, sleep=sleep, timeout=timeout): p
+                pool.submit(
+                    fetch_shard,
+                    f"{base_url}/{p.name}",
+                    p,
+                    opener=opener,
+                    attempts=attempts,
+                    backoff=backoff,
+                    sleep=sleep,
+                    timeout=timeout,
+                ): p
                 for p in todo
             }
             for future in as_completed(futures):
@@ -259,7 +275,8 @@ def download(
         listed = "; ".join(f"{shard}: {why}" for shard, why in sorted(failures.items()))
         raise UserError(
             f"could not download {len(failures)} of {count} shards from {base_url} ({listed}); "
-            f"the other {count - len(failures)} are in {out_dir} and re-running the command fetches only the missing ones"
+            f"the other {count - len(failures)} are in {out_dir} "
+            "and re-running the command fetches only the missing ones"
         )
     return paths
 
@@ -295,8 +312,10 @@ def _check_members(zf: zipfile.ZipFile, url: str) -> None:
     for member in zf.namelist():
         path = PurePosixPath(member.replace("\\", "/"))
         if path.is_absolute() or ".." in path.parts:
-            raise UserError(f"the zip from {url} holds the unsafe member path {member!r} (absolute or with '..'), "
-                            "so it was not extracted")
+            raise UserError(
+                f"the zip from {url} holds the unsafe member path {member!r} (absolute or with '..'), "
+                "so it was not extracted"
+            )
 
 
 def _unpack(zip_path: Path, dest: Path, spec: RemoteFile, url: str) -> None:
@@ -318,8 +337,10 @@ def _unpack(zip_path: Path, dest: Path, spec: RemoteFile, url: str) -> None:
                 root = tops[0]
         if missing := _missing(root, spec.required):
             zip_path.unlink(missing_ok=True)
-            raise UserError(f"the zip from {url} has no {', '.join(missing)} at its root or under one top-level "
-                            "folder, so it is not the expected bundle")
+            raise UserError(
+                f"the zip from {url} has no {', '.join(missing)} at its root or under one top-level "
+                "folder, so it is not the expected bundle"
+            )
         if dest.exists():  # an incomplete leftover (a complete one returned earlier): move it out of the way
             old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
             os.replace(dest, old / dest.name)
@@ -364,10 +385,20 @@ def download_file(
     verify = _is_zip if spec.unpack else _is_text
     try:
         if not (spec.unpack and verify(target)):  # a zip left by a run that stopped before extracting is reused
-            fetch_shard(url, target, opener=opener or urllib.request.build_opener(), attempts=attempts,
-                        backoff=backoff, sleep=sleep, timeout=timeout, verify=verify)
+            fetch_shard(
+                url,
+                target,
+                opener=opener or urllib.request.build_opener(),
+                attempts=attempts,
+                backoff=backoff,
+                sleep=sleep,
+                timeout=timeout,
+                verify=verify,
+            )
     except PermanentError as e:
-        raise UserError(f"could not download {name} from {url} ({e}); re-running continues any partial transfer") from None
+        raise UserError(
+            f"could not download {name} from {url} ({e}); re-running continues any partial transfer"
+        ) from None
     if spec.unpack:
         _unpack(target, dest, spec, url)
     return dest

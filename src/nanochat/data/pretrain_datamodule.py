@@ -74,8 +74,13 @@ class PretrainDataModule(L.LightningDataModule):
         self.prepare_kwargs = dict(gutenberg=gutenberg, val_fraction=val_fraction, shard_chars=shard_chars)
         self.total_batch_size = total_batch_size
         self.on_bad_data = on_bad_data
-        self.stream_kwargs = dict(tokenizer_batch=tokenizer_batch, tokenizer_threads=tokenizer_threads,
-                                  on_bad_data=on_bad_data, packing=packing, buffer_size=buffer_size)
+        self.stream_kwargs = dict(
+            tokenizer_batch=tokenizer_batch,
+            tokenizer_threads=tokenizer_threads,
+            on_bad_data=on_bad_data,
+            packing=packing,
+            buffer_size=buffer_size,
+        )
 
     def prepare_data(self) -> None:
         ensure_shards(self.dir, self.source, on_bad_data=self.on_bad_data, **self.prepare_kwargs)
@@ -102,9 +107,17 @@ class PretrainDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         rank, world = rank_and_world(self.trainer)
         slots = self.stream_state.num_slots
-        stream = TokenStream(self.train_files, self.tokenizer, rows=self.grad_accum * self.device_batch_size,
-                             seq_len=self.seq_len, rank=rank, world_size=world, num_slots=slots,
-                             start=self.stream_state.start_positions(rank, world), **self.stream_kwargs)
+        stream = TokenStream(
+            self.train_files,
+            self.tokenizer,
+            rows=self.grad_accum * self.device_batch_size,
+            seq_len=self.seq_len,
+            rank=rank,
+            world_size=world,
+            num_slots=slots,
+            start=self.stream_state.start_positions(rank, world),
+            **self.stream_kwargs,
+        )
         self.stream_state.skipped_shards = len(stream.skipped_shards)
         return make_loader(self.trainer, stream, self.num_workers)
 
@@ -112,7 +125,9 @@ class PretrainDataModule(L.LightningDataModule):
         if not isinstance(batch, dict):
             return batch
         item = self.stream_state.record(batch)
-        return item["tokens"].view(self.grad_accum, self.device_batch_size, self.seq_len + 1)  # one step's micro-batches
+        return item["tokens"].view(
+            self.grad_accum, self.device_batch_size, self.seq_len + 1
+        )  # one step's micro-batches
 
     def state_dict(self) -> dict:
         return self.stream_state.state_dict(rank_and_world(self.trainer)[1])
@@ -134,6 +149,14 @@ class PretrainDataModule(L.LightningDataModule):
         """The same fixed validation rows every call: (B, seq_len + 1) batches, this rank's share of `max_tokens`."""
         rank, world = rank_and_world(self.trainer)
         rows = batch_size or self.device_batch_size
-        stream = TokenStream(self.val_files, self.tokenizer, rows=rows, seq_len=self.seq_len, rank=rank, world_size=world,
-                             infinite=False, **self.stream_kwargs)
+        stream = TokenStream(
+            self.val_files,
+            self.tokenizer,
+            rows=rows,
+            seq_len=self.seq_len,
+            rank=rank,
+            world_size=world,
+            infinite=False,
+            **self.stream_kwargs,
+        )
         return val_rows(stream, max_tokens, world, rows, self.seq_len)

@@ -23,8 +23,10 @@ from nanochat.errors import UserError
 from nanochat.paths import shared_data_dir
 
 HUB_HOST = "huggingface.co"
-BUILTIN_NOTE = ("the built-in starter corpus (Python's own documentation + generated arithmetic, spelling and identity "
-                "conversations) - NOT FineWeb or SmolTalk: a toy model for trying the pipeline")
+BUILTIN_NOTE = (
+    "the built-in starter corpus (Python's own documentation + generated arithmetic, spelling and identity "
+    "conversations) - NOT FineWeb or SmolTalk: a toy model for trying the pipeline"
+)
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -77,17 +79,20 @@ def resolve_sources(cfg, forwarded: list[str]) -> tuple[list[str], list[list[str
     elif online():
         overrides.append(choice)
         prep.append(["-m", "nanochat", "data", "download", published, "-n", str(cfg.pipeline.shards)])
-        lines.append(f"pretraining text: {title} from the hub ({cfg.pipeline.shards} shards, skipping those "
-                     f"already here)")
+        lines.append(
+            f"pretraining text: {title} from the hub ({cfg.pipeline.shards} shards, skipping those already here)"
+        )
     elif len(list(hub_dir.glob("*.parquet"))) >= 2:
         overrides.append(choice)
         lines.append(f"pretraining text: {title} shards already in {hub_dir} (hub unreachable)")
     elif allow_builtin:
         overrides.append("data=builtin")
     else:
-        raise UserError("no pretraining text on this machine and the hub is unreachable: set NANOCHAT_PRETRAIN_TEXT=<dir of "
-                        f".txt/.jsonl/.parquet>, or fetch {title} (nanochat data download {published} -n "
-                        f"{cfg.pipeline.shards}) where there is network")
+        raise UserError(
+            "no pretraining text on this machine and the hub is unreachable: set NANOCHAT_PRETRAIN_TEXT=<dir of "
+            f".txt/.jsonl/.parquet>, or fetch {title} (nanochat data download {published} -n "
+            f"{cfg.pipeline.shards}) where there is network"
+        )
     # Chat conversations (midtraining, SFT, RL, chat evaluation).
     if _chosen(forwarded, "mixture"):
         lines.append("chat data: as given on the command line")
@@ -103,9 +108,13 @@ def resolve_sources(cfg, forwarded: list[str]) -> tuple[list[str], list[list[str
     elif allow_builtin:
         overrides.append("mixture=builtin")
     else:
-        raise UserError("no chat data on this machine (no ../shared/data, no NANOCHAT_SHARED_DATA) and the hub is "
-                        "unreachable: put the datasets there, or run where there is network")
+        raise UserError(
+            "no chat data on this machine (no ../shared/data, no NANOCHAT_SHARED_DATA) and the hub is "
+            "unreachable: put the datasets there, or run where there is network"
+        )
     if "data=builtin" in overrides or "mixture=builtin" in overrides:
-        which = " and ".join(k for k, o in (("text", "data=builtin"), ("conversations", "mixture=builtin")) if o in overrides)
+        which = " and ".join(
+            k for k, o in (("text", "data=builtin"), ("conversations", "mixture=builtin")) if o in overrides
+        )
         lines.append(f"data ({which}): {BUILTIN_NOTE}")
     return overrides, prep, lines

@@ -51,9 +51,20 @@ class PromptGroups(Conversations):
 class RLDataModule(L.LightningDataModule):
     """Questions and their rewards, `examples_per_step` questions per optimizer step split evenly over the ranks."""
 
-    def __init__(self, *, train: list[Mapping], examples_per_step: int = 16, reward: Reward | None = None,
-                 tokenizer_dir: str | None = None, init_from: str | None = None, sequence_len: int = 2048,
-                 seed: int = 42, num_workers: int = 0, max_conversation_tokens: int = 2048, offline: bool = False):
+    def __init__(
+        self,
+        *,
+        train: list[Mapping],
+        examples_per_step: int = 16,
+        reward: Reward | None = None,
+        tokenizer_dir: str | None = None,
+        init_from: str | None = None,
+        sequence_len: int = 2048,
+        seed: int = 42,
+        num_workers: int = 0,
+        max_conversation_tokens: int = 2048,
+        offline: bool = False,
+    ):
         super().__init__()
         if examples_per_step <= 0:
             raise UserError(f"datamodule.examples_per_step={examples_per_step} must be positive")
@@ -76,13 +87,17 @@ class RLDataModule(L.LightningDataModule):
         if self.reward is None:
             for task in self.train_mixture.tasks:
                 if type(task).reward is Task.reward and type(task).evaluate is Task.evaluate:
-                    raise UserError(f"task {task.name!r} has neither `reward` nor `evaluate`: give it a "
-                                    f"reward(conversation, completion) method or set datamodule.reward")
+                    raise UserError(
+                        f"task {task.name!r} has neither `reward` nor `evaluate`: give it a "
+                        f"reward(conversation, completion) method or set datamodule.reward"
+                    )
 
     def train_dataloader(self):
         per_rank = self.examples_per_step // rank_and_world(self.trainer)[1]
         kwargs = self.mixtures.stream_kwargs(self.trainer, self.stream_state, self.max_conversation_tokens, True)
-        return make_loader(self.trainer, PromptGroups(self.train_mixture, per_step=per_rank, **kwargs), self.num_workers)
+        return make_loader(
+            self.trainer, PromptGroups(self.train_mixture, per_step=per_rank, **kwargs), self.num_workers
+        )
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         if not isinstance(batch, dict):

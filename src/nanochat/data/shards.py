@@ -24,8 +24,7 @@ ROW_GROUP_DOCS = 1024
 ZSTD_LEVEL = 3
 MANIFEST_NAME = "manifest.json"
 FILL_HINT = (
-    "fill it with `nanochat data download fineweb-edu -n 8` "
-    "or `nanochat data prepare <files or dirs> --out <dir>`"
+    "fill it with `nanochat data download fineweb-edu -n 8` or `nanochat data prepare <files or dirs> --out <dir>`"
 )
 SPLIT_RULE = (
     "a document goes to validation when blake2b-64(utf-8 text) / 2**64 < val_fraction "
@@ -195,9 +194,15 @@ def prepare(
     files = list_files(inputs)
 
     # Read everything before deleting old shards: a bad input must not cost the user their previous shards.
-    bad = BadRows(on_bad_data, hint="; fix or delete that row, or set data.on_bad_data=skip to skip (and count) such rows")
-    docs = tqdm(iter_documents(files, gutenberg=gutenberg, txt_doc_chars=txt_doc_chars, bad=bad),
-                desc="reading documents", unit="doc", disable=not show_progress)
+    bad = BadRows(
+        on_bad_data, hint="; fix or delete that row, or set data.on_bad_data=skip to skip (and count) such rows"
+    )
+    docs = tqdm(
+        iter_documents(files, gutenberg=gutenberg, txt_doc_chars=txt_doc_chars, bad=bad),
+        desc="reading documents",
+        unit="doc",
+        disable=not show_progress,
+    )
     with docs:
         train, val = split_documents(docs, val_fraction)
     random.Random(seed).shuffle(train)

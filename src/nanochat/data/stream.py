@@ -131,15 +131,22 @@ class TokenStream(IterableDataset):
                 groups += [(i, rg) for rg in range(pq.ParquetFile(path).num_row_groups)]
             except Exception as e:  # pyarrow raises several types for unreadable files
                 if not isinstance(e, UserError):
-                    e = UserError(f"{path} is not a readable parquet shard ({one_line(e)}); delete it and prepare/download it again")
+                    e = UserError(
+                        f"{path} is not a readable parquet shard ({one_line(e)}); "
+                        "delete it and prepare/download it again"
+                    )
                 if self.on_bad_data == "fail":
                     raise e from None
                 log.warning("skipping shard: %s", e)
                 self.skipped_shards.append(path)
         if not groups:
-            names = ", ".join(str(f) for f in self.files[:3]) + (f" and {len(self.files) - 3} more" if len(self.files) > 3 else "")
-            raise UserError(f"none of the {len(self.files)} shard(s) {names} holds readable text (see the warnings "
-                            "above); delete them and re-run the download or prepare command")
+            names = ", ".join(str(f) for f in self.files[:3]) + (
+                f" and {len(self.files) - 3} more" if len(self.files) > 3 else ""
+            )
+            raise UserError(
+                f"none of the {len(self.files)} shard(s) {names} holds readable text (see the warnings "
+                "above); delete them and re-run the download or prepare command"
+            )
         parts = math.ceil(self.stride / len(groups))
         return [(f, rg, part, parts) for f, rg in groups for part in range(parts)]
 
@@ -161,7 +168,9 @@ class TokenStream(IterableDataset):
             texts = cache[f].read_row_group(rg, columns=["text"]).column("text").to_pylist()
         except Exception as e:
             if self.on_bad_data == "fail":
-                raise UserError(f"{path} row group {rg} cannot be read ({one_line(e)}); set data.on_bad_data=skip to skip it") from None
+                raise UserError(
+                    f"{path} row group {rg} cannot be read ({one_line(e)}); set data.on_bad_data=skip to skip it"
+                ) from None
             log.warning("skipping unreadable row group %d of %s (%s)", rg, path, one_line(e))
             return None
         return texts[part::parts]
@@ -192,8 +201,10 @@ class TokenStream(IterableDataset):
                             docs.append(text)
                         elif self.on_bad_data == "fail":
                             f, rg, part, parts = self.units[units[r]]
-                            raise UserError(f"{self.files[f]} row group {rg} row {part + i * parts}: the 'text' value "
-                                            f"{why}; set data.on_bad_data=skip to skip (and count) such documents")
+                            raise UserError(
+                                f"{self.files[f]} row group {rg} row {part + i * parts}: the 'text' value "
+                                f"{why}; set data.on_bad_data=skip to skip (and count) such documents"
+                            )
                         else:
                             faults.append(((epoch, r, i), kind))
                     encoded = self.tokenizer.encode_batch(docs, prepend=bos, num_threads=self.tokenizer_threads)
@@ -206,9 +217,15 @@ class TokenStream(IterableDataset):
                 return
             if whole_epoch and not found:  # another pass would find nothing either: fail instead of spinning
                 met = dict(Counter(kind for (e, _, _), kind in faults if e == epoch))
-                why = f"skipped: {met}" if met else "no rows: the data is too small for this many readers (ranks x data.num_workers)"
-                raise UserError(f"reader {slot} of rank {self.rank} read all its {len(units)} row group(s) of "
-                                f"{len(self.files)} shard(s) and found no usable document ({why})")
+                why = (
+                    f"skipped: {met}"
+                    if met
+                    else "no rows: the data is too small for this many readers (ranks x data.num_workers)"
+                )
+                raise UserError(
+                    f"reader {slot} of rank {self.rank} read all its {len(units)} row group(s) of "
+                    f"{len(self.files)} shard(s) and found no usable document ({why})"
+                )
             epoch, round_, whole_epoch = epoch + 1, 0, True
 
     def _buffered(self, slot: int, where: list) -> list[tuple[Position, list[int]]]:
@@ -221,8 +238,10 @@ class TokenStream(IterableDataset):
                 texts_of[r] = self._read_unit(units[r], cache) or []
             text, _, _ = document_fault(texts_of[r][d] if d < len(texts_of[r]) else None)
             if text is None:
-                raise UserError(f"reader {slot} of rank {self.rank} cannot re-read document {d} of its row group {r} "
-                                f"for the resumed best-fit buffer: the shards changed since the checkpoint")
+                raise UserError(
+                    f"reader {slot} of rank {self.rank} cannot re-read document {d} of its row group {r} "
+                    f"for the resumed best-fit buffer: the shards changed since the checkpoint"
+                )
             texts.append(text)
         bos = self.tokenizer.bos_token_id
         encoded = self.tokenizer.encode_batch(texts, prepend=bos, num_threads=self.tokenizer_threads) if texts else []
@@ -239,8 +258,15 @@ class TokenStream(IterableDataset):
         if self.packing == "bestfit":
             buffer = self._buffered(slot, self.start.get("buffers", {}).get(slot, []))
             crop = self.start.get("crop", {}).get(slot, {})
-            packed = pack_bestfit(documents, self.rows, self.seq_len, self.buffer_size, buffer=buffer,
-                                  counts=(crop.get("cropped", 0), crop.get("taken", 0)), start=pos)
+            packed = pack_bestfit(
+                documents,
+                self.rows,
+                self.seq_len,
+                self.buffer_size,
+                buffer=buffer,
+                counts=(crop.get("cropped", 0), crop.get("taken", 0)),
+                start=pos,
+            )
         else:
             packed = ((tokens, nxt, {}) for tokens, nxt in pack_rows(documents, self.rows, self.seq_len))
         for tokens, nxt, extra in packed:
@@ -298,8 +324,13 @@ def pack_rows(
 
 
 def pack_bestfit(
-    documents: Iterator[tuple[Position, list[int]]], rows: int, seq_len: int, buffer_size: int = 1000, *,
-    buffer: list[tuple[Position, list[int]]] | None = None, counts: tuple[int, int] = (0, 0),
+    documents: Iterator[tuple[Position, list[int]]],
+    rows: int,
+    seq_len: int,
+    buffer_size: int = 1000,
+    *,
+    buffer: list[tuple[Position, list[int]]] | None = None,
+    counts: tuple[int, int] = (0, 0),
     start: Position | None = None,
 ) -> Iterator[tuple[torch.Tensor, Position, dict]]:
     """BOS-aligned best-fit rows: (rows, seq_len + 1) batches in which every row starts at a document's first token.
@@ -361,9 +392,12 @@ def resume_positions(state: dict, rank: int, num_slots: int, stride: int) -> dic
         total = sum((Counter(c) for c in state.get("faults", {}).values()), Counter())
         return {slot: Position(epoch) for slot in range(num_slots)} | {"faults": {0: dict(total)}}
     # Fault and crop counts so far (rank 0's, like the positions); checkpoints from before they were kept have none.
-    start: dict = {"next_slot": state["next_slot"],
-                   "faults": {int(s): dict(c) for s, c in state.get("faults", {}).items()},
-                   "crop": {int(s): dict(c) for s, c in state.get("crop", {}).items()}, "buffers": {}}
+    start: dict = {
+        "next_slot": state["next_slot"],
+        "faults": {int(s): dict(c) for s, c in state.get("faults", {}).items()},
+        "crop": {int(s): dict(c) for s, c in state.get("crop", {}).items()},
+        "buffers": {},
+    }
     for slot, saved in state["slots"].items():
         p = Position(**{k: saved[k] for k in POSITION_KEYS})
         # Other ranks only know rank 0's round, so they restart at the beginning of it, with an empty buffer.

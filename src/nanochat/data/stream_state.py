@@ -76,8 +76,14 @@ class StreamState:
         if not self.slots:
             return dict(self.loaded)
         stride = world * self.num_slots  # readers across all ranks, as TokenStream.stride
-        return {"slots": dict(self.slots), "next_slot": self.next_slot, "num_slots": self.num_slots, "stride": stride,
-                "faults": dict(self.faults), "crop": dict(self.crop)}
+        return {
+            "slots": dict(self.slots),
+            "next_slot": self.next_slot,
+            "num_slots": self.num_slots,
+            "stride": stride,
+            "faults": dict(self.faults),
+            "crop": dict(self.crop),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.loaded = dict(state)
@@ -97,4 +103,6 @@ def val_rows(stream, max_tokens: int, world: int, rows: int, seq_len: int) -> It
         seen += item["tokens"][:, :-1].numel()
         yield item["tokens"]
     if seen == 0:
-        raise UserError(f"the validation data has fewer than {rows * (seq_len + 1)} tokens for one batch of {rows} rows")
+        raise UserError(
+            f"the validation data has fewer than {rows * (seq_len + 1)} tokens for one batch of {rows} rows"
+        )

@@ -51,15 +51,27 @@ class BatchDecoder:
         return len(self.owners)
 
     @torch.inference_mode()
-    def add(self, tokens: list[int], num_samples: int = 1, max_tokens: int = 256, temperature: float = 1.0,
-            top_k: int | None = None, seed: int = 42) -> tuple[Generation, list[int], list[int]]:
+    def add(
+        self,
+        tokens: list[int],
+        num_samples: int = 1,
+        max_tokens: int = 256,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        seed: int = 42,
+    ) -> tuple[Generation, list[int], list[int]]:
         """Prefill a prompt and sample its first column: (generation, tokens, masks). Unless that already
         finished it, the generation's rows join the batch and decode in the following steps."""
         engine = self.engine
         engine.check(tokens, max_tokens)
         device = engine.device
-        gen = Generation([Row() for _ in range(num_samples)], torch.Generator(device=device).manual_seed(seed),
-                         temperature, top_k, max_tokens)
+        gen = Generation(
+            [Row() for _ in range(num_samples)],
+            torch.Generator(device=device).manual_seed(seed),
+            temperature,
+            top_k,
+            max_tokens,
+        )
         prefill = KVCache.for_model(self.model, 1, len(tokens), self.dtype)
         logits = engine.forward(torch.tensor([tokens], device=device), self.dtype, kv_cache=prefill, last_only=True)
         column, masks = engine.next_column(gen.rows, logits.expand(num_samples, -1), gen.rng, temperature, top_k)

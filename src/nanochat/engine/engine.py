@@ -114,10 +114,13 @@ class Engine:
         if not tokens:
             raise UserError("generation needs a non-empty prompt")
         if len(tokens) + max_tokens > self.max_context:
-            raise UserError(f"prompt of {len(tokens)} tokens + max_tokens={max_tokens} exceeds the context of {self.max_context}")
+            raise UserError(
+                f"prompt of {len(tokens)} tokens + max_tokens={max_tokens} exceeds the context of {self.max_context}"
+            )
 
-    def next_column(self, rows: list[Row], logits: torch.Tensor, rng: torch.Generator, temperature: float,
-                    top_k: int | None) -> tuple[list[int], list[int]]:
+    def next_column(
+        self, rows: list[Row], logits: torch.Tensor, rng: torch.Generator, temperature: float, top_k: int | None
+    ) -> tuple[list[int], list[int]]:
         """One step of one generation's rows: sample from (rows, vocab) logits, or take a row's forced tool output
         (mask 0), and advance each row's tool-use state. Shared by `generate` and the server's BatchDecoder."""
         sampled = sample_next(logits, rng, temperature, top_k).tolist()
@@ -144,8 +147,9 @@ class Engine:
         elif row.expression is not None:
             row.expression.append(token)
 
-    def generate_batch(self, tokens: list[int], num_samples: int = 1, keep_stop: bool = False,
-                       **kwargs) -> tuple[list[list[int]], list[list[int]]]:
+    def generate_batch(
+        self, tokens: list[int], num_samples: int = 1, keep_stop: bool = False, **kwargs
+    ) -> tuple[list[list[int]], list[list[int]]]:
         """Whole sequences per row: prompt + generated tokens, and their masks (prompt and forced tokens 0).
         The stop token is dropped unless `keep_stop` (RL trains on the decision to stop, like any sampled token)."""
         results = [list(tokens) for _ in range(num_samples)]
@@ -163,8 +167,15 @@ class Engine:
 
 
 @torch.inference_mode()
-def generate_naive(model, tokens: list[int], max_tokens: int, temperature: float = 0.0, top_k: int | None = None,
-                   seed: int = 42, dtype: torch.dtype | None = None) -> list[int]:
+def generate_naive(
+    model,
+    tokens: list[int],
+    max_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    seed: int = 42,
+    dtype: torch.dtype | None = None,
+) -> list[int]:
     """Reference decoding without a cache: recompute the whole sequence for every new token (tests, benchmarks),
     in `dtype` (default: as Engine.compute_dtype)."""
     device = next(model.parameters()).device
@@ -175,4 +186,4 @@ def generate_naive(model, tokens: list[int], max_tokens: int, temperature: float
         with computing(model, dtype):
             logits = model(torch.tensor([ids], device=device))[:, -1]
         ids.append(int(sample_next(logits, rng, temperature, top_k)[0]))
-    return ids[len(tokens):]
+    return ids[len(tokens) :]

@@ -19,13 +19,24 @@ from nanochat.errors import UserError
 
 def check_dtype(cache_dtype: torch.dtype, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
     if k.dtype != cache_dtype or v.dtype != cache_dtype:
-        raise RuntimeError(f"KV cache holds {cache_dtype} but layer {layer_idx} computed {k.dtype} keys and {v.dtype} "
-                           f"values: the model ran outside the engine's compute dtype")
+        raise RuntimeError(
+            f"KV cache holds {cache_dtype} but layer {layer_idx} computed {k.dtype} keys and {v.dtype} "
+            f"values: the model ran outside the engine's compute dtype"
+        )
 
 
 class KVCache:
-    def __init__(self, batch_size: int, num_layers: int, num_kv_heads: int, head_dim: int, max_len: int, *,
-                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        batch_size: int,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        max_len: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ):
         self.shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
         self.max_len, self.dtype, self.device = max_len, dtype, device
         self.k: torch.Tensor | None = None  # allocated on first insert (a stand-in model may insert nothing)
@@ -36,8 +47,9 @@ class KVCache:
     @classmethod
     def for_model(cls, model, batch_size: int, max_len: int, dtype: torch.dtype) -> KVCache:
         c = model.config
-        return cls(batch_size, c.n_layer, c.n_kv_head, c.head_dim, max_len, dtype=dtype,
-                   device=next(model.parameters()).device)
+        return cls(
+            batch_size, c.n_layer, c.n_kv_head, c.head_dim, max_len, dtype=dtype, device=next(model.parameters()).device
+        )
 
     def insert_kv(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.pos + k.size(2)
@@ -87,8 +99,16 @@ class RowKVCache:
     the last row leaves.
     """
 
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *, dtype: torch.dtype,
-                 device: torch.device | str = "cpu", max_length: int | None = None):
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        max_length: int | None = None,
+    ):
         self.num_layers, self.num_kv_heads, self.head_dim, self.device = num_layers, num_kv_heads, head_dim, device
         self.dtype, self.max_length = dtype, max_length
         self.k: torch.Tensor | None = None  # (layers, row capacity, kv heads, length capacity, head dim)
@@ -100,8 +120,14 @@ class RowKVCache:
     @classmethod
     def for_model(cls, model, dtype: torch.dtype) -> RowKVCache:
         c = model.config
-        return cls(c.n_layer, c.n_kv_head, c.head_dim, dtype=dtype, device=next(model.parameters()).device,
-                   max_length=model.rotary_len)
+        return cls(
+            c.n_layer,
+            c.n_kv_head,
+            c.head_dim,
+            dtype=dtype,
+            device=next(model.parameters()).device,
+            max_length=model.rotary_len,
+        )
 
     @property
     def rows(self) -> int:

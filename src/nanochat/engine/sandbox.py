@@ -62,12 +62,47 @@ ERROR_TAIL_BYTES = 4096  # enough of stderr's end to find the exception line eve
 # only guard: they reach other processes or the machine (a root process may reprioritize anything, set the
 # clock), create files the hook never hears of, or exit with status 0 whatever happened.
 _OS_GUARDED = [
-    "system", "fork", "forkpty", "posix_spawn", "posix_spawnp", "kill", "killpg", "setsid", "setpgid",
-    "remove", "unlink", "rmdir", "removedirs", "rename", "renames", "replace", "truncate",
-    "chmod", "fchmod", "lchmod", "chown", "fchown", "lchown", "chroot", "chdir", "fchdir",
-    "setuid", "seteuid", "setreuid", "setresuid",
-    "_exit", "pidfd_open", "setpriority", "nice", "sched_setscheduler", "sched_setparam", "sched_setaffinity",
-    "mknod", "mkfifo", "setns", "unshare",
+    "system",
+    "fork",
+    "forkpty",
+    "posix_spawn",
+    "posix_spawnp",
+    "kill",
+    "killpg",
+    "setsid",
+    "setpgid",
+    "remove",
+    "unlink",
+    "rmdir",
+    "removedirs",
+    "rename",
+    "renames",
+    "replace",
+    "truncate",
+    "chmod",
+    "fchmod",
+    "lchmod",
+    "chown",
+    "fchown",
+    "lchown",
+    "chroot",
+    "chdir",
+    "fchdir",
+    "setuid",
+    "seteuid",
+    "setreuid",
+    "setresuid",
+    "_exit",
+    "pidfd_open",
+    "setpriority",
+    "nice",
+    "sched_setscheduler",
+    "sched_setparam",
+    "sched_setaffinity",
+    "mknod",
+    "mkfifo",
+    "setns",
+    "unshare",
 ]
 _GUARDED = {
     "os": _OS_GUARDED,
@@ -85,37 +120,107 @@ _GUARDED = {
 _PREIMPORT = ("typing", "collections", "re", "math", "heapq", "bisect", "string")
 
 # Audit events refused outright (`_REFUSED_PREFIXES`: every event of those modules).
-_REFUSED_EVENTS = frozenset({
-    "os.system", "os.exec", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "subprocess.Popen",
-    "os.kill", "os.killpg",
-    "os.chdir", "os.link", "os.symlink",  # relative paths must keep meaning the temp dir; no links out of it
-    "resource.setrlimit", "resource.prlimit",
-    "gc.get_objects", "gc.get_referrers", "gc.get_referents",
-    # A hand-made code object (or a frame jump from a trace function) can read and write any memory, this hook
-    # included; a subinterpreter would run without it.
-    "code.__new__", "function.__new__", "marshal.load", "marshal.loads", "sys.settrace", "sys.setprofile",
-    "cpython.PyInterpreterState_New",
-})
+_REFUSED_EVENTS = frozenset(
+    {
+        "os.system",
+        "os.exec",
+        "os.fork",
+        "os.forkpty",
+        "os.posix_spawn",
+        "os.spawn",
+        "subprocess.Popen",
+        "os.kill",
+        "os.killpg",
+        "os.chdir",
+        "os.link",
+        "os.symlink",  # relative paths must keep meaning the temp dir; no links out of it
+        "resource.setrlimit",
+        "resource.prlimit",
+        "gc.get_objects",
+        "gc.get_referrers",
+        "gc.get_referents",
+        # A hand-made code object (or a frame jump from a trace function) can read and write any memory, this hook
+        # included; a subinterpreter would run without it.
+        "code.__new__",
+        "function.__new__",
+        "marshal.load",
+        "marshal.loads",
+        "sys.settrace",
+        "sys.setprofile",
+        "cpython.PyInterpreterState_New",
+    }
+)
 _REFUSED_PREFIXES = ("ctypes.", "socket.", "sqlite3.", "syslog.")
 # Events that create, remove or change files: how many leading arguments are paths, all inside the temp dir.
 _WRITE_EVENTS = {
-    "os.mkdir": 1, "os.remove": 1, "os.rmdir": 1, "os.rename": 2, "os.chmod": 1, "os.chown": 1,
-    "os.truncate": 1, "os.utime": 1, "os.setxattr": 1, "os.removexattr": 1, "shutil.rmtree": 1,
+    "os.mkdir": 1,
+    "os.remove": 1,
+    "os.rmdir": 1,
+    "os.rename": 2,
+    "os.chmod": 1,
+    "os.chown": 1,
+    "os.truncate": 1,
+    "os.utime": 1,
+    "os.setxattr": 1,
+    "os.removexattr": 1,
+    "shutil.rmtree": 1,
 }
 # The C extension modules (lib-dynload) a program may load: computation only. The others open files, sockets,
 # terminals or shared memory behind the hook's back (_sqlite3, _ssl, readline, _posixshmem, ...), start
 # processes (_posixsubprocess), or run arbitrary C (_ctypes, _testcapi, _xxsubinterpreters).
-_EXTENSIONS = frozenset({
-    "_bisect", "_blake2", "_bz2", "_codecs_cn", "_codecs_hk", "_codecs_iso2022", "_codecs_jp", "_codecs_kr",
-    "_codecs_tw", "_contextvars", "_csv", "_datetime", "_decimal", "_elementtree", "_hashlib", "_heapq", "_json",
-    "_lsprof", "_lzma", "_md5", "_multibytecodec", "_opcode", "_pickle", "_queue", "_random", "_sha1", "_sha256",
-    "_sha3", "_sha512", "_statistics", "_struct", "_typing", "_uuid", "_zoneinfo", "array", "binascii", "cmath",
-    "math", "mmap", "pyexpat", "resource", "select", "unicodedata", "zlib",
-})
+_EXTENSIONS = frozenset(
+    {
+        "_bisect",
+        "_blake2",
+        "_bz2",
+        "_codecs_cn",
+        "_codecs_hk",
+        "_codecs_iso2022",
+        "_codecs_jp",
+        "_codecs_kr",
+        "_codecs_tw",
+        "_contextvars",
+        "_csv",
+        "_datetime",
+        "_decimal",
+        "_elementtree",
+        "_hashlib",
+        "_heapq",
+        "_json",
+        "_lsprof",
+        "_lzma",
+        "_md5",
+        "_multibytecodec",
+        "_opcode",
+        "_pickle",
+        "_queue",
+        "_random",
+        "_sha1",
+        "_sha256",
+        "_sha3",
+        "_sha512",
+        "_statistics",
+        "_struct",
+        "_typing",
+        "_uuid",
+        "_zoneinfo",
+        "array",
+        "binascii",
+        "cmath",
+        "math",
+        "mmap",
+        "pyexpat",
+        "resource",
+        "select",
+        "unicodedata",
+        "zlib",
+    }
+)
 
 
 # --- What runs in the child. These functions are sent there as source (see `_child_source`): they may use only
 # --- the standard library and the constants above.
+
 
 def _child_main(program: str, guard: bool) -> None:
     """The sandboxed interpreter's entry point: read and compile the program, lock down, run it."""
@@ -164,10 +269,24 @@ def _audit_hook(workdir: str, read_roots: tuple) -> Callable:
     writable, readable, installed = prefixes([workdir]), prefixes([workdir, *read_roots]), prefixes(read_roots)
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 
-    def hook(event, args, cwd=workdir, writable=writable, readable=readable, installed=installed,
-             write_flags=write_flags, refused=_REFUSED_EVENTS, refused_prefixes=_REFUSED_PREFIXES, writes=_WRITE_EVENTS,
-             extensions=_EXTENSIONS, type=type, str=str, bytes=bytes, PermissionError=PermissionError,
-             ImportError=ImportError):
+    def hook(
+        event,
+        args,
+        cwd=workdir,
+        writable=writable,
+        readable=readable,
+        installed=installed,
+        write_flags=write_flags,
+        refused=_REFUSED_EVENTS,
+        refused_prefixes=_REFUSED_PREFIXES,
+        writes=_WRITE_EVENTS,
+        extensions=_EXTENSIONS,
+        type=type,
+        str=str,
+        bytes=bytes,
+        PermissionError=PermissionError,
+        ImportError=ImportError,
+    ):
         if event in refused or str.startswith(event, refused_prefixes):
             raise PermissionError(f"the sandbox refuses {event}")
         reading = False
@@ -200,7 +319,9 @@ def _audit_hook(workdir: str, read_roots: tuple) -> Callable:
             # directory it seems to stay in.
             if type(path) is bytes:
                 path = bytes.decode(path, "utf-8", "surrogateescape")
-            parts = str.split(path if str.startswith(path, "/") else cwd + "/" + path, "/") if type(path) is str else [".."]
+            parts = (
+                str.split(path if str.startswith(path, "/") else cwd + "/" + path, "/") if type(path) is str else [".."]
+            )
             path = "/" + "/".join([p for p in parts if p not in ("", ".")])
             # .pyc files would go to marshal: imports after this point compile from source instead
             if ".." in parts or not str.startswith(path + "/", roots) or reading and str.endswith(path, ".pyc"):
@@ -234,14 +355,23 @@ def _run(code, excepthook, SystemExit=SystemExit, BaseException=BaseException, t
 
 
 def _child_source() -> str:
-    constants = ["_OS_GUARDED", "_GUARDED", "_PREIMPORT", "_REFUSED_EVENTS", "_REFUSED_PREFIXES", "_WRITE_EVENTS",
-                 "_EXTENSIONS"]
-    return "\n\n".join([
-        "from collections.abc import Callable",
-        *(f"{name} = {globals()[name]!r}" for name in constants),
-        *(inspect.getsource(f) for f in (_child_main, _lock_down, _audit_hook, _run)),
-        "import sys\n_child_main(sys.argv[1], sys.argv[2] == '1')",
-    ])
+    constants = [
+        "_OS_GUARDED",
+        "_GUARDED",
+        "_PREIMPORT",
+        "_REFUSED_EVENTS",
+        "_REFUSED_PREFIXES",
+        "_WRITE_EVENTS",
+        "_EXTENSIONS",
+    ]
+    return "\n\n".join(
+        [
+            "from collections.abc import Callable",
+            *(f"{name} = {globals()[name]!r}" for name in constants),
+            *(inspect.getsource(f) for f in (_child_main, _lock_down, _audit_hook, _run)),
+            "import sys\n_child_main(sys.argv[1], sys.argv[2] == '1')",
+        ]
+    )
 
 
 _RUNNER = _child_source()

@@ -47,24 +47,49 @@ def categorical_correct(model, tokenizer, conversations: list[dict]) -> int:
 def letter_token(tokenizer, letter: str) -> int:
     ids = tokenizer.encode(letter)
     if len(ids) != 1:
-        raise UserError(f"answer letter {letter!r} is {len(ids)} tokens in this tokenizer; categorical scoring needs one")
+        raise UserError(
+            f"answer letter {letter!r} is {len(ids)} tokens in this tokenizer; categorical scoring needs one"
+        )
     return ids[0]
 
 
-def sample_passes(engine, tokenizer, task, conversation: dict, num_samples: int, max_new_tokens: int,
-                  temperature: float, top_k: int | None, seed: int) -> list[bool]:
+def sample_passes(
+    engine,
+    tokenizer,
+    task,
+    conversation: dict,
+    num_samples: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    seed: int,
+) -> list[bool]:
     """Whether each of `num_samples` completions passes the task's check (all False when no answer fits)."""
     prompt = tokenizer.render_for_completion(conversation)
     budget = min(max_new_tokens, engine.max_context - len(prompt))
     if budget <= 0:
         return [False] * num_samples  # the question alone fills the context: no room to answer
-    rows, _ = engine.generate_batch(prompt, num_samples, max_tokens=budget, temperature=temperature, top_k=top_k, seed=seed)
-    return [bool(task.evaluate(conversation, tokenizer.decode(row[len(prompt):]))) for row in rows]
+    rows, _ = engine.generate_batch(
+        prompt, num_samples, max_tokens=budget, temperature=temperature, top_k=top_k, seed=seed
+    )
+    return [bool(task.evaluate(conversation, tokenizer.decode(row[len(prompt) :]))) for row in rows]
 
 
-def evaluate_chat(model, tokenizer, tasks: Mapping[str, object], max_per_task: int = -1, num_samples: int = 1,
-                  max_new_tokens: int = 512, temperature: float = 0.0, top_k: int | None = 50, batch_size: int = 8,
-                  rank: int = 0, world_size: int = 1, reduce=None, show_progress: bool = False) -> dict:
+def evaluate_chat(
+    model,
+    tokenizer,
+    tasks: Mapping[str, object],
+    max_per_task: int = -1,
+    num_samples: int = 1,
+    max_new_tokens: int = 512,
+    temperature: float = 0.0,
+    top_k: int | None = 50,
+    batch_size: int = 8,
+    rank: int = 0,
+    world_size: int = 1,
+    reduce=None,
+    show_progress: bool = False,
+) -> dict:
     """{"tasks": [per-task rows], "chatcore", "chatcore_tasks", "metrics": {chat/<task>, chat/chatcore}}."""
     from tqdm.auto import tqdm
 
@@ -75,7 +100,9 @@ def evaluate_chat(model, tokenizer, tasks: Mapping[str, object], max_per_task: i
     limits = {name: len(task) if max_per_task <= 0 else min(len(task), max_per_task) for name, task in tasks.items()}
     rows = []
     total = sum(len(range(rank, n, world_size)) for n in limits.values())
-    with tqdm(total=total, desc="chat eval", unit="example", disable=not (show_progress and sys.stderr.isatty())) as bar:
+    with tqdm(
+        total=total, desc="chat eval", unit="example", disable=not (show_progress and sys.stderr.isatty())
+    ) as bar:
         for name, task in tasks.items():
             t0 = time.perf_counter()
             bar.set_postfix_str(name)
@@ -84,20 +111,32 @@ def evaluate_chat(model, tokenizer, tasks: Mapping[str, object], max_per_task: i
             correct = 0
             if task.eval_type == "categorical":
                 for i in range(0, len(mine), batch_size):
-                    correct += categorical_correct(model, tokenizer, [task[j] for j in mine[i:i + batch_size]])
-                    bar.update(len(mine[i:i + batch_size]))
+                    correct += categorical_correct(model, tokenizer, [task[j] for j in mine[i : i + batch_size]])
+                    bar.update(len(mine[i : i + batch_size]))
             else:
                 for j in mine:
-                    correct += any(sample_passes(engine, tokenizer, task, task[j], num_samples, max_new_tokens,
-                                                 temperature, top_k, seed=j))
+                    correct += any(
+                        sample_passes(
+                            engine, tokenizer, task, task[j], num_samples, max_new_tokens, temperature, top_k, seed=j
+                        )
+                    )
                     bar.update(1)
             counts = torch.tensor([float(correct)], dtype=torch.float64, device=device)
             if reduce is not None:
                 counts = reduce(counts)
             accuracy = counts.item() / n if n else float("nan")
             baseline = CATEGORICAL_BASELINE if task.eval_type == "categorical" else 0.0
-            rows.append({"task": name, "type": task.eval_type, "examples": n, "accuracy": accuracy, "baseline": baseline,
-                         "centered": (accuracy - baseline) / (1 - baseline), "seconds": time.perf_counter() - t0})
+            rows.append(
+                {
+                    "task": name,
+                    "type": task.eval_type,
+                    "examples": n,
+                    "accuracy": accuracy,
+                    "baseline": baseline,
+                    "centered": (accuracy - baseline) / (1 - baseline),
+                    "seconds": time.perf_counter() - t0,
+                }
+            )
             if show_progress:
                 log_task(rows[-1])
     ran = [r for r in rows if r["examples"]]
@@ -111,8 +150,17 @@ def evaluate_chat(model, tokenizer, tasks: Mapping[str, object], max_per_task: i
 def chat_table(result: dict) -> dict:
     columns = ["task", "type", "examples", "accuracy", "baseline", "centered", "seconds"]
     rows = [[f"{r[c]:.1f}" if c == "seconds" else r[c] for c in columns] for r in result["tasks"]]
-    rows.append(["ChatCORE", f"mean centered over {', '.join(result['chatcore_tasks'])}", "", "", "", result["chatcore"],
-                 f"{sum(r['seconds'] for r in result['tasks']):.1f}"])
+    rows.append(
+        [
+            "ChatCORE",
+            f"mean centered over {', '.join(result['chatcore_tasks'])}",
+            "",
+            "",
+            "",
+            result["chatcore"],
+            f"{sum(r['seconds'] for r in result['tasks']):.1f}",
+        ]
+    )
     return {"title": "Chat evaluation", "columns": columns, "rows": rows}
 
 
@@ -146,12 +194,27 @@ def load_eval_tasks(entries: list, offline: bool) -> dict:
 class ChatEval(Evaluator):
     """`chat/<task>` accuracies and `chat/chatcore` on the tasks of `tasks` (mixture-style entries)."""
 
-    def __init__(self, tasks: list[Mapping], max_per_task: int = -1, num_samples: int = 1, max_new_tokens: int = 512,
-                 temperature: float = 0.0, top_k: int | None = 50, batch_size: int = 8, offline: bool = False):
+    def __init__(
+        self,
+        tasks: list[Mapping],
+        max_per_task: int = -1,
+        num_samples: int = 1,
+        max_new_tokens: int = 512,
+        temperature: float = 0.0,
+        top_k: int | None = 50,
+        batch_size: int = 8,
+        offline: bool = False,
+    ):
         super().__init__()
         self.entries, self.offline = list(tasks), offline
-        self.settings = dict(max_per_task=max_per_task, num_samples=num_samples, max_new_tokens=max_new_tokens,
-                             temperature=temperature, top_k=top_k, batch_size=batch_size)
+        self.settings = dict(
+            max_per_task=max_per_task,
+            num_samples=num_samples,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            batch_size=batch_size,
+        )
         self.tasks: dict | None = None
 
     def load(self) -> dict:
@@ -160,8 +223,16 @@ class ChatEval(Evaluator):
         return self.tasks
 
     def compute(self, model, tokenizer, data, rank, world_size, reduce, show_progress) -> dict:
-        return evaluate_chat(model, tokenizer, data, rank=rank, world_size=world_size, reduce=reduce,
-                             show_progress=show_progress, **self.settings)
+        return evaluate_chat(
+            model,
+            tokenizer,
+            data,
+            rank=rank,
+            world_size=world_size,
+            reduce=reduce,
+            show_progress=show_progress,
+            **self.settings,
+        )
 
     def log_latest(self, prefix: str = "", tasks: bool = True) -> None:
         log_chat(self.latest, prefix, tasks)
@@ -171,13 +242,17 @@ class ChatEval(Evaluator):
 
     def note(self) -> str:
         m = self.settings["max_per_task"]
-        return (f"chat evaluation: {'all' if m <= 0 else f'at most {m}'} examples per task, "
-                f"{self.settings['num_samples']} sample(s) at temperature {self.settings['temperature']}")
+        return (
+            f"chat evaluation: {'all' if m <= 0 else f'at most {m}'} examples per task, "
+            f"{self.settings['num_samples']} sample(s) at temperature {self.settings['temperature']}"
+        )
 
 
 def log_task(r: dict, prefix: str = "") -> None:
-    log.info(f"{prefix}chat {r['task']:14s} acc {r['accuracy']:.4f}  centered {r['centered']:+.4f}  "
-             f"n={r['examples']}  {r['seconds']:.1f} s")
+    log.info(
+        f"{prefix}chat {r['task']:14s} acc {r['accuracy']:.4f}  centered {r['centered']:+.4f}  "
+        f"n={r['examples']}  {r['seconds']:.1f} s"
+    )
 
 
 def log_chat(result: dict, prefix: str = "", tasks: bool = True) -> None:

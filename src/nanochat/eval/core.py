@@ -50,7 +50,7 @@ def scored_spans(task_type: str, rows: list[list[int]]) -> tuple[list[list[int]]
 def crop_left(rows: list[list[int]], spans: list[tuple[int, int]], limit: int):
     """Drop tokens from the left (after <|bos|>) so each row fits `limit` positions; the scored end is kept."""
     cut = [max(0, len(r) - limit) for r in rows]
-    rows = [r[:1] + r[1 + c:] if c else r for r, c in zip(rows, cut)]
+    rows = [r[:1] + r[1 + c :] if c else r for r, c in zip(rows, cut)]
     return rows, [(max(1, s - c), e - c) for (s, e), c in zip(spans, cut)]
 
 
@@ -61,15 +61,16 @@ def score_example(model, task_type: str, rows: list[list[int]], spans, pad_id: i
     ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], device=device)
     logits = model(ids)  # (rows, T, vocab); position t predicts token t + 1
     if task_type == "language_modeling":
-        (start, end), = spans
-        return bool((logits[0, start - 1:end - 1].argmax(-1) == ids[0, start:end]).all())
+        ((start, end),) = spans
+        return bool((logits[0, start - 1 : end - 1].argmax(-1) == ids[0, start:end]).all())
     losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
-    means = [losses[i, s - 1:e - 1].mean().item() for i, (s, e) in enumerate(spans)]
+    means = [losses[i, s - 1 : e - 1].mean().item() for i, (s, e) in enumerate(spans)]
     return means.index(min(means)) == gold
 
 
-def evaluate_task(model, tokenizer, task: CoreTask, data: list[dict], rank: int = 0, world_size: int = 1,
-                  reduce=None, progress=None) -> tuple[float, int]:
+def evaluate_task(
+    model, tokenizer, task: CoreTask, data: list[dict], rank: int = 0, world_size: int = 1, reduce=None, progress=None
+) -> tuple[float, int]:
     """(accuracy, examples whose prompts were cropped to fit the model) on `data`, this task's examples."""
     bos = tokenizer.bos_token_id
     limit = getattr(model, "rotary_len", None) or 10**9
@@ -91,8 +92,16 @@ def evaluate_task(model, tokenizer, task: CoreTask, data: list[dict], rank: int 
     return correct / len(data), int(cropped)
 
 
-def evaluate_core(model, tokenizer, bundle: CoreBundle, max_per_task: int = -1, rank: int = 0, world_size: int = 1,
-                  reduce=None, show_progress: bool = False) -> dict:
+def evaluate_core(
+    model,
+    tokenizer,
+    bundle: CoreBundle,
+    max_per_task: int = -1,
+    rank: int = 0,
+    world_size: int = 1,
+    reduce=None,
+    show_progress: bool = False,
+) -> dict:
     """{"score", "coverage", "tasks": [per-task rows], "metrics": {core/score, core/<label>}} for one model."""
     from tqdm.auto import tqdm
 
@@ -104,9 +113,19 @@ def evaluate_core(model, tokenizer, bundle: CoreBundle, max_per_task: int = -1, 
             t0 = time.perf_counter()
             bar.set_postfix_str(task.label)
             accuracy, cropped = evaluate_task(model, tokenizer, task, data, rank, world_size, reduce, bar)
-            rows.append({"task": task.label, "type": task.task_type, "shots": task.num_fewshot, "examples": len(data),
-                         "accuracy": accuracy, "baseline": task.baseline / 100, "centered": task.centered(accuracy),
-                         "cropped": cropped, "seconds": time.perf_counter() - t0})
+            rows.append(
+                {
+                    "task": task.label,
+                    "type": task.task_type,
+                    "shots": task.num_fewshot,
+                    "examples": len(data),
+                    "accuracy": accuracy,
+                    "baseline": task.baseline / 100,
+                    "centered": task.centered(accuracy),
+                    "cropped": cropped,
+                    "seconds": time.perf_counter() - t0,
+                }
+            )
             if show_progress:  # as each task finishes: a long run shows where it is in plain logs too
                 log_task(rows[-1])
     score = sum(r["centered"] for r in rows) / len(rows) if rows else float("nan")
@@ -125,8 +144,10 @@ def core_table(result: dict) -> dict:
 
 def log_task(r: dict, prefix: str = "") -> None:
     note = f" ({r['cropped']} prompts cropped to fit)" if r["cropped"] else ""
-    log.info(f"{prefix}CORE {r['task']:34s} acc {r['accuracy']:.4f}  centered {r['centered']:+.4f}  "
-             f"n={r['examples']}  {r['seconds']:.1f} s{note}")
+    log.info(
+        f"{prefix}CORE {r['task']:34s} acc {r['accuracy']:.4f}  centered {r['centered']:+.4f}  "
+        f"n={r['examples']}  {r['seconds']:.1f} s{note}"
+    )
 
 
 def log_core(result: dict, prefix: str = "", tasks: bool = True) -> None:
@@ -140,8 +161,15 @@ class CoreEval(Evaluator):
     and no evaluation (training goes on). `reference` ({name, score}, e.g. GPT-2's 0.256525): the log and the report
     compare the score with it."""
 
-    def __init__(self, bundle_dir: str, max_per_task: int = -1, baselines: str = "eval_meta_data.csv",
-                 tasks: list[str] | None = None, required: bool = True, reference: dict | None = None):
+    def __init__(
+        self,
+        bundle_dir: str,
+        max_per_task: int = -1,
+        baselines: str = "eval_meta_data.csv",
+        tasks: list[str] | None = None,
+        required: bool = True,
+        reference: dict | None = None,
+    ):
         super().__init__()
         self.reference = dict(reference) if reference else None
         self.bundle_dir, self.baselines, self.only = bundle_dir, baselines, tasks

@@ -30,8 +30,16 @@ class Evaluator:
         """One line on how the numbers were obtained (examples, samples), for the report."""
         raise NotImplementedError
 
-    def evaluate(self, model, tokenizer, rank: int = 0, world_size: int = 1, reduce=None, show_progress=False,
-                 step: int | None = None) -> dict:
+    def evaluate(
+        self,
+        model,
+        tokenizer,
+        rank: int = 0,
+        world_size: int = 1,
+        reduce=None,
+        show_progress=False,
+        step: int | None = None,
+    ) -> dict:
         self.latest = self.compute(model, tokenizer, self.load(), rank, world_size, reduce, show_progress)
         if step is not None:
             self.history.append((step, self.latest))

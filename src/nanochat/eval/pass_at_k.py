@@ -19,9 +19,21 @@ from nanochat.eval.evaluator import Evaluator
 log = logging.getLogger(__name__)
 
 
-def evaluate_pass_at_k(model, tokenizer, tasks: dict, *, k: int, max_per_task: int, max_new_tokens: int,
-                       temperature: float, top_k: int | None, rank: int = 0, world_size: int = 1,
-                       reduce=None, show_progress: bool = False) -> dict:
+def evaluate_pass_at_k(
+    model,
+    tokenizer,
+    tasks: dict,
+    *,
+    k: int,
+    max_per_task: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    rank: int = 0,
+    world_size: int = 1,
+    reduce=None,
+    show_progress: bool = False,
+) -> dict:
     """{"tasks": [{"task", "examples", "pass": [pass@1..pass@k], "seconds"}], "metrics": {chat/<task>_pass@j}}."""
     from tqdm.auto import tqdm
 
@@ -51,12 +63,21 @@ def evaluate_pass_at_k(model, tokenizer, tasks: dict, *, k: int, max_per_task: i
 class PassAtK(Evaluator):
     """`chat/<task>_pass@1..k` on the held-out questions of `tasks` (mixture-style entries)."""
 
-    def __init__(self, tasks: list, k: int = 8, max_per_task: int = 400, max_new_tokens: int = 256,
-                 temperature: float = 1.0, top_k: int | None = 50, offline: bool = False):
+    def __init__(
+        self,
+        tasks: list,
+        k: int = 8,
+        max_per_task: int = 400,
+        max_new_tokens: int = 256,
+        temperature: float = 1.0,
+        top_k: int | None = 50,
+        offline: bool = False,
+    ):
         super().__init__()
         self.entries, self.offline = list(tasks), offline
-        self.settings = dict(k=k, max_per_task=max_per_task, max_new_tokens=max_new_tokens, temperature=temperature,
-                             top_k=top_k)
+        self.settings = dict(
+            k=k, max_per_task=max_per_task, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k
+        )
         self.tasks: dict | None = None
 
     def load(self) -> dict:
@@ -65,8 +86,16 @@ class PassAtK(Evaluator):
         return self.tasks
 
     def compute(self, model, tokenizer, data, rank, world_size, reduce, show_progress) -> dict:
-        return evaluate_pass_at_k(model, tokenizer, data, rank=rank, world_size=world_size, reduce=reduce,
-                                  show_progress=show_progress, **self.settings)
+        return evaluate_pass_at_k(
+            model,
+            tokenizer,
+            data,
+            rank=rank,
+            world_size=world_size,
+            reduce=reduce,
+            show_progress=show_progress,
+            **self.settings,
+        )
 
     def log_latest(self, prefix: str = "", tasks: bool = True) -> None:
         for r in self.latest["tasks"]:
@@ -77,12 +106,17 @@ class PassAtK(Evaluator):
         k = self.settings["k"]
         history = self.history or [("-", self.latest)]  # stage=eval: one evaluation, at no training step
         columns = ["step", "task", "examples", *(f"pass@{j + 1}" for j in range(k)), "seconds"]
-        rows = [[step, r["task"], r["examples"], *r["pass"], f"{r['seconds']:.1f}"]
-                for step, result in history for r in result["tasks"]]
+        rows = [
+            [step, r["task"], r["examples"], *r["pass"], f"{r['seconds']:.1f}"]
+            for step, result in history
+            for r in result["tasks"]
+        ]
         return [{"title": f"pass@k on held-out questions (k = {k})", "columns": columns, "rows": rows}]
 
     def note(self) -> str:
         s, m = self.settings, self.settings["max_per_task"]
-        return (f"pass@k: {'all' if m <= 0 else f'at most {m}'} questions per task, {s['k']} samples each at "
-                f"temperature {s['temperature']}, top-k {s['top_k']}, at most {s['max_new_tokens']} new tokens; "
-                f"the same seeds at every evaluation")
+        return (
+            f"pass@k: {'all' if m <= 0 else f'at most {m}'} questions per task, {s['k']} samples each at "
+            f"temperature {s['temperature']}, top-k {s['top_k']}, at most {s['max_new_tokens']} new tokens; "
+            f"the same seeds at every evaluation"
+        )

@@ -21,5 +21,15 @@ from nanochat.export.export_dir import (
     stage_tokenizer,
 )
 
-__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "find_export", "load_export", "load_weights", "parent_meta",
-           "read_export_config", "recover_export", "save_export", "stage_tokenizer"]
+__all__ = [
+    "CONFIG_FILE",
+    "WEIGHTS_FILE",
+    "find_export",
+    "load_export",
+    "load_weights",
+    "parent_meta",
+    "read_export_config",
+    "recover_export",
+    "save_export",
+    "stage_tokenizer",
+]

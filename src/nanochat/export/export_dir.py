@@ -38,7 +38,9 @@ def save_export(model, tokenizer, out_dir: str | Path, meta: dict | None = None)
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     bad = nonfinite_tensors(state)
     if bad:
-        raise NonFiniteError(f"refusing to export to {out_dir}: the weights {', '.join(bad[:3])} hold NaN or infinite values")
+        raise NonFiniteError(
+            f"refusing to export to {out_dir}: the weights {', '.join(bad[:3])} hold NaN or infinite values"
+        )
     with staged_dir(out_dir) as staging:
         save_file(state, str(staging / WEIGHTS_FILE))
         with open(staging / WEIGHTS_FILE, "rb+") as f:
@@ -93,7 +95,9 @@ def find_export(path: str | Path) -> Path:
         recover_export(candidate)
         if (candidate / WEIGHTS_FILE).is_file() and (candidate / CONFIG_FILE).is_file():
             return candidate
-    raise UserError(f"{path} holds no exported model (expected {WEIGHTS_FILE} and {CONFIG_FILE} in it or in {path / 'export'})")
+    raise UserError(
+        f"{path} holds no exported model (expected {WEIGHTS_FILE} and {CONFIG_FILE} in it or in {path / 'export'})"
+    )
 
 
 def read_export_config(path: str | Path) -> dict:
@@ -115,8 +119,9 @@ def load_weights(model, path: str | Path) -> Path:
     if saved != model.config.to_dict():
         diff = {k: (saved.get(k), v) for k, v in model.config.to_dict().items() if saved.get(k) != v}
         raise UserError(
-            f"the model in {export} (depth {saved.get('n_layer')}, vocab {saved.get('vocab_size')}) does not match this "
-            f"run's model (saved vs configured: {diff}); configure the model=, arch= and tokenizer it was trained with"
+            f"the model in {export} (depth {saved.get('n_layer')}, vocab {saved.get('vocab_size')}) "
+            f"does not match this run's model (saved vs configured: {diff}); "
+            "configure the model=, arch= and tokenizer it was trained with"
         )
     try:
         state = load_file(str(export / WEIGHTS_FILE))
@@ -124,8 +129,10 @@ def load_weights(model, path: str | Path) -> Path:
         raise UserError(f"{export / WEIGHTS_FILE} is unreadable ({e})") from None
     missing, unexpected = sorted(set(model.state_dict()) - set(state)), sorted(set(state) - set(model.state_dict()))
     if missing or unexpected:
-        raise UserError(f"{export / WEIGHTS_FILE} does not hold this model's weights (missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]}); re-export it")
+        raise UserError(
+            f"{export / WEIGHTS_FILE} does not hold this model's weights (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}); re-export it"
+        )
     model.load_state_dict(state)
     return export
 
@@ -164,7 +171,10 @@ def parent_meta(init_from: str | Path) -> dict:
     """What a run records about the run it started from: where, which stage, how far it had trained."""
     export = find_export(init_from)
     meta = read_export_config(export).get("meta", {})
-    return {"export": str(export.resolve()), **{k: meta[k] for k in ("stage", "step", "tokens", "metrics") if k in meta}}
+    return {
+        "export": str(export.resolve()),
+        **{k: meta[k] for k in ("stage", "step", "tokens", "metrics") if k in meta},
+    }
 
 
 def load_export(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):

@@ -35,11 +35,19 @@ WEIGHTS_INDEX = "model.safetensors.index.json"
 TOKENIZER = "tokenizer.json"
 # GPTConfig fields NanoChatConfig has an equivalent for; any other field must keep its default to export.
 EXPORTED_FIELDS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "rope_base", "softcap")
-LAYER_KEYS = {"attn.c_q": "self_attn.q_proj", "attn.c_k": "self_attn.k_proj", "attn.c_v": "self_attn.v_proj",
-              "attn.c_proj": "self_attn.o_proj", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+LAYER_KEYS = {
+    "attn.c_q": "self_attn.q_proj",
+    "attn.c_k": "self_attn.k_proj",
+    "attn.c_v": "self_attn.v_proj",
+    "attn.c_proj": "self_attn.o_proj",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+}
 META_KEYS = ("stage", "step", "tokens", "metrics")  # what an export's meta carries into the HF config and back
-PROBE = ("The year 1984 had 365 days; 3.14159 is π. Le cœur a ses raisons. 日本語と中文。 Привет, мир! 🤖\n"
-         "def f(x):\n    return x**2  # comment\n\n\t  trailing   spaces   \r\nI'm sure they'll've done it.")
+PROBE = (
+    "The year 1984 had 365 days; 3.14159 is π. Le cœur a ses raisons. 日本語と中文。 Привет, мир! 🤖\n"
+    "def f(x):\n    return x**2  # comment\n\n\t  trailing   spaces   \r\nI'm sure they'll've done it."
+)
 
 # Mirrors nanochat.tokenizer.chat_format: <|bos|>, a leading system (or developer) message merged into the first user
 # message with a blank line, user/assistant alternating, assistant parts text / python / python_output.
@@ -140,8 +148,10 @@ def export_hf(src, out_dir: str | Path, dtype: torch.dtype = torch.float32, repo
     model, tokenizer, meta = load_export(export)
     refused = hf_refusals(model.config)
     if refused:
-        raise UserError(f"the model in {src} uses {', '.join(refused)}, which transformers' NanoChatForCausalLM does "
-                        "not have; it cannot be exported to the Hugging Face format")
+        raise UserError(
+            f"the model in {src} uses {', '.join(refused)}, which transformers' NanoChatForCausalLM does "
+            "not have; it cannot be exported to the Hugging Face format"
+        )
     out_dir = Path(out_dir).expanduser()
     if out_dir.exists() and any(out_dir.iterdir()) and not is_nanochat_hf_dir(out_dir):
         raise UserError(f"{out_dir} exists and is not a Hugging Face NanoChat export; choose a new or empty directory")
@@ -151,9 +161,14 @@ def export_hf(src, out_dir: str | Path, dtype: torch.dtype = torch.float32, repo
         save_file(state, str(staging / WEIGHTS), metadata={"format": "pt"})
         write_json(staging / "config.json", hf_config(model.config, tokenizer, meta, dtype))
         t = tokenizer.token_id
-        write_json(staging / "generation_config.json", {
-            "bos_token_id": t("<|bos|>"), "eos_token_id": [t("<|assistant_end|>"), t("<|bos|>")],
-            "pad_token_id": t("<|assistant_end|>")})
+        write_json(
+            staging / "generation_config.json",
+            {
+                "bos_token_id": t("<|bos|>"),
+                "eos_token_id": [t("<|assistant_end|>"), t("<|bos|>")],
+                "pad_token_id": t("<|assistant_end|>"),
+            },
+        )
         write_tokenizer(tokenizer, staging, model.config.sequence_len)
         atomic_write(staging / "README.md", model_card(export, model.config, meta, repo_id))
     return out_dir
@@ -169,20 +184,24 @@ def write_tokenizer(tokenizer, out: Path, max_length: int) -> None:
 
     hf = HFTokenizer.from_str(tokenizer.hf_tokenizer().to_str())  # a copy: our own never adds <|bos|> by itself
     bos = tokenizer.bos_token_id
-    hf.post_processor = processors.TemplateProcessing(single="<|bos|> $A", pair="<|bos|> $A <|bos|> $B",
-                                                      special_tokens=[("<|bos|>", bos)])
+    hf.post_processor = processors.TemplateProcessing(
+        single="<|bos|> $A", pair="<|bos|> $A <|bos|> $B", special_tokens=[("<|bos|>", bos)]
+    )
     atomic_write(out / TOKENIZER, hf.to_str())
-    write_json(out / "tokenizer_config.json", {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": "<|bos|>",
-        "eos_token": "<|assistant_end|>",
-        "pad_token": "<|assistant_end|>",
-        "add_bos_token": True,
-        "add_eos_token": False,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": max_length,
-        "chat_template": CHAT_TEMPLATE,
-    })
+    write_json(
+        out / "tokenizer_config.json",
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": "<|bos|>",
+            "eos_token": "<|assistant_end|>",
+            "pad_token": "<|assistant_end|>",
+            "add_bos_token": True,
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": max_length,
+            "chat_template": CHAT_TEMPLATE,
+        },
+    )
 
 
 def is_nanochat_hf_dir(path: Path) -> bool:
@@ -209,8 +228,10 @@ def read_config(src: Path) -> dict:
     if not isinstance(config, dict):
         raise UserError(f"{src / 'config.json'} holds no JSON object")
     if config.get("model_type") != MODEL_TYPE:
-        raise UserError(f"{src} holds a Hugging Face {config.get('model_type')!r} model; only model_type "
-                        f"{MODEL_TYPE!r} (NanoChatForCausalLM, nanochat's architecture) converts to this project's GPT")
+        raise UserError(
+            f"{src} holds a Hugging Face {config.get('model_type')!r} model; only model_type "
+            f"{MODEL_TYPE!r} (NanoChatForCausalLM, nanochat's architecture) converts to this project's GPT"
+        )
     return config
 
 
@@ -242,9 +263,16 @@ def gpt_config(hf: dict, src: Path):
     softcap = hf.get("final_logit_softcapping", 15.0)
     if softcap is None:
         refuse("no logit softcap")
-    return GPTConfig(sequence_len=int(hf.get("max_position_embeddings", 2048)), vocab_size=vocab, n_layer=layers,
-                     n_head=heads, n_kv_head=int(hf.get("num_key_value_heads") or heads), n_embd=width,
-                     rope_base=float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0))), softcap=float(softcap))
+    return GPTConfig(
+        sequence_len=int(hf.get("max_position_embeddings", 2048)),
+        vocab_size=vocab,
+        n_layer=layers,
+        n_head=heads,
+        n_kv_head=int(hf.get("num_key_value_heads") or heads),
+        n_embd=width,
+        rope_base=float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0))),
+        softcap=float(softcap),
+    )
 
 
 def read_weights(src: Path) -> dict[str, torch.Tensor]:
@@ -258,8 +286,10 @@ def read_weights(src: Path) -> dict[str, torch.Tensor]:
     elif (src / WEIGHTS).is_file():
         shards = [WEIGHTS]
     elif any(src.glob("*.bin")) or any(src.glob("*.pt")):
-        raise UserError(f"{src} holds its weights as pickles (.bin/.pt); only safetensors weights are read from a "
-                        "Hugging Face dir (pickles can run code)")
+        raise UserError(
+            f"{src} holds its weights as pickles (.bin/.pt); only safetensors weights are read from a "
+            "Hugging Face dir (pickles can run code)"
+        )
     else:
         raise UserError(f"{src} holds no weights ({WEIGHTS} or {WEIGHTS_INDEX})")
     state = {}
@@ -276,15 +306,19 @@ def checked_state(hf_state: dict[str, torch.Tensor], model, where: Path) -> dict
     names = {theirs: ours for ours, theirs in key_map(model.config.n_layer).items()}
     missing, unexpected = sorted(set(names) - set(hf_state)), sorted(set(hf_state) - set(names))
     if missing or unexpected:
-        raise UserError(f"the weights in {where} do not match config.json's NanoChat model (missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]})")
+        raise UserError(
+            f"the weights in {where} do not match config.json's NanoChat model (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]})"
+        )
     expected = model.state_dict()
     state = {}
     for theirs, tensor in hf_state.items():
         ours = names[theirs]
         if tuple(tensor.shape) != tuple(expected[ours].shape):
-            raise UserError(f"{theirs} in {where} has shape {tuple(tensor.shape)} but config.json implies "
-                            f"{tuple(expected[ours].shape)}: the weights and the config disagree")
+            raise UserError(
+                f"{theirs} in {where} has shape {tuple(tensor.shape)} but config.json implies "
+                f"{tuple(expected[ours].shape)}: the weights and the config disagree"
+            )
         state[ours] = tensor.to(torch.float32)
     return state
 
@@ -305,23 +339,31 @@ def tokenizer_from_hf(path: Path, vocab_size: int):
         hf = HFTokenizer.from_str(json.dumps(data))
     except Exception as e:  # tokenizers raises a plain Exception for malformed files
         raise UserError(f"{path} is unreadable ({type(e).__name__}: {e})") from None
-    patterns = [p.get("pattern", {}).get("Regex") for p in (data.get("pre_tokenizer") or {}).get("pretokenizers", [])
-                if p.get("type") == "Split"]
+    patterns = [
+        p.get("pattern", {}).get("Regex")
+        for p in (data.get("pre_tokenizer") or {}).get("pretokenizers", [])
+        if p.get("type") == "Split"
+    ]
     if patterns != [SPLIT_PATTERN]:
-        raise UserError(f"{path} splits text with {patterns or 'no Split pattern'}, not nanochat's pattern; "
-                        "it is not a nanochat tokenizer")
+        raise UserError(
+            f"{path} splits text with {patterns or 'no Split pattern'}, not nanochat's pattern; "
+            "it is not a nanochat tokenizer"
+        )
     missing = [t for t in SPECIAL_TOKENS if hf.token_to_id(t) is None]
     if missing:
         raise UserError(f"{path} lacks nanochat's special tokens {', '.join(missing)}")
     try:
         encoding = hf_to_tiktoken(hf)
     except KeyError:
-        raise UserError(f"{path} is not a byte-level BPE (a token holds a character outside the byte alphabet)") \
-            from None
+        raise UserError(
+            f"{path} is not a byte-level BPE (a token holds a character outside the byte alphabet)"
+        ) from None
     tokenizer = Tokenizer(encoding, hf)
     if tokenizer.vocab_size != vocab_size:
-        raise UserError(f"{path} has {tokenizer.vocab_size:,} tokens but the model's vocab_size is {vocab_size:,}: "
-                        "the tokenizer does not belong to these weights")
+        raise UserError(
+            f"{path} has {tokenizer.vocab_size:,} tokens but the model's vocab_size is {vocab_size:,}: "
+            "the tokenizer does not belong to these weights"
+        )
     check_probe(tokenizer, path)
     return tokenizer
 
@@ -332,8 +374,10 @@ def check_probe(tokenizer, where: Path) -> None:
     theirs = tokenizer.hf_tokenizer().encode(PROBE, add_special_tokens=False).ids
     if ours != theirs or tokenizer.decode(ours) != PROBE:
         at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
-        raise UserError(f"the tokenizer of {where} gives different ids under tiktoken and under tokenizers from "
-                        f"token {at} of a probe text on; it cannot be converted faithfully")
+        raise UserError(
+            f"the tokenizer of {where} gives different ids under tiktoken and under tokenizers from "
+            f"token {at} of a probe text on; it cannot be converted faithfully"
+        )
 
 
 def import_hf(src: Path, out: Path, source: dict) -> Path:

@@ -37,15 +37,18 @@ def snapshot(repo: str, revision: str | None = None) -> Path:
         try:
             return Path(hub.snapshot_download(repo, revision=revision, allow_patterns=patterns))
         except errors.RepositoryNotFoundError:
-            raise UserError(f"no Hugging Face repo {repo} (if it is private or gated, log in with `hf auth login`)") \
-                from None
+            raise UserError(
+                f"no Hugging Face repo {repo} (if it is private or gated, log in with `hf auth login`)"
+            ) from None
         except errors.RevisionNotFoundError:
             raise UserError(f"the Hugging Face repo {repo} has no revision {revision!r}") from None
         except errors.LocalEntryNotFoundError:
             fetch = f"hf download {repo}" + (f" --revision {revision}" if revision else "")
             why = "HF_HUB_OFFLINE is set" if hub.constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
-            raise UserError(f"hf:{repo} is not in the Hugging Face cache and {why}; fetch it once with network access "
-                            f"(`{fetch}`) and run again") from None
+            raise UserError(
+                f"hf:{repo} is not in the Hugging Face cache and {why}; fetch it once with network access "
+                f"(`{fetch}`) and run again"
+            ) from None
         except errors.HfHubHTTPError as e:
             raise UserError(f"downloading {repo} from the Hugging Face Hub failed ({str(e).splitlines()[0]})") from None
 
@@ -58,8 +61,10 @@ def snapshot(repo: str, revision: str | None = None) -> Path:
         path = download(SMALL_FILES + [f"model_{step:06d}.pt", f"model_{step}.pt"])
         nanochat_checkpoint.model_file(path, step)  # refuses a repo whose weights file is missing
         return path
-    raise UserError(f"the Hugging Face repo {repo} holds neither a transformers model (config.json) nor a nanochat "
-                    "checkpoint (meta_<step>.json)")
+    raise UserError(
+        f"the Hugging Face repo {repo} holds neither a transformers model (config.json) nor a nanochat "
+        "checkpoint (meta_<step>.json)"
+    )
 
 
 # --- the model card ----------------------------------------------------------------------------------------------
@@ -87,8 +92,10 @@ def _table(header: list[str], rows: list[list]) -> str:
     def cell(v) -> str:
         return format_value(v).replace("|", "\\|").replace("\n", " ")
 
-    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-                     + ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows])
+    return "\n".join(
+        ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        + ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+    )
 
 
 def metrics_table(sections: dict[str, dict]) -> str | None:
@@ -115,23 +122,49 @@ def model_card(export: Path, config, meta: dict, repo_id: str | None = None) -> 
 
     name = repo_id or default_model_name(export)
     stage, step = meta.get("stage"), meta.get("step")
-    lines = ["---", "library_name: transformers", "license: mit", "pipeline_tag: text-generation",
-             "tags:", "- nanochat", "---", "", f"# {name}", ""]
+    lines = [
+        "---",
+        "library_name: transformers",
+        "license: mit",
+        "pipeline_tag: text-generation",
+        "tags:",
+        "- nanochat",
+        "---",
+        "",
+        f"# {name}",
+        "",
+    ]
     trained = f"the {STAGE_NAMES.get(stage, stage)} stage" if stage else "a nanochat run"
-    lines += [f"A nanochat GPT ({config.summary()}) from {trained}" + (f" at step {step}" if step is not None else "")
-              + ", in transformers' NanoChat format (`NanoChatForCausalLM`, no custom code).", ""]
+    lines += [
+        f"A nanochat GPT ({config.summary()}) from {trained}"
+        + (f" at step {step}" if step is not None else "")
+        + ", in transformers' NanoChat format (`NanoChatForCausalLM`, no custom code).",
+        "",
+    ]
     repo = repo_id or "<this repo>"
-    lines += ["## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-              f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
-              f'model = AutoModelForCausalLM.from_pretrained("{repo}")',
-              'messages = [{"role": "user", "content": "Why is the sky blue?"}]',
-              "ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", "
-              "return_dict=True)",
-              "out = model.generate(**ids, max_new_tokens=64)",
-              'print(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))', "```", "",
-              "With nanochat: fine-tune, evaluate or serve it by naming it where a checkpoint is taken:", "", "```bash",
-              f"nanochat train stage=sft init_from=hf:{repo} model=d{config.n_layer} ...",
-              f"nanochat serve ckpt=hf:{repo}", "```", ""]
+    lines += [
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
+        f'model = AutoModelForCausalLM.from_pretrained("{repo}")',
+        'messages = [{"role": "user", "content": "Why is the sky blue?"}]',
+        'ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", '
+        "return_dict=True)",
+        "out = model.generate(**ids, max_new_tokens=64)",
+        'print(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))',
+        "```",
+        "",
+        "With nanochat: fine-tune, evaluate or serve it by naming it where a checkpoint is taken:",
+        "",
+        "```bash",
+        f"nanochat train stage=sft init_from=hf:{repo} model=d{config.n_layer} ...",
+        f"nanochat serve ckpt=hf:{repo}",
+        "```",
+        "",
+    ]
     root = run_root(export)
     sections = report_sections(root) if root is not None else {}
     table = metrics_table(sections)
@@ -159,11 +192,16 @@ def push_to_hub(folder: Path, repo_id: str, private: bool = False) -> str:
     api = hub.HfApi()
     try:
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-        commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
-                                   commit_message="Upload a nanochat model (nanochat export hf)")
+        commit = api.upload_folder(
+            folder_path=str(folder),
+            repo_id=repo_id,
+            repo_type="model",
+            commit_message="Upload a nanochat model (nanochat export hf)",
+        )
     except errors.LocalTokenNotFoundError:
-        raise UserError(f"pushing to {repo_id} needs a Hugging Face token: run `hf auth login` or set HF_TOKEN") \
-            from None
+        raise UserError(
+            f"pushing to {repo_id} needs a Hugging Face token: run `hf auth login` or set HF_TOKEN"
+        ) from None
     except errors.HfHubHTTPError as e:
         raise UserError(f"pushing to {repo_id} failed ({str(e).splitlines()[0]})") from None
     return str(getattr(commit, "commit_url", commit))

@@ -91,10 +91,13 @@ def _resolve_hf(target: str) -> Path:
     if not is_hf_dir(src):
         if nanochat_checkpoint.has_checkpoint(src):  # a Hub repo holding nanochat's own files
             step = nanochat_checkpoint.last_step(src)
-            return convert_once(out, source,
-                                lambda dest: nanochat_checkpoint.import_checkpoint(src, step, dest, source))
-        raise UserError(f"{src} is not a Hugging Face model dir (no config.json naming a model_type) "
-                        "and holds no nanochat checkpoint (model_<step>.pt)")
+            return convert_once(
+                out, source, lambda dest: nanochat_checkpoint.import_checkpoint(src, step, dest, source)
+            )
+        raise UserError(
+            f"{src} is not a Hugging Face model dir (no config.json naming a model_type) "
+            "and holds no nanochat checkpoint (model_<step>.pt)"
+        )
     return convert_once(out, source, lambda dest: hf.import_hf(src, dest, source))
 
 

@@ -31,8 +31,12 @@ HEAD_FEATURES = {  # GPTConfig switch -> the state-dict name that says a checkpo
     "smear": "smear_gate.weight",
     "backout": "backout_lambda",
 }
-STAGES = {"base_checkpoints": "base", "mid_checkpoints": "mid", "chatsft_checkpoints": "sft",
-          "chatrl_checkpoints": "rl"}
+STAGES = {
+    "base_checkpoints": "base",
+    "mid_checkpoints": "mid",
+    "chatsft_checkpoints": "sft",
+    "chatrl_checkpoints": "rl",
+}
 STEP_FILE = re.compile(r"^model_(\d+)\.pt$")
 ORIG_MOD = "_orig_mod."  # torch.compile's prefix on every key of a compiled module's state dict
 
@@ -71,13 +75,19 @@ def meta_file(ckpt: Path, step: int) -> Path:
 
 def tokenizer_file(ckpt: Path) -> Path:
     """tokenizer.pkl beside the checkpoint, or in the `tokenizer/` dir of the nanochat home above it."""
-    candidates = [ckpt / "tokenizer.pkl", ckpt / "tokenizer" / "tokenizer.pkl",
-                  ckpt.parent / "tokenizer" / "tokenizer.pkl", ckpt.parent.parent / "tokenizer" / "tokenizer.pkl"]
+    candidates = [
+        ckpt / "tokenizer.pkl",
+        ckpt / "tokenizer" / "tokenizer.pkl",
+        ckpt.parent / "tokenizer" / "tokenizer.pkl",
+        ckpt.parent.parent / "tokenizer" / "tokenizer.pkl",
+    ]
     found = next((p for p in candidates if p.is_file()), None)
     if found is None:
         looked = ", ".join(str(p.parent) for p in candidates)
-        raise UserError(f"no tokenizer.pkl for the checkpoint {ckpt} (looked in {looked}); copy the tokenizer/ dir of "
-                        "the nanochat home that trained it next to the checkpoint")
+        raise UserError(
+            f"no tokenizer.pkl for the checkpoint {ckpt} (looked in {looked}); copy the tokenizer/ dir of "
+            "the nanochat home that trained it next to the checkpoint"
+        )
     return found
 
 
@@ -114,8 +124,9 @@ def load_encoding(path: Path):
     try:
         obj = _EncodingOnly(io.BytesIO(path.read_bytes())).load()
     except _Foreign as e:
-        raise UserError(f"{path} holds {e}, not only a tiktoken Encoding; refusing to unpickle it "
-                        "(a pickle can run any code)") from None
+        raise UserError(
+            f"{path} holds {e}, not only a tiktoken Encoding; refusing to unpickle it (a pickle can run any code)"
+        ) from None
     except Exception as e:  # truncated or garbage bytes raise many kinds of errors
         raise UserError(f"{path} is not a readable pickle ({type(e).__name__}: {e})") from None
     state = getattr(obj, "state", None)
@@ -123,6 +134,7 @@ def load_encoding(path: Path):
         what = f"tiktoken's registered encoding {state!r}" if isinstance(state, str) else type(obj).__name__
         raise UserError(f"{path} holds {what}, not a tiktoken Encoding with its own ranks")
     ranks, specials, pattern = state.get("mergeable_ranks"), state.get("special_tokens"), state.get("pat_str")
+
     def typed(d, key_type) -> bool:
         return isinstance(d, dict) and all(isinstance(k, key_type) and isinstance(v, int) for k, v in d.items())
 
@@ -144,8 +156,10 @@ def load_tokenizer(pkl: Path, vocab_size: int):
     encoding = load_encoding(pkl)
     tokenizer = Tokenizer(encoding, tiktoken_to_hf(encoding))
     if tokenizer.vocab_size != vocab_size:
-        raise UserError(f"{pkl} has {tokenizer.vocab_size:,} tokens but the checkpoint's vocab_size is {vocab_size:,}: "
-                        "it is the tokenizer of another model")
+        raise UserError(
+            f"{pkl} has {tokenizer.vocab_size:,} tokens but the checkpoint's vocab_size is {vocab_size:,}: "
+            "it is the tokenizer of another model"
+        )
     sizes = pkl.with_name("token_bytes.pt")
     if sizes.is_file():
         saved = load_tensors(sizes)
@@ -174,8 +188,9 @@ def gpt_config(model_config, where: Path, keys) -> GPTConfig:
     extra = {k: v for k, v in model_config.items() if k not in MODEL_CONFIG_KEYS}
     window = str(extra.pop("window_pattern", "L"))
     if extra:
-        raise UserError(f"{where} sets {', '.join(sorted(extra))} in its model_config, which this project's GPT "
-                        "does not have")
+        raise UserError(
+            f"{where} sets {', '.join(sorted(extra))} in its model_config, which this project's GPT does not have"
+        )
     missing = [k for k in MODEL_CONFIG_KEYS if k not in model_config]
     if missing:
         raise UserError(f"{where} lacks {', '.join(missing)} in its model_config")
@@ -202,12 +217,15 @@ def checked_state(raw, model, where: Path) -> dict[str, torch.Tensor]:
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise UserError(f"{where} does not hold the weights its model_config describes (missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]})")
+        raise UserError(
+            f"{where} does not hold the weights its model_config describes (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]})"
+        )
     for k, v in state.items():
         if tuple(v.shape) != tuple(expected[k].shape):
-            raise UserError(f"{k} in {where} has shape {tuple(v.shape)} but its model_config implies "
-                            f"{tuple(expected[k].shape)}")
+            raise UserError(
+                f"{k} in {where} has shape {tuple(v.shape)} but its model_config implies {tuple(expected[k].shape)}"
+            )
     return {k: v.to(torch.float32) for k, v in state.items()}
 
 

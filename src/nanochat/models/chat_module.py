@@ -24,23 +24,38 @@ log = logging.getLogger(__name__)
 
 
 class ChatModule(L.LightningModule):
-    def __init__(self, *, stage: str, init_from: str | None, tokenizer_dir: str | None = None,
-                 sequence_len: int | None = None,
-                 total_batch_size: int | None = None, optimizer: OptimizerConfig | None = None,
-                 schedule: ScheduleConfig | None = None, horizon: HorizonConfig | None = None, compile: bool = False,
-                 log_every: int = 10, on_nonfinite: str = "stop"):
+    def __init__(
+        self,
+        *,
+        stage: str,
+        init_from: str | None,
+        tokenizer_dir: str | None = None,
+        sequence_len: int | None = None,
+        total_batch_size: int | None = None,
+        optimizer: OptimizerConfig | None = None,
+        schedule: ScheduleConfig | None = None,
+        horizon: HorizonConfig | None = None,
+        compile: bool = False,
+        log_every: int = 10,
+        on_nonfinite: str = "stop",
+    ):
         if not init_from:
-            raise UserError(f"stage={stage} starts from an earlier stage's model: set init_from=<run dir or export dir>")
+            raise UserError(
+                f"stage={stage} starts from an earlier stage's model: set init_from=<run dir or export dir>"
+            )
         super().__init__()
         self.automatic_optimization = False
         self.tokenizer_dir = tokenizer_dir
-        self.tokenizer, self.model, self.parent = stage_parts.build_gpt(depth=None, tokenizer_dir=tokenizer_dir,
-                                                                        init_from=init_from, sequence_len=sequence_len)
+        self.tokenizer, self.model, self.parent = stage_parts.build_gpt(
+            depth=None, tokenizer_dir=tokenizer_dir, init_from=init_from, sequence_len=sequence_len
+        )
         self.config = self.model.config
         self.optimizer_config = optimizer or OptimizerConfig()
         self.stepper = stage_parts.OptimizerStep(schedule or ScheduleConfig(), on_nonfinite)
         self.horizon = horizon or HorizonConfig()
-        self.total_batch_size = total_batch_size  # mid: tokens per step; SFT: None (a step is a number of conversations)
+        self.total_batch_size = (
+            total_batch_size  # mid: tokens per step; SFT: None (a step is a number of conversations)
+        )
         self.num_iterations = self.horizon.num_iterations if self.horizon.num_iterations > 0 else None
         self.log_every, self.compile = log_every, compile
         self.meter = stage_parts.Meter()
@@ -74,9 +89,11 @@ class ChatModule(L.LightningModule):
     # --- reporting ----------------------------------------------------------------------------------
     def describe(self) -> str:
         parent = self.parent or {}
-        return (f"model {self.config.summary()}, {self.model.num_params():,} params, "
-                f"from {parent.get('stage', '?')} step {parent.get('step', '?')} in {parent.get('export')}\n"
-                f"horizon: {self.num_iterations:,} steps, lr x {self.stepper.schedule.init_lr_frac}")
+        return (
+            f"model {self.config.summary()}, {self.model.num_params():,} params, "
+            f"from {parent.get('stage', '?')} step {parent.get('step', '?')} in {parent.get('export')}\n"
+            f"horizon: {self.num_iterations:,} steps, lr x {self.stepper.schedule.init_lr_frac}"
+        )
 
     def report_items(self) -> dict:
         per_step = f"{self.total_batch_size:,}" if self.total_batch_size else "one batch of conversations (padded rows)"

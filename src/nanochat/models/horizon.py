@@ -71,8 +71,9 @@ def auto_batch_size(params: int, reference_params: int, transfer: TransferConfig
     return 2 ** round(math.log2(predicted))
 
 
-def transfer_scales(total_batch_size: int, params: int, reference_params: int,
-                    transfer: TransferConfig) -> tuple[float, float]:
+def transfer_scales(
+    total_batch_size: int, params: int, reference_params: int, transfer: TransferConfig
+) -> tuple[float, float]:
     """(lr scale, Muon weight-decay scale) for this batch and horizon: sqrt(B / B_ref) for the lrs; for the weight decay
     sqrt(B / B_ref) x D_ref / D, which keeps B / (lr x wd x D) constant. 1.0 where `transfer` switches one off."""
     batch = (total_batch_size / transfer.reference_batch_size) ** 0.5
@@ -95,12 +96,17 @@ def num_iterations(*, num_params: int, flops_per_token: int, total_batch_size: i
     return steps
 
 
-def pretrain_plan(model, *, total_batch_size: int, horizon: HorizonConfig, transfer: TransferConfig,
-                  reference_shape: dict) -> tuple[int, float, float]:
+def pretrain_plan(
+    model, *, total_batch_size: int, horizon: HorizonConfig, transfer: TransferConfig, reference_shape: dict
+) -> tuple[int, float, float]:
     """(optimizer steps, lr scale, Muon weight-decay scale) of a pretraining run of `model` (a meta-device GPT
     will do); `reference_shape`: GPTConfig.from_depth's arguments besides depth, for the transfer's reference."""
-    steps = num_iterations(num_params=ratio_params(model, horizon), flops_per_token=model.flops_per_token(),
-                           total_batch_size=total_batch_size, horizon=horizon)
+    steps = num_iterations(
+        num_params=ratio_params(model, horizon),
+        flops_per_token=model.flops_per_token(),
+        total_batch_size=total_batch_size,
+        horizon=horizon,
+    )
     if not (transfer.lr or transfer.weight_decay):
         return steps, 1.0, 1.0
     reference = shape_scaling_params(transfer.reference_depth, **reference_shape)
@@ -125,6 +131,8 @@ def resolve_total_batch_size(cfg) -> None:
     batch = auto_batch_size(params, reference, transfer)
     with open_dict(cfg):
         cfg.model.total_batch_size = batch
-    log.info(f"model.total_batch_size=auto: {batch:,} tokens per step for d{model.depth} ({params:,} block-matrix + "
-             f"head parameters; reference d{transfer.reference_depth}: {reference:,} at "
-             f"{transfer.reference_batch_size:,})")
+    log.info(
+        f"model.total_batch_size=auto: {batch:,} tokens per step for d{model.depth} ({params:,} block-matrix + "
+        f"head parameters; reference d{transfer.reference_depth}: {reference:,} at "
+        f"{transfer.reference_batch_size:,})"
+    )

@@ -44,27 +44,47 @@ def group_advantages(rewards: torch.Tensor, normalize_std: bool = False, eps: fl
     return advantages
 
 
-def policy_gradient_loss(model, inputs: torch.Tensor, targets: torch.Tensor, advantages: torch.Tensor,
-                         denominator: float = 1.0) -> torch.Tensor:
+def policy_gradient_loss(
+    model, inputs: torch.Tensor, targets: torch.Tensor, advantages: torch.Tensor, denominator: float = 1.0
+) -> torch.Tensor:
     """-sum of log p(target) x the row's advantage over the targets that are not -1, / (their count x denominator)."""
     nll = model(inputs, targets, loss_reduction="none").view_as(targets)  # 0 where the target is -1
     valid = (targets >= 0).sum().clamp(min=1)
     return (nll * advantages.to(nll.dtype)[:, None]).sum() / (valid * denominator)
 
 
-def rollout(engine: Engine, prompt_ids: list[int], num_samples: int, chunk: int, max_new_tokens: int,
-            temperature: float, top_k: int | None, seed: int) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+def rollout(
+    engine: Engine,
+    prompt_ids: list[int],
+    num_samples: int,
+    chunk: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    seed: int,
+) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
     """(sequences, masks, completions) of `num_samples` samples, generated `chunk` rows at a time with seeds
     seed, seed + 1, ...; sequences keep the stop token (mask 1: stopping is the model's choice too), completions
     are the generated tokens without it. A prompt that fills the context gets empty completions."""
     budget = min(max_new_tokens, engine.max_context - len(prompt_ids))
     if budget <= 0:
         tail = prompt_ids[-2:]
-        return [list(tail) for _ in range(num_samples)], [[0, 0] for _ in range(num_samples)], [[] for _ in range(num_samples)]
+        return (
+            [list(tail) for _ in range(num_samples)],
+            [[0, 0] for _ in range(num_samples)],
+            [[] for _ in range(num_samples)],
+        )
     sequences, masks = [], []
     for c, start in enumerate(range(0, num_samples, chunk)):
-        rows, row_masks = engine.generate_batch(prompt_ids, min(chunk, num_samples - start), keep_stop=True,
-                                                max_tokens=budget, temperature=temperature, top_k=top_k, seed=seed + c)
+        rows, row_masks = engine.generate_batch(
+            prompt_ids,
+            min(chunk, num_samples - start),
+            keep_stop=True,
+            max_tokens=budget,
+            temperature=temperature,
+            top_k=top_k,
+            seed=seed + c,
+        )
         sequences += rows
         masks += row_masks
     n = len(prompt_ids)
@@ -73,22 +93,43 @@ def rollout(engine: Engine, prompt_ids: list[int], num_samples: int, chunk: int,
 
 
 class RLModule(L.LightningModule):
-    def __init__(self, *, stage: str, init_from: str | None, tokenizer_dir: str | None = None, num_samples: int = 16,
-                 device_batch_size: int = 8, max_new_tokens: int = 256, temperature: float = 1.0,
-                 top_k: int | None = 50, normalize_std: bool = False, optimizer: OptimizerConfig | None = None,
-                 schedule: ScheduleConfig | None = None, horizon: HorizonConfig | None = None, log_every: int = 1,
-                 on_nonfinite: str = "stop"):
+    def __init__(
+        self,
+        *,
+        stage: str,
+        init_from: str | None,
+        tokenizer_dir: str | None = None,
+        num_samples: int = 16,
+        device_batch_size: int = 8,
+        max_new_tokens: int = 256,
+        temperature: float = 1.0,
+        top_k: int | None = 50,
+        normalize_std: bool = False,
+        optimizer: OptimizerConfig | None = None,
+        schedule: ScheduleConfig | None = None,
+        horizon: HorizonConfig | None = None,
+        log_every: int = 1,
+        on_nonfinite: str = "stop",
+    ):
         if not init_from:
-            raise UserError(f"stage={stage} starts from an earlier stage's model: set init_from=<run dir or export dir>")
+            raise UserError(
+                f"stage={stage} starts from an earlier stage's model: set init_from=<run dir or export dir>"
+            )
         if num_samples < 2:
-            raise UserError(f"module.num_samples={num_samples}: the group-mean baseline needs at least 2 samples per question")
+            raise UserError(
+                f"module.num_samples={num_samples}: the group-mean baseline needs at least 2 samples per question"
+            )
         if device_batch_size < 1 or max_new_tokens < 1:
-            raise UserError(f"module.device_batch_size={device_batch_size} and module.max_new_tokens={max_new_tokens} must be positive")
+            raise UserError(
+                f"module.device_batch_size={device_batch_size} and "
+                f"module.max_new_tokens={max_new_tokens} must be positive"
+            )
         super().__init__()
         self.automatic_optimization = False
         self.tokenizer_dir = tokenizer_dir
-        self.tokenizer, self.model, self.parent = stage_parts.build_gpt(depth=None, tokenizer_dir=tokenizer_dir,
-                                                                        init_from=init_from)
+        self.tokenizer, self.model, self.parent = stage_parts.build_gpt(
+            depth=None, tokenizer_dir=tokenizer_dir, init_from=init_from
+        )
         self.config = self.model.config
         self.optimizer_config = optimizer or OptimizerConfig()
         self.stepper = stage_parts.OptimizerStep(schedule or ScheduleConfig(), on_nonfinite)
@@ -124,17 +165,25 @@ class RLModule(L.LightningModule):
         for prompt in batch:
             prompt_ids = self.tokenizer.render_for_completion(prompt.conversation)
             t0 = time.perf_counter()
-            sequences, masks, completions = rollout(engine, prompt_ids, self.num_samples, self.chunk, self.max_new_tokens,
-                                                    self.temperature, self.top_k, seed=seed_for(step, prompt.index))
+            sequences, masks, completions = rollout(
+                engine,
+                prompt_ids,
+                self.num_samples,
+                self.chunk,
+                self.max_new_tokens,
+                self.temperature,
+                self.top_k,
+                seed=seed_for(step, prompt.index),
+            )
             self.meter.add(rollout_seconds=time.perf_counter() - t0)
             rewards = torch.tensor([score(prompt, self.tokenizer.decode(c)) for c in completions])
             advantages = group_advantages(rewards, self.normalize_std).to(self.device)
             for start in range(0, self.num_samples, self.chunk):
                 done_passes += 1
                 last = done_passes == passes
-                chunk_advantages = advantages[start:start + self.chunk]
+                chunk_advantages = advantages[start : start + self.chunk]
                 self.meter.add(passes=1)
-                rows = list(zip(sequences[start:start + self.chunk], masks[start:start + self.chunk]))
+                rows = list(zip(sequences[start : start + self.chunk], masks[start : start + self.chunk]))
                 if not chunk_advantages.any():  # its gradient is exactly zero
                     self.meter.add(skipped=1)
                     if not last:
@@ -146,8 +195,13 @@ class RLModule(L.LightningModule):
                     loss = policy_gradient_loss(self.model, inputs, targets, chunk_advantages, chunks * len(batch))
                     self.manual_backward(loss)
                 self.meter.add(loss=loss.item())
-            self.meter.add(reward=rewards.sum().item(), solved=float(rewards.max().item() > 0), samples=self.num_samples,
-                           questions=1, generated=sum(len(c) for c in completions))
+            self.meter.add(
+                reward=rewards.sum().item(),
+                solved=float(rewards.max().item() > 0),
+                samples=self.num_samples,
+                questions=1,
+                generated=sum(len(c) for c in completions),
+            )
         if not self.stepper.finite(self, opt, step, None):
             return
         lrm = self.stepper(opt, step, self.num_iterations, self.device.type)
@@ -159,8 +213,11 @@ class RLModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:  # the report of a resumed run covers the whole run
         stage_parts.save_state(self, checkpoint)
-        checkpoint["rl"] = {"reward_history": self.reward_history, "rollout_totals": self.rollout_totals,
-                            "seconds": self.meter.totals["seconds"]}
+        checkpoint["rl"] = {
+            "reward_history": self.reward_history,
+            "rollout_totals": self.rollout_totals,
+            "seconds": self.meter.totals["seconds"],
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         stage_parts.load_state(self, checkpoint)
@@ -211,40 +268,52 @@ class RLModule(L.LightningModule):
 
     def describe(self) -> str:
         parent = self.parent or {}
-        return (f"model {self.config.summary()}, {self.model.num_params():,} params, "
-                f"from {parent.get('stage', '?')} step {parent.get('step', '?')} in {parent.get('export')}\n"
-                f"horizon: {self.num_iterations:,} steps, lr x {self.stepper.schedule.init_lr_frac}\n"
-                f"rollouts: {self.num_samples} samples per question, {self.chunk} per forward, "
-                f"temperature {self.temperature}, top-k {self.top_k}, at most {self.max_new_tokens} new tokens; "
-                f"advantage {self.advantage_rule()}")
+        return (
+            f"model {self.config.summary()}, {self.model.num_params():,} params, "
+            f"from {parent.get('stage', '?')} step {parent.get('step', '?')} in {parent.get('export')}\n"
+            f"horizon: {self.num_iterations:,} steps, lr x {self.stepper.schedule.init_lr_frac}\n"
+            f"rollouts: {self.num_samples} samples per question, {self.chunk} per forward, "
+            f"temperature {self.temperature}, top-k {self.top_k}, at most {self.max_new_tokens} new tokens; "
+            f"advantage {self.advantage_rule()}"
+        )
 
     def advantage_rule(self) -> str:
         return "reward - group mean" + (" / group std" if self.normalize_std else "")
 
     def report_items(self) -> dict:
-        items = {k: v for k, v in stage_parts.common_report_items(self).items()
-                 if k in ("model", "parameters", "optimizer steps", "learning rates", "started from")}
+        items = {
+            k: v
+            for k, v in stage_parts.common_report_items(self).items()
+            if k in ("model", "parameters", "optimizer steps", "learning rates", "started from")
+        }
         t = self.rollout_totals
         datamodule = self.trainer.datamodule
-        items.update({
-            "questions per step": datamodule.examples_per_step,
-            "samples per question": self.num_samples,
-            "sampling": f"temperature {self.temperature}, top-k {self.top_k}, at most {self.max_new_tokens} new "
-                        f"tokens, calculator on",
-            "reward": reward_name(datamodule.reward) if datamodule.reward is not None else
-                      ", ".join(f"{task.name}.reward" for task in dict.fromkeys(datamodule.train_mixture.tasks)),
-            "advantage": self.advantage_rule(),
-            "samples generated": t["samples"],
-            "tokens generated": t["tokens"],
-            "rollout throughput": f"{t['tokens'] / max(t['seconds'], 1e-9):,.0f} tok/s (rank 0's sampling time)",
-            "update passes": f"{t['passes']:,} of up to {self.chunk} samples, {t['skipped']:,} skipped (all advantages 0)",
-            "training time": f"{self.meter.totals['seconds']:.1f} s (evaluation excluded)",
-        })
+        items.update(
+            {
+                "questions per step": datamodule.examples_per_step,
+                "samples per question": self.num_samples,
+                "sampling": f"temperature {self.temperature}, top-k {self.top_k}, at most {self.max_new_tokens} new "
+                f"tokens, calculator on",
+                "reward": reward_name(datamodule.reward)
+                if datamodule.reward is not None
+                else ", ".join(f"{task.name}.reward" for task in dict.fromkeys(datamodule.train_mixture.tasks)),
+                "advantage": self.advantage_rule(),
+                "samples generated": t["samples"],
+                "tokens generated": t["tokens"],
+                "rollout throughput": f"{t['tokens'] / max(t['seconds'], 1e-9):,.0f} tok/s (rank 0's sampling time)",
+                "update passes": (
+                    f"{t['passes']:,} of up to {self.chunk} samples, {t['skipped']:,} skipped (all advantages 0)"
+                ),
+                "training time": f"{self.meter.totals['seconds']:.1f} s (evaluation excluded)",
+            }
+        )
         h = self.reward_history
         if h:
+
             def steps(i: int) -> str:  # the optimizer steps a logged mean covers
                 lo, hi = (h[i - 1][0] + 1 if i else 1), h[i][0]
                 return f"step {hi}" if lo == hi else f"steps {lo}-{hi}"
+
             items["mean reward"] = f"{h[0][1]:.4f} ({steps(0)}) -> {h[-1][1]:.4f} ({steps(len(h) - 1)})"
         return items
 

@@ -19,7 +19,9 @@ from nanochat.settings import OptimizerConfig, ScheduleConfig
 log = logging.getLogger(__name__)
 
 UNTIMED_STEPS = 11  # nanochat's leaderboard time leaves out steps 0..10 (compilation and warm-up)
-MAX_NONFINITE_IN_A_ROW = 10  # with on_nonfinite=skip: more bad batches in a row than this means divergence, not bad data
+MAX_NONFINITE_IN_A_ROW = (
+    10  # with on_nonfinite=skip: more bad batches in a row than this means divergence, not bad data
+)
 
 
 def build_gpt(*, depth: int | None, tokenizer_dir, init_from, sequence_len: int | None = None, **shape):
@@ -33,9 +35,11 @@ def build_gpt(*, depth: int | None, tokenizer_dir, init_from, sequence_len: int 
     if depth is None:
         config = GPTConfig.from_dict(read_export_config(init_from)["model"])
         if sequence_len is not None and sequence_len != config.sequence_len:
-            raise UserError(f"the model in {find_export(init_from)} was trained with a context of {config.sequence_len} "
-                            f"tokens but this run's model.sequence_len={sequence_len}; set model.sequence_len="
-                            f"{config.sequence_len} (or the model= preset it was trained with)")
+            raise UserError(
+                f"the model in {find_export(init_from)} was trained with a context of {config.sequence_len} "
+                f"tokens but this run's model.sequence_len={sequence_len}; set model.sequence_len="
+                f"{config.sequence_len} (or the model= preset it was trained with)"
+            )
     else:
         config = GPTConfig.from_depth(depth, tokenizer.vocab_size, sequence_len, **shape)
     model = GPT(config)
@@ -71,16 +75,24 @@ class OptimizerStep:
             return True
         what = "the loss" if loss is not None and not torch.isfinite(loss) else "a gradient"
         ckpt = module.trainer.checkpoint_callback
-        kept = f"the last checkpoint ({ckpt.last_model_path})" if ckpt is not None and ckpt.last_model_path else "no checkpoint yet"
+        kept = (
+            f"the last checkpoint ({ckpt.last_model_path})"
+            if ckpt is not None and ckpt.last_model_path
+            else "no checkpoint yet"
+        )
         if self.on_nonfinite == "stop":
-            raise NonFiniteError(f"step {step + 1}: {what} is NaN or infinite; stopped before the optimizer step, keeping {kept} "
-                                 f"(lower the learning rate, or set module.on_nonfinite=skip to skip such batches)")
+            raise NonFiniteError(
+                f"step {step + 1}: {what} is NaN or infinite; stopped before the optimizer step, keeping {kept} "
+                f"(lower the learning rate, or set module.on_nonfinite=skip to skip such batches)"
+            )
         opt.zero_grad(set_to_none=True)
         self.skipped += 1
         self.in_a_row += 1
         if self.in_a_row > MAX_NONFINITE_IN_A_ROW:
-            raise NonFiniteError(f"step {step + 1}: {what} was NaN or infinite in {MAX_NONFINITE_IN_A_ROW + 1} batches in a "
-                                 f"row, so the model has diverged; stopped, keeping {kept}")
+            raise NonFiniteError(
+                f"step {step + 1}: {what} was NaN or infinite in {MAX_NONFINITE_IN_A_ROW + 1} batches in a "
+                f"row, so the model has diverged; stopped, keeping {kept}"
+            )
         log.warning(f"step {step + 1}: {what} is NaN or infinite; batch skipped ({self.skipped} so far)")
         return False
 
@@ -90,8 +102,11 @@ class OptimizerStep:
         from nanochat.optim import lr_multiplier, muon_momentum, muon_weight_decay_multiplier
 
         lrm = lr_multiplier(step, num_steps, self.schedule)
-        opt.optimizer.apply_schedule(lrm, muon_momentum(step, self.schedule, num_steps),
-                                     muon_weight_decay_multiplier(step, num_steps, self.schedule))
+        opt.optimizer.apply_schedule(
+            lrm,
+            muon_momentum(step, self.schedule, num_steps),
+            muon_weight_decay_multiplier(step, num_steps, self.schedule),
+        )
         # Lightning's bf16-mixed autocast spans the whole training_step; the optimizer chooses its own dtypes
         # (Newton-Schulz in the run's precision), so it steps outside autocast.
         with torch.autocast(device_type, enabled=False):
@@ -155,8 +170,10 @@ def packing_stats(module) -> dict[str, float]:
 
 
 def lr_summary(optimizer: OptimizerConfig, schedule: ScheduleConfig) -> str:
-    return (f"matrix {optimizer.matrix_lr}, embedding {optimizer.embedding_lr}, unembedding {optimizer.unembedding_lr}, "
-            f"x {schedule.init_lr_frac}; warmup {schedule.warmup_ratio}, warmdown {schedule.warmdown_ratio}")
+    return (
+        f"matrix {optimizer.matrix_lr}, embedding {optimizer.embedding_lr}, unembedding {optimizer.unembedding_lr}, "
+        f"x {schedule.init_lr_frac}; warmup {schedule.warmup_ratio}, warmdown {schedule.warmdown_ratio}"
+    )
 
 
 def compile_model(module) -> None:
@@ -166,9 +183,11 @@ def compile_model(module) -> None:
     if "_compiled" in module.__dict__:
         return
     if module.device.type == "cpu" and not cpp_compiler_found():
-        log.warning("compile=true, but torch.compile finds no C++ compiler on this machine (it needs one to build CPU "
-                    "kernels): training uncompiled; install g++ (or set CXX) for the faster compiled step, or set "
-                    "compile=false to silence this")
+        log.warning(
+            "compile=true, but torch.compile finds no C++ compiler on this machine (it needs one to build CPU "
+            "kernels): training uncompiled; install g++ (or set CXX) for the faster compiled step, or set "
+            "compile=false to silence this"
+        )
         return
     module.__dict__["_compiled"] = torch.compile(module.model, dynamic=False)
 
@@ -198,8 +217,12 @@ def export_meta(module, tokens_per_step: int | None) -> dict:
 
 def common_report_items(module) -> dict:
     """The report card's lines every training stage has: model, optimizer, where it started, what it skipped."""
-    items = {"model": module.model.config.summary(), "parameters": module.model.num_params(),
-             "optimizer steps": module.global_step, "learning rates": lr_summary(module.optimizer_config, module.stepper.schedule)}
+    items = {
+        "model": module.model.config.summary(),
+        "parameters": module.model.num_params(),
+        "optimizer steps": module.global_step,
+        "learning rates": lr_summary(module.optimizer_config, module.stepper.schedule),
+    }
     if module.stepper.skipped:
         items["non-finite batches skipped"] = module.stepper.skipped
     for name, share in packing_stats(module).items():
@@ -285,9 +308,14 @@ def log_progress(module, done: int, lrm: float) -> None:
     world = module.trainer.world_size
     tok_per_s = m.tokens * world / seconds
     mfu = module.model.flops_per_token() * tok_per_s / (peak_flops(module) * world)
-    metrics = {"train/loss": loss, "train/lrm": lrm,
-               "train/lr": lrm * module.optimizers().optimizer.param_groups[0]["initial_lr"],
-               "perf/tok_per_s": tok_per_s, "perf/mfu": mfu, "perf/step_seconds": seconds / m.steps}
+    metrics = {
+        "train/loss": loss,
+        "train/lrm": lrm,
+        "train/lr": lrm * module.optimizers().optimizer.param_groups[0]["initial_lr"],
+        "perf/tok_per_s": tok_per_s,
+        "perf/mfu": mfu,
+        "perf/step_seconds": seconds / m.steps,
+    }
     for name, count in data_faults(module).items():
         metrics[f"data/{name}"] = float(count)
     for name, share in packing_stats(module).items():
@@ -299,8 +327,10 @@ def log_progress(module, done: int, lrm: float) -> None:
     m.totals["seconds"] += seconds
     if module.trainer.is_global_zero:
         eta = (module.num_iterations - done) * seconds / m.steps
-        log.info(f"step {done:6d}/{module.num_iterations} ({100 * done / module.num_iterations:5.1f}%) | loss {loss:.4f} | "
-                 f"lrm {lrm:.3f} | {tok_per_s:,.0f} tok/s | mfu {100 * mfu:.2f}% | eta {eta / 60:.1f} min")
+        log.info(
+            f"step {done:6d}/{module.num_iterations} ({100 * done / module.num_iterations:5.1f}%) | loss {loss:.4f} | "
+            f"lrm {lrm:.3f} | {tok_per_s:,.0f} tok/s | mfu {100 * mfu:.2f}% | eta {eta / 60:.1f} min"
+        )
     m.reset()
 
 
@@ -319,7 +349,13 @@ def throughput_items(module, tokens_per_step: str) -> dict:
     tokens, seconds = module.meter.totals["tokens"], max(module.meter.totals["seconds"], 1e-9)
     cpu = " of a matmul's measured FLOP/s (CPU)" if module.device.type == "cpu" else ""
     mfu = per_token * tokens / (seconds * peak_flops(module) * module.trainer.world_size)
-    return {"FLOPs per token": f"{per_token:.3e}", "tokens per step": tokens_per_step, "tokens trained": tokens,
-            "tokens : params": tokens / n, "training FLOPs": f"{per_token * tokens:.3e}",
-            "training time": f"{seconds:.1f} s (evaluation excluded)", "throughput": f"{tokens / seconds:,.0f} tok/s",
-            "MFU": f"{100 * mfu:.2f} %{cpu}"}
+    return {
+        "FLOPs per token": f"{per_token:.3e}",
+        "tokens per step": tokens_per_step,
+        "tokens trained": tokens,
+        "tokens : params": tokens / n,
+        "training FLOPs": f"{per_token * tokens:.3e}",
+        "training time": f"{seconds:.1f} s (evaluation excluded)",
+        "throughput": f"{tokens / seconds:,.0f} tok/s",
+        "MFU": f"{100 * mfu:.2f} %{cpu}",
+    }

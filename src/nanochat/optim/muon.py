@@ -48,7 +48,11 @@ def _iterate(X: torch.Tensor, schedule) -> torch.Tensor:
 
 
 def newton_schulz(
-    G: torch.Tensor, steps: int = 5, coefficients=NS_COEFFICIENTS, eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16
+    G: torch.Tensor,
+    steps: int = 5,
+    coefficients=NS_COEFFICIENTS,
+    eps: float = 1e-7,
+    dtype: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor:
     """Approximate orthogonalisation of the last two dims of G with one fixed quintic.
 
@@ -104,8 +108,14 @@ def normuon_state_shape(shape: torch.Size) -> tuple[int, int]:
 
 
 def muon_direction(
-    grad: torch.Tensor, buf: torch.Tensor, momentum: float, nesterov: bool, ns_steps: int, dtype: torch.dtype,
-    coefficients: str = "quintic", row_equilibration: bool = False,
+    grad: torch.Tensor,
+    buf: torch.Tensor,
+    momentum: float,
+    nesterov: bool,
+    ns_steps: int,
+    dtype: torch.dtype,
+    coefficients: str = "quintic",
+    row_equilibration: bool = False,
 ) -> torch.Tensor:
     """Update the momentum buffer in place and return the orthogonalised step direction (in `dtype`)."""
     buf.lerp_(grad, 1 - momentum)

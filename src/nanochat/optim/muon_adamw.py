@@ -15,12 +15,25 @@ from nanochat.optim.muon import muon_direction, muon_lr_scale, normuon_scale, no
 from nanochat.settings import NS_SCHEMES, OptimizerConfig
 
 _DEFAULT = OptimizerConfig()  # a group leaves out what it keeps at the project's defaults; its lr it must give
-MUON_DEFAULTS = dict(momentum=_DEFAULT.muon_momentum, nesterov=True, ns_steps=_DEFAULT.ns_steps,
-                     ns_dtype=_DEFAULT.ns_dtype, weight_decay=_DEFAULT.muon_weight_decay,
-                     ns_coefficients=_DEFAULT.ns_coefficients, muon_eq=_DEFAULT.muon_eq, muon_plus=_DEFAULT.muon_plus, normuon=_DEFAULT.normuon,
-                     normuon_beta2=_DEFAULT.normuon_beta2, cautious_weight_decay=_DEFAULT.cautious_weight_decay)
-ADAMW_DEFAULTS = dict(betas=tuple(_DEFAULT.betas), eps=_DEFAULT.eps, weight_decay=_DEFAULT.adamw_weight_decay,
-                      fp32_math=_DEFAULT.adamw_fp32_math)
+MUON_DEFAULTS = dict(
+    momentum=_DEFAULT.muon_momentum,
+    nesterov=True,
+    ns_steps=_DEFAULT.ns_steps,
+    ns_dtype=_DEFAULT.ns_dtype,
+    weight_decay=_DEFAULT.muon_weight_decay,
+    ns_coefficients=_DEFAULT.ns_coefficients,
+    muon_eq=_DEFAULT.muon_eq,
+    muon_plus=_DEFAULT.muon_plus,
+    normuon=_DEFAULT.normuon,
+    normuon_beta2=_DEFAULT.normuon_beta2,
+    cautious_weight_decay=_DEFAULT.cautious_weight_decay,
+)
+ADAMW_DEFAULTS = dict(
+    betas=tuple(_DEFAULT.betas),
+    eps=_DEFAULT.eps,
+    weight_decay=_DEFAULT.adamw_weight_decay,
+    fp32_math=_DEFAULT.adamw_fp32_math,
+)
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -44,8 +57,9 @@ class MuonAdamW(torch.optim.Optimizer):
             groups.append(group)
         super().__init__(groups, defaults={})
 
-    def apply_schedule(self, lr_multiplier: float, muon_momentum: float | None = None,
-                       muon_weight_decay_multiplier: float = 1.0) -> None:
+    def apply_schedule(
+        self, lr_multiplier: float, muon_momentum: float | None = None, muon_weight_decay_multiplier: float = 1.0
+    ) -> None:
         """Set every group's lr to initial_lr x multiplier and, for Muon groups, the momentum (when given) and the
         weight decay to initial_weight_decay x its multiplier."""
         for group in self.param_groups:
@@ -85,8 +99,14 @@ class MuonAdamW(torch.optim.Optimizer):
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p.grad)
             update = muon_direction(
-                p.grad, state["momentum_buffer"], group["momentum"], group["nesterov"], group["ns_steps"],
-                ns_dtype(group["ns_dtype"], p.device), group["ns_coefficients"], group["muon_eq"],
+                p.grad,
+                state["momentum_buffer"],
+                group["momentum"],
+                group["nesterov"],
+                group["ns_steps"],
+                ns_dtype(group["ns_dtype"], p.device),
+                group["ns_coefficients"],
+                group["muon_eq"],
             ).to(p.dtype)
             if group["muon_plus"]:
                 update = renormalise(update)

@@ -13,9 +13,11 @@ def resolve_device(device: str = "auto") -> str:
 
     from nanochat.errors import UserError
 
-    available = {"cuda": torch.cuda.is_available(),
-                 "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(),
-                 "cpu": True}
+    available = {
+        "cuda": torch.cuda.is_available(),
+        "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(),
+        "cpu": True,
+    }
     if device == "auto":
         return next(kind for kind, ok in available.items() if ok)  # in order of preference
     kind = device.split(":")[0]

@@ -59,7 +59,9 @@ UNSUPPORTED_UNLESS = {
 }
 
 
-def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error", code: str | None = None) -> dict:
+def error_body(
+    message: str, param: str | None = None, kind: str = "invalid_request_error", code: str | None = None
+) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
@@ -154,8 +156,17 @@ class EventStream(StreamingResponse):
 class ChatCompletions:
     """Turns an OpenAI request body into a validated request on the queue, and events into OpenAI responses."""
 
-    def __init__(self, queue: GenerationQueue, tokenizer, model_name: str, max_context: int,
-                 defaults: dict, max_body_bytes: int, body_timeout: float, send_timeout: float):
+    def __init__(
+        self,
+        queue: GenerationQueue,
+        tokenizer,
+        model_name: str,
+        max_context: int,
+        defaults: dict,
+        max_body_bytes: int,
+        body_timeout: float,
+        send_timeout: float,
+    ):
         self.queue, self.tokenizer, self.model_name = queue, tokenizer, model_name
         self.max_context, self.defaults, self.max_body_bytes = max_context, defaults, max_body_bytes
         self.body_timeout, self.send_timeout = body_timeout, send_timeout
@@ -173,7 +184,10 @@ class ChatCompletions:
         if not isinstance(options, dict):
             raise RequestError("stream_options", "stream_options must be an object")
         limit_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        if limit_name == "max_completion_tokens" and body.get("max_tokens") not in (None, body["max_completion_tokens"]):
+        if limit_name == "max_completion_tokens" and body.get("max_tokens") not in (
+            None,
+            body["max_completion_tokens"],
+        ):
             raise RequestError("max_tokens", "max_tokens and max_completion_tokens disagree; send one of them")
 
         def setting(name):
@@ -182,8 +196,15 @@ class ChatCompletions:
 
         try:
             request = validate_chat(
-                body["messages"], setting("temperature"), setting("top_k"), body.get(limit_name), setting("n"),
-                body.get("seed"), body.get("stop"), tokenizer=self.tokenizer, max_context=self.max_context,
+                body["messages"],
+                setting("temperature"),
+                setting("top_k"),
+                body.get(limit_name),
+                setting("n"),
+                body.get("seed"),
+                body.get("stop"),
+                tokenizer=self.tokenizer,
+                max_context=self.max_context,
                 default_max_tokens=self.defaults["max_tokens"],
             )
         except RequestError as e:
@@ -195,7 +216,9 @@ class ChatCompletions:
     async def __call__(self, http_request: Request):
         # The parsed body is not kept: unknown fields may hold up to a megabyte of junk, and a queued request
         # would hold it for as long as it waits.
-        request, stream, include_usage = self.parse(await read_json_body(http_request, self.max_body_bytes, self.body_timeout))
+        request, stream, include_usage = self.parse(
+            await read_json_body(http_request, self.max_body_bytes, self.body_timeout)
+        )
         job = self.queue.submit(request)  # the slot is taken only now, with the body in; QueueFull -> 503
         meta = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": self.model_name}
         prompt_tokens = len(request.prompt_ids)
@@ -215,10 +238,19 @@ class ChatCompletions:
             return error_response(400, "the client disconnected before the reply was ready")  # read by nobody
         texts, reasons, completion_tokens = collect.result()
         choices = [
-            {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": reasons[i]}
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": reasons[i],
+            }
             for i, text in enumerate(texts)
         ]
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
         return {**meta, "object": "chat.completion", "choices": choices, "usage": usage}
 
     @staticmethod
@@ -250,8 +282,11 @@ class ChatCompletions:
                     completion_tokens += event.tokens
                     yield chunk([choice(event.index, {}, event.reason)])
             if include_usage:
-                usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                         "total_tokens": prompt_tokens + completion_tokens}
+                usage = {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens,
+                }
                 yield chunk([], usage=usage)
         except Exception:  # the status line is already sent: report in-band, then end the stream normally
             log.exception("generation failed mid-stream")
@@ -314,8 +349,15 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(500, "internal server error")
 
 
-def create_app(engine, tokenizer, model_name: str = "nanochat", *, api_key: str | None = None,
-               limits: ServerLimits | None = None, sampling: SamplingConfig | None = None) -> FastAPI:
+def create_app(
+    engine,
+    tokenizer,
+    model_name: str = "nanochat",
+    *,
+    api_key: str | None = None,
+    limits: ServerLimits | None = None,
+    sampling: SamplingConfig | None = None,
+) -> FastAPI:
     """The API app. The engine is shared through one GenerationQueue (`app.state.queue`), which the web UI reuses;
     `sampling` fills in what a request leaves out."""
     limits = limits or ServerLimits()
@@ -335,10 +377,19 @@ def create_app(engine, tokenizer, model_name: str = "nanochat", *, api_key: str 
     install_error_handlers(app)
     app.add_middleware(AlreadyAnswered)
     guard = [Depends(bearer_guard(api_key))]
-    completions = ChatCompletions(queue, tokenizer, model_name, engine.max_context, app.state.defaults,
-                                  limits.max_body_bytes, limits.body_timeout, limits.send_timeout)
-    text_completions = Completions(queue, tokenizer, model_name, engine.max_context, app.state.defaults,
-                                   limits.max_body_bytes, limits.body_timeout)
+    completions = ChatCompletions(
+        queue,
+        tokenizer,
+        model_name,
+        engine.max_context,
+        app.state.defaults,
+        limits.max_body_bytes,
+        limits.body_timeout,
+        limits.send_timeout,
+    )
+    text_completions = Completions(
+        queue, tokenizer, model_name, engine.max_context, app.state.defaults, limits.max_body_bytes, limits.body_timeout
+    )
     created = int(time.time())
     model_card = {"id": model_name, "object": "model", "created": created, "owned_by": "nanochat"}
 
@@ -364,21 +415,32 @@ def create_app(engine, tokenizer, model_name: str = "nanochat", *, api_key: str 
     async def health():
         """Readiness for a load balancer (no API key needed; it reveals only the model name and the load)."""
         problem = queue.problem(limits.stall_timeout)
-        body = {"status": "ok" if problem is None else "unavailable", "ready": problem is None, "model": model_name,
-                "generating": queue.generating, "pending": queue.pending,
-                "free": max(0, limits.max_waiting + 1 - queue.pending), "max_waiting": limits.max_waiting}
+        body = {
+            "status": "ok" if problem is None else "unavailable",
+            "ready": problem is None,
+            "model": model_name,
+            "generating": queue.generating,
+            "pending": queue.pending,
+            "free": max(0, limits.max_waiting + 1 - queue.pending),
+            "max_waiting": limits.max_waiting,
+        }
         if problem is None:
             return body
         return JSONResponse({**body, "reason": problem}, status_code=503, headers={"Retry-After": "1"})
 
     # A catch-all for /v1: the web UI is mounted at "/" and would otherwise answer unknown API paths (and
     # wrong methods on known ones) with its own HTML/404, so API clients get JSON 404/405 here instead.
-    @app.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"], dependencies=guard)
+    @app.api_route(
+        "/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"], dependencies=guard
+    )
     async def unknown(request: Request, rest: str):
         allowed = ROUTES.get(request.url.path.rstrip("/"))
         if allowed and request.method not in allowed:
-            return error_response(405, f"{asked(request)} is not allowed; use {', '.join(sorted(allowed))}",
-                                  headers={"Allow": ", ".join(sorted(allowed))})
+            return error_response(
+                405,
+                f"{asked(request)} is not allowed; use {', '.join(sorted(allowed))}",
+                headers={"Allow": ", ".join(sorted(allowed))},
+            )
         return error_response(404, f"no route {asked(request)}")
 
     return app

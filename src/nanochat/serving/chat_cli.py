@@ -26,11 +26,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("-p", "--prompt", help="answer this one prompt, print only the reply, and exit")
     parser.add_argument("--temperature", type=float, default=SamplingConfig.temperature)
     parser.add_argument("--top-k", dest="top_k", type=int, default=SamplingConfig.top_k)
-    parser.add_argument("--max-tokens", dest="max_tokens", type=int, default=SamplingConfig.max_tokens,
-                        help="most new tokens per reply (fewer when the context is nearly full)")
+    parser.add_argument(
+        "--max-tokens",
+        dest="max_tokens",
+        type=int,
+        default=SamplingConfig.max_tokens,
+        help="most new tokens per reply (fewer when the context is nearly full)",
+    )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-    parser.add_argument("--precision", default="auto", help="auto | fp32 | bf16 (auto: NANOCHAT_PRECISION if set, "
-                        "else bf16 where the device runs it natively)")
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        help="auto | fp32 | bf16 (auto: NANOCHAT_PRECISION if set, else bf16 where the device runs it natively)",
+    )
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: a new one per reply)")
     parser.add_argument("--no-tools", dest="tools", action="store_false", help="do not run calculator calls")
     return parser.parse_args(argv)
@@ -39,8 +47,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 class ChatSession:
     """A conversation with the engine: messages in the chat format, settings, and one streamed reply at a time."""
 
-    def __init__(self, engine, tokenizer, temperature=SamplingConfig.temperature, top_k=SamplingConfig.top_k,
-                 max_tokens=SamplingConfig.max_tokens, seed=None):
+    def __init__(
+        self,
+        engine,
+        tokenizer,
+        temperature=SamplingConfig.temperature,
+        top_k=SamplingConfig.top_k,
+        max_tokens=SamplingConfig.max_tokens,
+        seed=None,
+    ):
         self.engine, self.tokenizer = engine, tokenizer
         self.temperature, self.top_k, self.max_tokens, self.seed = temperature, top_k, max_tokens, seed
         self.messages: list[dict] = []
@@ -62,8 +77,16 @@ class ChatSession:
     def reply(self, text: str, out) -> str:
         """Stream the answer to `text` into `out`; the exchange joins the conversation, even when interrupted."""
         messages = [*self.messages, {"role": "user", "content": text}]
-        request = validate_chat(messages, self.temperature, self.top_k, None, seed=self.seed, tokenizer=self.tokenizer,
-                                max_context=self.engine.max_context, default_max_tokens=self.max_tokens)
+        request = validate_chat(
+            messages,
+            self.temperature,
+            self.top_k,
+            None,
+            seed=self.seed,
+            tokenizer=self.tokenizer,
+            max_context=self.engine.max_context,
+            default_max_tokens=self.max_tokens,
+        )
         parts: list[dict] = []
         shown = []
         try:
@@ -126,7 +149,11 @@ def repl(session: ChatSession, stdin=None, out=None) -> None:
                 session.reply(text, out)
                 out.write("\n")
         except ValueError as e:  # bad command argument, or a RequestError (a UserError is a ValueError)
-            hint = " (use /clear to start a new conversation)" if isinstance(e, RequestError) and e.field == "messages" else ""
+            hint = (
+                " (use /clear to start a new conversation)"
+                if isinstance(e, RequestError) and e.field == "messages"
+                else ""
+            )
             out.write(f"error: {e}{hint}\n")
 
 

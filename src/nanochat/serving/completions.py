@@ -67,8 +67,10 @@ def parse_prompts(prompt, tokenizer) -> list[Prompt]:
     if isinstance(prompt, str) or _is_ids(prompt):
         prompt = [prompt]
     if not isinstance(prompt, list) or not prompt or not all(isinstance(p, str) or _is_ids(p) for p in prompt):
-        raise RequestError("prompt", "prompt must be a string, a list of strings, a non-empty list of token ids, or a "
-                                     "list of such lists")
+        raise RequestError(
+            "prompt",
+            "prompt must be a string, a list of strings, a non-empty list of token ids, or a list of such lists",
+        )
     if len(prompt) > MAX_PROMPTS:
         raise RequestError("prompt", f"prompt holds {len(prompt)} prompts; the limit is {MAX_PROMPTS}")
     chars = sum(len(p) for p in prompt if isinstance(p, str))
@@ -81,8 +83,9 @@ def parse_prompts(prompt, tokenizer) -> list[Prompt]:
             continue
         bad = next((t for t in p if not 0 <= t < tokenizer.vocab_size), None)
         if bad is not None:
-            raise RequestError("prompt",
-                               f"token id {shown(bad)} is outside the vocabulary 0..{tokenizer.vocab_size - 1}")
+            raise RequestError(
+                "prompt", f"token id {shown(bad)} is outside the vocabulary 0..{tokenizer.vocab_size - 1}"
+            )
         prompts.append(Prompt(list(p), tokenizer.decode(p), False))
     return prompts
 
@@ -114,8 +117,16 @@ def text_offsets(tokenizer, ids: list[int], start: int, silent_first: bool) -> l
 class Completions:
     """Turns a completions body into generations and scorings on the queue, and their results into a response."""
 
-    def __init__(self, queue, tokenizer, model_name: str, max_context: int, defaults: dict, max_body_bytes: int,
-                 body_timeout: float):
+    def __init__(
+        self,
+        queue,
+        tokenizer,
+        model_name: str,
+        max_context: int,
+        defaults: dict,
+        max_body_bytes: int,
+        body_timeout: float,
+    ):
         self.queue, self.tokenizer, self.model_name = queue, tokenizer, model_name
         self.max_context, self.defaults = max_context, defaults
         self.max_body_bytes, self.body_timeout = max_body_bytes, body_timeout
@@ -128,8 +139,9 @@ class Completions:
     def parse(self, body: dict) -> CompletionRequest:
         for name, ok in UNSUPPORTED_UNLESS.items():
             if not ok(body.get(name)):
-                raise RequestError(name,
-                                   f"{name}={shown(body[name])} is not supported on {COMPLETIONS_PATH}; leave it out")
+                raise RequestError(
+                    name, f"{name}={shown(body[name])} is not supported on {COMPLETIONS_PATH}; leave it out"
+                )
         if "prompt" not in body:
             raise RequestError("prompt", "prompt is required")
         prompts = parse_prompts(body["prompt"], self.tokenizer)
@@ -139,8 +151,13 @@ class Completions:
             return self.defaults.get(name) if value is None else value
 
         temperature, top_k, n, seed, stop = validate_sampling(
-            setting("temperature"), setting("top_k"), setting("n"), body.get("seed"), body.get("stop"),
-            self.tokenizer.vocab_size)
+            setting("temperature"),
+            setting("top_k"),
+            setting("n"),
+            body.get("seed"),
+            body.get("stop"),
+            self.tokenizer.vocab_size,
+        )
         max_tokens = body.get("max_tokens")
         max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else int_in("max_tokens", max_tokens, 0, self.max_context)
         echo = body.get("echo") or False
@@ -155,8 +172,11 @@ class Completions:
             limit, what = self.max_context, "context"
         longest = max(len(p.ids) for p in prompts)
         if longest + max_tokens > limit:
-            raise RequestError("prompt", f"a prompt of {longest} tokens + max_tokens={max_tokens} is more than the "
-                                         f"model's {what} of {limit} tokens; shorten it or ask for fewer tokens")
+            raise RequestError(
+                "prompt",
+                f"a prompt of {longest} tokens + max_tokens={max_tokens} is more than the "
+                f"model's {what} of {limit} tokens; shorten it or ask for fewer tokens",
+            )
         return CompletionRequest(prompts, temperature, top_k, max_tokens, n, seed, stop, echo, logprobs)
 
     async def __call__(self, http_request: Request):
@@ -180,8 +200,18 @@ class Completions:
         for p, prompt in enumerate(request.prompts):
             texts, reasons, generated = [""] * request.n, ["length"] * request.n, [[] for _ in range(request.n)]
             if request.max_tokens:
-                job = self.queue.submit(ChatRequest([], request.temperature, request.top_k, request.max_tokens,
-                                                    request.n, request.seed, request.stop, prompt.ids))
+                job = self.queue.submit(
+                    ChatRequest(
+                        [],
+                        request.temperature,
+                        request.top_k,
+                        request.max_tokens,
+                        request.n,
+                        request.seed,
+                        request.stop,
+                        prompt.ids,
+                    )
+                )
                 async for event in job.events():
                     if isinstance(event, TextDelta):
                         texts[event.index] += event.text
@@ -191,13 +221,22 @@ class Completions:
             for j in range(request.n):
                 block = await self._logprobs(request, prompt, generated[j]) if request.logprobs is not None else None
                 text = (prompt.text if request.echo else "") + texts[j]
-                choices.append({"text": text, "index": p * request.n + j, "logprobs": block,
-                                "finish_reason": reasons[j]})
+                choices.append(
+                    {"text": text, "index": p * request.n + j, "logprobs": block, "finish_reason": reasons[j]}
+                )
         prompt_tokens = sum(len(p.ids) for p in request.prompts)
-        return {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
-                "model": self.model_name, "choices": choices,
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                          "total_tokens": prompt_tokens + completion_tokens}}
+        return {
+            "id": f"cmpl-{secrets.token_hex(12)}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": self.model_name,
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
 
     async def _logprobs(self, request: CompletionRequest, prompt: Prompt, generated: list[int]) -> dict:
         tokens = prompt.ids + generated
@@ -211,7 +250,9 @@ class Completions:
             shown_from, offset, silent = 0, 0, prompt.implicit_bos
         else:
             shown_from, offset, silent = len(prompt.ids), len(prompt.text), False
-        return {"tokens": strings[shown_from:], "token_logprobs": token_logprobs[shown_from:],
-                "top_logprobs": tops[shown_from:],
-                "text_offset": text_offsets(self.tokenizer, tokens[shown_from:], offset, silent)}
-
+        return {
+            "tokens": strings[shown_from:],
+            "token_logprobs": token_logprobs[shown_from:],
+            "top_logprobs": tops[shown_from:],
+            "text_offset": text_offsets(self.tokenizer, tokens[shown_from:], offset, silent),
+        }

@@ -106,7 +106,9 @@ class _Choice:
         self.index, self.tok, self.stops, self.tools_as_text = index, tokenizer, stops, tools_as_text
         t = tokenizer.token_id
         self.end_ids = {t("<|assistant_end|>"), t("<|bos|>")}
-        self.ids = {name: t(name) for name in ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")}
+        self.ids = {
+            name: t(name) for name in ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")
+        }
         self.special_ids = set(tokenizer.special_tokens.values())
         self.mode = "text"  # "text" | "call" | "output"
         self.segment: list[int] = []  # text tokens not yet released (incomplete UTF-8)
@@ -242,15 +244,26 @@ def request_seed(request: ChatRequest) -> int:
     return request.seed if request.seed is not None else secrets.randbits(63)
 
 
-def generate_events(engine, tokenizer, request: ChatRequest, cancel: threading.Event | None = None,
-                    tools_as_text: bool = True, on_step: Callable[[], None] | None = None,
-                    ) -> Iterator[TextDelta | ToolUse | Finish]:
+def generate_events(
+    engine,
+    tokenizer,
+    request: ChatRequest,
+    cancel: threading.Event | None = None,
+    tools_as_text: bool = True,
+    on_step: Callable[[], None] | None = None,
+) -> Iterator[TextDelta | ToolUse | Finish]:
     """Run one request on the engine; stops early when every choice finished or `cancel` is set.
 
     `on_step` is called after every decoding step (a heartbeat: a step need not produce an event)."""
     reply = _Reply(tokenizer, request, tools_as_text)
-    steps = engine.generate(request.prompt_ids, num_samples=request.n, max_tokens=request.max_tokens,
-                            temperature=request.temperature, top_k=request.top_k, seed=request_seed(request))
+    steps = engine.generate(
+        request.prompt_ids,
+        num_samples=request.n,
+        max_tokens=request.max_tokens,
+        temperature=request.temperature,
+        top_k=request.top_k,
+        seed=request_seed(request),
+    )
     try:
         for column, _masks in steps:
             if on_step is not None:
@@ -307,8 +320,9 @@ class GenerationQueue:
     empty) and leave it when they finish or are cancelled; the rest wait in FIFO order. At most `max_waiting`
     + 1 requests are accepted at once, running or waiting (`QueueFull` beyond)."""
 
-    def __init__(self, engine, tokenizer, max_waiting: int = ServerLimits.max_waiting,
-                 max_batch: int = ServerLimits.max_batch):
+    def __init__(
+        self, engine, tokenizer, max_waiting: int = ServerLimits.max_waiting, max_batch: int = ServerLimits.max_batch
+    ):
         self.engine, self.tokenizer, self.max_waiting, self.max_batch = engine, tokenizer, max_waiting, max_batch
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nanochat-engine")
         self._lock = threading.Lock()
@@ -433,8 +447,14 @@ class GenerationQueue:
         self.generating = len(self._active) + 1
         self._beat()
         try:  # the prefill: its first tokens go out at once, its rows decode with the batch from the next step
-            gen, column, _ = self._decoder.add(request.prompt_ids, request.n, request.max_tokens, request.temperature,
-                                               request.top_k, request_seed(request))
+            gen, column, _ = self._decoder.add(
+                request.prompt_ids,
+                request.n,
+                request.max_tokens,
+                request.temperature,
+                request.top_k,
+                request_seed(request),
+            )
         except Exception as e:  # reported to the waiting request, which turns it into an error response
             job.put(e)
             self._end(job)

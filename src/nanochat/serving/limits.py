@@ -105,6 +105,7 @@ def merged(first: str | list[dict], second: str | list[dict]) -> str | list[dict
     """Two consecutive messages of one role as one: texts joined by a blank line, part lists concatenated."""
     if isinstance(first, str) and isinstance(second, str):
         return first + "\n\n" + second
+
     def parts(content):
         return [{"type": "text", "text": content}] if isinstance(content, str) else content
 
@@ -138,7 +139,9 @@ def validate_messages(messages) -> list[dict]:
         if role != "assistant" and (chars == 0 or isinstance(content, str) and not content.strip()):
             raise RequestError(f"{where}.content", f"{where}.content is empty")
         if chars > MAX_MESSAGE_CHARS:
-            raise RequestError(f"{where}.content", f"{where}.content has {chars:,} characters; the limit is {MAX_MESSAGE_CHARS:,}")
+            raise RequestError(
+                f"{where}.content", f"{where}.content has {chars:,} characters; the limit is {MAX_MESSAGE_CHARS:,}"
+            )
         total += chars
         if clean and clean[-1]["role"] == role:
             clean[-1]["content"] = merged(clean[-1]["content"], content)
@@ -178,8 +181,9 @@ def validate_sampling(temperature, top_k, n, seed, stop, vocab_size: int) -> tup
     """(temperature, top_k, n, seed, stops) checked; None for temperature, top_k or n means the default."""
     temperature = SamplingConfig.temperature if temperature is None else temperature
     if not _is_number(temperature) or not 0 <= temperature <= MAX_TEMPERATURE:
-        raise RequestError("temperature",
-                           f"temperature must be a number in 0..{MAX_TEMPERATURE:g}, got {shown(temperature)}")
+        raise RequestError(
+            "temperature", f"temperature must be a number in 0..{MAX_TEMPERATURE:g}, got {shown(temperature)}"
+        )
     if temperature < MIN_TEMPERATURE:  # logits / 1e-40 overflow float32 into inf and NaN probabilities: greedy it is
         temperature = 0.0
     top_k = int_in("top_k", SamplingConfig.top_k if top_k is None else top_k, 1, vocab_size)
@@ -219,7 +223,8 @@ def validate_chat(
         wanted = f" + max_tokens={max_tokens}" if max_tokens is not None else ""
         raise RequestError(
             "messages",
-            f"the conversation is {len(prompt_ids)} tokens{wanted}, more than the model's context of {max_context} tokens; "
+            f"the conversation is {len(prompt_ids)} tokens{wanted}, "
+            f"more than the model's context of {max_context} tokens; "
             "shorten it or ask for fewer tokens",
         )
     if max_tokens is None:

@@ -67,16 +67,28 @@ def history_to_messages(history: list) -> list[dict]:
     return messages
 
 
-def build_ui(queue: GenerationQueue, tokenizer, max_context: int, model_name: str = "nanochat",
-             sampling: SamplingConfig | None = None) -> gr.Blocks:
+def build_ui(
+    queue: GenerationQueue,
+    tokenizer,
+    max_context: int,
+    model_name: str = "nanochat",
+    sampling: SamplingConfig | None = None,
+) -> gr.Blocks:
     defaults = asdict(sampling or SamplingConfig())
 
     async def respond(message, history, temperature, top_k, max_tokens):
         messages = history_to_messages(history) + [{"role": "user", "content": _text(message)}]
         try:
             # max_tokens as the default, not a demand: a long chat gets whatever room the context has left.
-            request = validate_chat(messages, float(temperature), int(top_k), None, tokenizer=tokenizer,
-                                    max_context=max_context, default_max_tokens=int(max_tokens))
+            request = validate_chat(
+                messages,
+                float(temperature),
+                int(top_k),
+                None,
+                tokenizer=tokenizer,
+                max_context=max_context,
+                default_max_tokens=int(max_tokens),
+            )
             job = queue.submit(request, tools_as_text=False)
         except RequestError as e:
             hint = " Clear the chat to start over." if e.field == "messages" else ""
@@ -99,14 +111,27 @@ def build_ui(queue: GenerationQueue, tokenizer, max_context: int, model_name: st
 
     top_k_max = min(tokenizer.vocab_size, 1000)
     controls = [
-        gr.Slider(0.0, MAX_TEMPERATURE, value=defaults["temperature"], step=0.05, label="Temperature",
-                  info="0 = always the most likely token"),
-        gr.Slider(1, top_k_max, value=min(defaults["top_k"], top_k_max), step=1, label="Top-k",
-                  info="sample among the k most likely tokens"),
+        gr.Slider(
+            0.0,
+            MAX_TEMPERATURE,
+            value=defaults["temperature"],
+            step=0.05,
+            label="Temperature",
+            info="0 = always the most likely token",
+        ),
+        gr.Slider(
+            1,
+            top_k_max,
+            value=min(defaults["top_k"], top_k_max),
+            step=1,
+            label="Top-k",
+            info="sample among the k most likely tokens",
+        ),
         gr.Slider(1, max_context, value=min(defaults["max_tokens"], max_context), step=1, label="Max new tokens"),
     ]
-    chatbot = gr.Chatbot(label=model_name, placeholder=f"**{model_name}**<br>Ask me anything.", height="70vh",
-                         buttons=["copy"])
+    chatbot = gr.Chatbot(
+        label=model_name, placeholder=f"**{model_name}**<br>Ask me anything.", height="70vh", buttons=["copy"]
+    )
     demo = gr.ChatInterface(
         respond,
         chatbot=chatbot,
@@ -127,11 +152,20 @@ def mount_ui(app, *, api_key: str | None = None, path: str = "/"):
     """Mount the chat on the API app (sharing its engine queue). With an API key the UI asks for it as password."""
     import hmac
 
-    demo = build_ui(app.state.queue, app.state.tokenizer, app.state.max_context, app.state.model_name, app.state.sampling)
+    demo = build_ui(
+        app.state.queue, app.state.tokenizer, app.state.max_context, app.state.model_name, app.state.sampling
+    )
 
     def key_matches(_username: str, password: str) -> bool:
         return hmac.compare_digest(password.encode(), api_key.encode())
 
-    return gr.mount_gradio_app(app, demo, path=path, auth=key_matches if api_key else None,
-                               auth_message="Any user name; the password is the server's API key.",
-                               ssr_mode=False, footer_links=[], mcp_server=False)
+    return gr.mount_gradio_app(
+        app,
+        demo,
+        path=path,
+        auth=key_matches if api_key else None,
+        auth_message="Any user name; the password is the server's API key.",
+        ssr_mode=False,
+        footer_links=[],
+        mcp_server=False,
+    )

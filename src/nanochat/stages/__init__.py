@@ -38,7 +38,9 @@ def _in_multirun() -> bool:
 
 def _one_line(message: str) -> str:
     """The user's sentence of an error; one re-raised from a DataLoader worker carries the worker's traceback too."""
-    if "Original Traceback" in message:  # torch: "Caught UserError in DataLoader worker ...\n<traceback>\nUserError: <msg>"
+    if (
+        "Original Traceback" in message
+    ):  # torch: "Caught UserError in DataLoader worker ...\n<traceback>\nUserError: <msg>"
         last = message.rstrip().splitlines()[-1]
         return last.split(": ", 1)[1] if ": " in last else last
     return message

@@ -26,8 +26,10 @@ def select_evaluators(evaluators, which, stage: str) -> dict:
     names = [which] if isinstance(which, str) else list(which)
     unknown = [n for n in names if n not in evaluators]
     if unknown or not names:
-        raise UserError(f"eval={which} names no evaluator of {sorted(evaluators)}; use eval=auto, eval=all, one of "
-                        f"them or a list like eval=[core,chat]")
+        raise UserError(
+            f"eval={which} names no evaluator of {sorted(evaluators)}; use eval=auto, eval=all, one of "
+            f"them or a list like eval=[core,chat]"
+        )
     return {name: evaluators[name] for name in names}
 
 
@@ -49,8 +51,13 @@ def run(cfg) -> None:
         raise UserError("nanochat eval needs ckpt=<run dir or export dir of the model to evaluate>")
     export = find_export(cfg.ckpt)
     t = cfg.trainer
-    fabric = Fabric(accelerator=t.accelerator, devices=t.devices, num_nodes=t.get("num_nodes", 1),
-                    precision=t.precision, strategy="ddp" if t.devices != 1 or t.get("num_nodes", 1) > 1 else "auto")
+    fabric = Fabric(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.get("num_nodes", 1),
+        precision=t.precision,
+        strategy="ddp" if t.devices != 1 or t.get("num_nodes", 1) > 1 else "auto",
+    )
     fabric.launch()
     # fp32 weights under Fabric's autocast, as the trainer evaluates: the same numbers as during training
     fabric.print(f"{of_trainer(cfg.precision, fabric.device.type, t.precision)} on {fabric.device}")
@@ -59,14 +66,19 @@ def run(cfg) -> None:
     chosen = select_evaluators(cfg.evaluators, cfg.eval, stage)
     evaluators = {name: instantiate(c, _convert_="all") for name, c in chosen.items()}
     reduce = lambda x: fabric.all_reduce(x, reduce_op="sum")  # noqa: E731
-    section = {"items": {"model": str(export), "stage": stage, "step": meta.get("step", "?")},
-               "metrics": {}, "tables": [], "notes": []}
+    section = {
+        "items": {"model": str(export), "stage": stage, "step": meta.get("step", "?")},
+        "metrics": {},
+        "tables": [],
+        "notes": [],
+    }
     t0 = time.perf_counter()
     for name, evaluator in evaluators.items():
         fabric.print(f"{name} evaluation of {export} ({stage} step {meta.get('step', '?')}) on {fabric.device}")
         with torch.no_grad(), fabric.autocast():
-            evaluator.evaluate(model, tokenizer, fabric.global_rank, fabric.world_size, reduce,
-                               show_progress=fabric.is_global_zero)
+            evaluator.evaluate(
+                model, tokenizer, fabric.global_rank, fabric.world_size, reduce, show_progress=fabric.is_global_zero
+            )
         if fabric.is_global_zero:
             evaluator.log_latest(tasks=False)  # each task was logged as it finished
             for key, value in evaluator.report().items():

@@ -70,7 +70,11 @@ def build(cfg):
     callbacks = [instantiate(c, _convert_="all") for c in (cfg.get("callbacks") or {}).values() if c]
     loggers = [instantiate(c, _convert_="all") for c in (cfg.get("logger") or {}).values() if c]
     trainer = instantiate(
-        cfg.trainer, max_steps=module.fit_horizon(datamodule), callbacks=callbacks, logger=loggers or False, default_root_dir=str(run_dir)
+        cfg.trainer,
+        max_steps=module.fit_horizon(datamodule),
+        callbacks=callbacks,
+        logger=loggers or False,
+        default_root_dir=str(run_dir),
     )
     ckpt_path = resume_checkpoint(cfg.resume, run_dir / "checkpoints")
     if ckpt_path:  # resuming into our own checkpoint directory is the point, not a hazard
@@ -88,8 +92,10 @@ def run(cfg) -> None:
     trainer, module, datamodule, ckpt_path = build(cfg)
     run_dir = Path(cfg.paths.run_dir)
     if trainer.is_global_zero:
-        log.info(f"{of_trainer(cfg.precision, trainer.strategy.root_device.type, trainer.precision)} "
-                 f"on {trainer.strategy.root_device}")
+        log.info(
+            f"{of_trainer(cfg.precision, trainer.strategy.root_device.type, trainer.precision)} "
+            f"on {trainer.strategy.root_device}"
+        )
         atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         for logger in trainer.loggers:  # W&B's run config (CSV: logs/hparams.yaml)
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -100,10 +106,14 @@ def run(cfg) -> None:
     except SIGTERMException:
         from nanochat.callbacks.preemption import Preemption
 
-        signum = next((c.received for c in trainer.callbacks if isinstance(c, Preemption) and c.received), signal.SIGTERM)
+        signum = next(
+            (c.received for c in trainer.callbacks if isinstance(c, Preemption) and c.received), signal.SIGTERM
+        )
         if trainer.is_global_zero:
-            log.warning(f"stopped by {signal.Signals(signum).name} after step {trainer.global_step}; "
-                        f"run the same command again to resume from {run_dir / 'checkpoints'}")
+            log.warning(
+                f"stopped by {signal.Signals(signum).name} after step {trainer.global_step}; "
+                f"run the same command again to resume from {run_dir / 'checkpoints'}"
+            )
         raise SystemExit(128 + signum) from None
 
 

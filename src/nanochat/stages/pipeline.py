@@ -45,7 +45,8 @@ class Step:
         return [sys.executable, *(["-m", "torch.distributed.run", *torchrun] if torchrun else []), *self.argv]
 
     def shown(self, nproc: int) -> str:
-        """The command as a user types it: `nanochat train ...`, or under torchrun `torchrun ... -m nanochat train ...`."""
+        """The command as a user types it: `nanochat train ...`, or under torchrun
+        `torchrun ... -m nanochat train ...`."""
         torchrun = self.launcher(nproc)
         argv = self.argv if torchrun else self.argv[1:]  # -m nanochat ... reads `nanochat ...` at a shell
         return shlex.join(["torchrun", *torchrun, *argv] if torchrun else argv)
@@ -67,8 +68,15 @@ def plan(cfg, forwarded: list[str], data_overrides: list[str], prep: list[list[s
         stage = spec.get("stage")
         if stage is None:
             raise UserError(f"pipeline.steps.{name} names no stage: give it `stage: <tokenizer|base|mid|sft|rl|eval>`")
-        argv = ["-m", "nanochat", "train", f"stage={stage}", *forwarded, *data_overrides,
-                *map(str, spec.get("overrides") or [])]
+        argv = [
+            "-m",
+            "nanochat",
+            "train",
+            f"stage={stage}",
+            *forwarded,
+            *data_overrides,
+            *map(str, spec.get("overrides") or []),
+        ]
         steps.append(Step(name, argv, stage))
     if not steps:
         raise UserError("pipeline.steps is empty: the experiment names no stages to run")
@@ -101,15 +109,21 @@ class Ledger:
         return True
 
     def record(self, step: Step, seconds: float) -> None:
-        self.done[step.name] = {"argv": step.argv, "seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        self.done[step.name] = {
+            "argv": step.argv,
+            "seconds": round(seconds, 1),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
         atomic_write(self.path, json.dumps({"done": self.done}, indent=2))
 
 
 def device_count(cfg) -> int:
     t = cfg.trainer
     if int(t.get("num_nodes") or 1) > 1:
-        raise UserError("a pipeline runs on one node; on a cluster launch each stage with srun/torchrun on every node "
-                        "(docs/training.md, \"Several nodes\")")
+        raise UserError(
+            "a pipeline runs on one node; on a cluster launch each stage with srun/torchrun on every node "
+            '(docs/training.md, "Several nodes")'
+        )
     devices = t.get("devices")
     if t.get("accelerator") == "cpu" or not isinstance(devices, int):
         return 1
@@ -118,8 +132,10 @@ def device_count(cfg) -> int:
 
 def run(cfg) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError("start a pipeline with plain `nanochat train experiment=...`: it launches torchrun itself "
-                        "for the stages that train on several devices")
+        raise UserError(
+            "start a pipeline with plain `nanochat train experiment=...`: it launches torchrun itself "
+            "for the stages that train on several devices"
+        )
     t0 = time.perf_counter()
     run_root = Path(cfg.paths.runs_dir) / cfg.run
     nproc = device_count(cfg)
@@ -139,8 +155,10 @@ def run(cfg) -> None:
         code = run_child(step.command(nproc))
         if code != 0:
             status = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
-            raise UserError(f"step {step.name!r} stopped ({status}; its output is above); re-run the same command to "
-                            "continue from it")
+            raise UserError(
+                f"step {step.name!r} stopped ({status}; its output is above); re-run the same command to "
+                "continue from it"
+            )
         ledger.record(step, time.perf_counter() - started)
     write_pipeline_section(run_root, steps, ledger, data_overrides, nproc)
     finish(run_root, steps, time.perf_counter() - t0)
@@ -160,20 +178,36 @@ def run_child(cmd: list[str]) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
-def write_pipeline_section(run_root: Path, steps: list[Step], ledger: Ledger, data_overrides: list[str], nproc: int) -> None:
+def write_pipeline_section(
+    run_root: Path, steps: list[Step], ledger: Ledger, data_overrides: list[str], nproc: int
+) -> None:
     from nanochat.report import write_section
 
     seconds = [ledger.done[s.name]["seconds"] for s in steps]
     rows = [[s.name, s.shown(nproc), f"{t:.0f}"] for s, t in zip(steps, seconds)]
-    items = {"steps": " -> ".join(s.name for s in steps), "data": " ".join(data_overrides) or "as configured",
-             "steps' wall time": f"{sum(seconds):.0f} s (each step's process, start to exit)"}
-    write_section(run_root, "pipeline", {"title": "Pipeline", "items": items,
-                                         "tables": [{"title": "Steps", "columns": ["step", "command", "seconds"], "rows": rows}]})
+    items = {
+        "steps": " -> ".join(s.name for s in steps),
+        "data": " ".join(data_overrides) or "as configured",
+        "steps' wall time": f"{sum(seconds):.0f} s (each step's process, start to exit)",
+    }
+    write_section(
+        run_root,
+        "pipeline",
+        {
+            "title": "Pipeline",
+            "items": items,
+            "tables": [{"title": "Steps", "columns": ["step", "command", "seconds"], "rows": rows}],
+        },
+    )
 
 
 def finish(run_root: Path, steps: list[Step], seconds: float) -> None:
     """Where the report is and how to talk to the model the last training stage exported."""
-    exports = [run_root / s.stage / "export" for s in steps if s.stage and (run_root / s.stage / "export" / "config.json").exists()]
+    exports = [
+        run_root / s.stage / "export"
+        for s in steps
+        if s.stage and (run_root / s.stage / "export" / "config.json").exists()
+    ]
     print(f"\npipeline finished in {seconds:.0f} s; report card: {run_root / 'report.md'}")
     if exports:
         last = exports[-1]

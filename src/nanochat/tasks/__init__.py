@@ -15,6 +15,19 @@ from nanochat.tasks.smoltalk import SmolTalk
 from nanochat.tasks.spelling import SimpleSpelling, SpellingBee
 
 __all__ = [
-    "ARC", "GSM8K", "MMLU", "TASKS", "CustomJSON", "HumanEval", "SimpleSpelling", "SmolTalk", "SpellingBee",
-    "Task", "TaskMixture", "TaskSequence", "build_mixture", "build_task", "render_mc",
+    "ARC",
+    "GSM8K",
+    "MMLU",
+    "TASKS",
+    "CustomJSON",
+    "HumanEval",
+    "SimpleSpelling",
+    "SmolTalk",
+    "SpellingBee",
+    "Task",
+    "TaskMixture",
+    "TaskSequence",
+    "build_mixture",
+    "build_task",
+    "render_mc",
 ]

@@ -43,7 +43,6 @@ class ARC(MultipleChoice):
         }
 
 
-
 class ARCEasy(ARC):
     def __init__(self, split: str = "train", **kw):
         super().__init__(subset="ARC-Easy", split=split, **kw)

@@ -19,15 +19,73 @@ from nanochat.errors import UserError
 from nanochat.tasks.base import MultipleChoice, Task, extract_answer, last_text, render_mc
 from nanochat.tasks.gsm8k import solution_parts
 
-NAMES = [("Ava", "she"), ("Ben", "he"), ("Chloe", "she"), ("Dev", "he"), ("Elena", "she"), ("Farid", "he"),
-         ("Grace", "she"), ("Hiro", "he"), ("Isla", "she"), ("Jonas", "he"), ("Keiko", "she"), ("Liam", "he"),
-         ("Maya", "she"), ("Noah", "he"), ("Olga", "she"), ("Pablo", "he"), ("Quinn", "she"), ("Ravi", "he"),
-         ("Sofia", "she"), ("Tomas", "he"), ("Uma", "she"), ("Victor", "he"), ("Wen", "she"), ("Yusuf", "he")]
-ITEMS = ["apples", "marbles", "stickers", "pencils", "cookies", "books", "stamps", "shells", "cards", "eggs",
-         "buttons", "candles", "balloons", "oranges", "beads", "coins", "cupcakes", "toy cars", "flowers", "nails"]
-GOODS = [("notebook", "notebooks"), ("sandwich", "sandwiches"), ("ticket", "tickets"), ("plant", "plants"),
-         ("T-shirt", "T-shirts"), ("mug", "mugs"), ("puzzle", "puzzles"), ("lamp", "lamps"), ("scarf", "scarves")]
-CONTAINERS = [("box", "boxes"), ("bag", "bags"), ("pack", "packs"), ("jar", "jars"), ("crate", "crates"), ("basket", "baskets")]
+NAMES = [
+    ("Ava", "she"),
+    ("Ben", "he"),
+    ("Chloe", "she"),
+    ("Dev", "he"),
+    ("Elena", "she"),
+    ("Farid", "he"),
+    ("Grace", "she"),
+    ("Hiro", "he"),
+    ("Isla", "she"),
+    ("Jonas", "he"),
+    ("Keiko", "she"),
+    ("Liam", "he"),
+    ("Maya", "she"),
+    ("Noah", "he"),
+    ("Olga", "she"),
+    ("Pablo", "he"),
+    ("Quinn", "she"),
+    ("Ravi", "he"),
+    ("Sofia", "she"),
+    ("Tomas", "he"),
+    ("Uma", "she"),
+    ("Victor", "he"),
+    ("Wen", "she"),
+    ("Yusuf", "he"),
+]
+ITEMS = [
+    "apples",
+    "marbles",
+    "stickers",
+    "pencils",
+    "cookies",
+    "books",
+    "stamps",
+    "shells",
+    "cards",
+    "eggs",
+    "buttons",
+    "candles",
+    "balloons",
+    "oranges",
+    "beads",
+    "coins",
+    "cupcakes",
+    "toy cars",
+    "flowers",
+    "nails",
+]
+GOODS = [
+    ("notebook", "notebooks"),
+    ("sandwich", "sandwiches"),
+    ("ticket", "tickets"),
+    ("plant", "plants"),
+    ("T-shirt", "T-shirts"),
+    ("mug", "mugs"),
+    ("puzzle", "puzzles"),
+    ("lamp", "lamps"),
+    ("scarf", "scarves"),
+]
+CONTAINERS = [
+    ("box", "boxes"),
+    ("bag", "bags"),
+    ("pack", "packs"),
+    ("jar", "jars"),
+    ("crate", "crates"),
+    ("basket", "baskets"),
+]
 TEST_SHARE = 5  # one question in 5 belongs to the test split
 
 
@@ -44,11 +102,19 @@ def _gather(rng, name, she, item):
     a, b = rng.randint(12, 95), rng.randint(5, 60)
     c = rng.randint(3, a + b - 1)
     friend = rng.choice([n for n, _ in NAMES if n != name])
-    q = (f"{name} has {a} {item}. {she.capitalize()} buys {b} more and then gives {c} to {friend}. "
-         f"How many {item} does {name} have now?")
+    q = (
+        f"{name} has {a} {item}. {she.capitalize()} buys {b} more and then gives {c} to {friend}. "
+        f"How many {item} does {name} have now?"
+    )
     total = a + b
-    return q, (f"After buying more, {name} has {a}+{b} = {_step(f'{a}+{b}', total)} {item}.\n"
-               f"After giving {c} to {friend}, {she} has {total}-{c} = {_step(f'{total}-{c}', total - c)} {item}."), total - c
+    return (
+        q,
+        (
+            f"After buying more, {name} has {a}+{b} = {_step(f'{a}+{b}', total)} {item}.\n"
+            f"After giving {c} to {friend}, {she} has {total}-{c} = {_step(f'{total}-{c}', total - c)} {item}."
+        ),
+        total - c,
+    )
 
 
 def _packs(rng, name, she, item):
@@ -61,11 +127,19 @@ def _packs(rng, name, she, item):
 def _share(rng, name, she, item):
     n, each, extra = rng.randint(2, 12), rng.randint(3, 40), rng.randint(1, 30)
     total = n * each + extra
-    q = (f"{name} has {total} {item}. {she.capitalize()} keeps {extra} and shares the rest equally among {n} "
-         f"friends. How many {item} does each friend get?")
+    q = (
+        f"{name} has {total} {item}. {she.capitalize()} keeps {extra} and shares the rest equally among {n} "
+        f"friends. How many {item} does each friend get?"
+    )
     rest = total - extra
-    return q, (f"{name} shares {total}-{extra} = {_step(f'{total}-{extra}', rest)} {item}.\n"
-               f"Each of the {n} friends gets {rest}//{n} = {_step(f'{rest}//{n}', each)} {item}."), each
+    return (
+        q,
+        (
+            f"{name} shares {total}-{extra} = {_step(f'{total}-{extra}', rest)} {item}.\n"
+            f"Each of the {n} friends gets {rest}//{n} = {_step(f'{rest}//{n}', each)} {item}."
+        ),
+        each,
+    )
 
 
 def _change(rng, name, she, _item):
@@ -73,16 +147,28 @@ def _change(rng, name, she, _item):
     cost = n * price
     bill = next(b for b in (20, 50, 100, 200, 500) if b >= cost)
     q = f"A {one} costs ${price}. {name} buys {n} {many} and pays with a ${bill} bill. How much change does {she} get?"
-    return q, (f"The {many} cost {n}*{price} = ${_step(f'{n}*{price}', cost)}.\n"
-               f"The change is {bill}-{cost} = ${_step(f'{bill}-{cost}', bill - cost)}."), bill - cost
+    return (
+        q,
+        (
+            f"The {many} cost {n}*{price} = ${_step(f'{n}*{price}', cost)}.\n"
+            f"The change is {bill}-{cost} = ${_step(f'{bill}-{cost}', bill - cost)}."
+        ),
+        bill - cost,
+    )
 
 
 def _reading(rng, name, she, _item):
     pages, weeks = rng.randint(5, 60), rng.randint(2, 9)
     q = f"{name} reads {pages} pages every day. How many pages does {she} read in {weeks} weeks?"
     days = weeks * 7
-    return q, (f"{weeks} weeks have {weeks}*7 = {_step(f'{weeks}*7', days)} days.\n"
-               f"In {days} days {she} reads {days}*{pages} = {_step(f'{days}*{pages}', days * pages)} pages."), days * pages
+    return (
+        q,
+        (
+            f"{weeks} weeks have {weeks}*7 = {_step(f'{weeks}*7', days)} days.\n"
+            f"In {days} days {she} reads {days}*{pages} = {_step(f'{days}*{pages}', days * pages)} pages."
+        ),
+        days * pages,
+    )
 
 
 def _shopping(rng, name, she, _item):
@@ -90,19 +176,34 @@ def _shopping(rng, name, she, _item):
     a, p1, b, p2 = rng.randint(2, 9), rng.randint(2, 30), rng.randint(2, 9), rng.randint(2, 30)
     q = f"{name} buys {a} {many1} for ${p1} each and {b} {many2} for ${p2} each. How much does {she} spend in total?"
     c1, c2 = a * p1, b * p2
-    return q, (f"The {many1} cost {a}*{p1} = ${_step(f'{a}*{p1}', c1)}.\n"
-               f"The {many2} cost {b}*{p2} = ${_step(f'{b}*{p2}', c2)}.\n"
-               f"Altogether {she} spends {c1}+{c2} = ${_step(f'{c1}+{c2}', c1 + c2)}."), c1 + c2
+    return (
+        q,
+        (
+            f"The {many1} cost {a}*{p1} = ${_step(f'{a}*{p1}', c1)}.\n"
+            f"The {many2} cost {b}*{p2} = ${_step(f'{b}*{p2}', c2)}.\n"
+            f"Altogether {she} spends {c1}+{c2} = ${_step(f'{c1}+{c2}', c1 + c2)}."
+        ),
+        c1 + c2,
+    )
 
 
 def _garden(rng, name, she, _item):
     length, width = rng.randint(4, 60), rng.randint(3, 40)
     if rng.random() < 0.5:
-        q = f"{name}'s garden is a rectangle {length} meters long and {width} meters wide. What is its area in square meters?"
+        q = (
+            f"{name}'s garden is a rectangle {length} meters long and {width} meters wide. "
+            "What is its area in square meters?"
+        )
         area = length * width
-        return q, f"The area is length times width: {length}*{width} = {_step(f'{length}*{width}', area)} square meters.", area
-    q = (f"{name} puts a fence around a rectangular garden {length} meters long and {width} meters wide. "
-         f"How many meters of fence does {she} need?")
+        return (
+            q,
+            f"The area is length times width: {length}*{width} = {_step(f'{length}*{width}', area)} square meters.",
+            area,
+        )
+    q = (
+        f"{name} puts a fence around a rectangular garden {length} meters long and {width} meters wide. "
+        f"How many meters of fence does {she} need?"
+    )
     perimeter = 2 * (length + width)
     expr = f"2*({length}+{width})"
     return q, f"The fence goes around the garden: 2*({length}+{width}) = {_step(expr, perimeter)} meters.", perimeter
@@ -112,29 +213,53 @@ def _saving(rng, name, she, _item):
     weekly, weeks = rng.randint(4, 50), rng.randint(3, 20)
     saved = weekly * weeks
     spent = rng.randint(1, min(60, saved - 1))
-    q = (f"{name} saves ${weekly} every week for {weeks} weeks, then spends ${spent} on a gift. "
-         f"How much money does {she} have left?")
-    return q, (f"{name} saves {weekly}*{weeks} = ${_step(f'{weekly}*{weeks}', saved)}.\n"
-               f"After the gift {she} has {saved}-{spent} = ${_step(f'{saved}-{spent}', saved - spent)} left."), saved - spent
+    q = (
+        f"{name} saves ${weekly} every week for {weeks} weeks, then spends ${spent} on a gift. "
+        f"How much money does {she} have left?"
+    )
+    return (
+        q,
+        (
+            f"{name} saves {weekly}*{weeks} = ${_step(f'{weekly}*{weeks}', saved)}.\n"
+            f"After the gift {she} has {saved}-{spent} = ${_step(f'{saved}-{spent}', saved - spent)} left."
+        ),
+        saved - spent,
+    )
 
 
 def _travel(rng, name, she, _item):
     speed, hours, more = rng.randint(20, 110), rng.randint(2, 8), rng.randint(5, 90)
-    q = (f"{name} drives at {speed} kilometers per hour for {hours} hours, then another {more} kilometers. "
-         f"How many kilometers does {she} drive in total?")
+    q = (
+        f"{name} drives at {speed} kilometers per hour for {hours} hours, then another {more} kilometers. "
+        f"How many kilometers does {she} drive in total?"
+    )
     first = speed * hours
-    return q, (f"In {hours} hours {she} drives {speed}*{hours} = {_step(f'{speed}*{hours}', first)} kilometers.\n"
-               f"In total: {first}+{more} = {_step(f'{first}+{more}', first + more)} kilometers."), first + more
+    return (
+        q,
+        (
+            f"In {hours} hours {she} drives {speed}*{hours} = {_step(f'{speed}*{hours}', first)} kilometers.\n"
+            f"In total: {first}+{more} = {_step(f'{first}+{more}', first + more)} kilometers."
+        ),
+        first + more,
+    )
 
 
 def _ages(rng, name, she, _item):
     age, times, years = rng.randint(3, 15), rng.randint(2, 5), rng.randint(2, 20)
     relative = rng.choice(["aunt", "uncle", "grandmother", "cousin", "neighbor", "teacher"])
-    q = (f"{name} is {age} years old. {name}'s {relative} is {times} times as old. "
-         f"How old will the {relative} be in {years} years?")
+    q = (
+        f"{name} is {age} years old. {name}'s {relative} is {times} times as old. "
+        f"How old will the {relative} be in {years} years?"
+    )
     now = age * times
-    return q, (f"The {relative} is {age}*{times} = {_step(f'{age}*{times}', now)} years old now.\n"
-               f"In {years} years: {now}+{years} = {_step(f'{now}+{years}', now + years)}."), now + years
+    return (
+        q,
+        (
+            f"The {relative} is {age}*{times} = {_step(f'{age}*{times}', now)} years old now.\n"
+            f"In {years} years: {now}+{years} = {_step(f'{now}+{years}', now + years)}."
+        ),
+        now + years,
+    )
 
 
 PROBLEMS = [_gather, _packs, _share, _change, _reading, _shopping, _garden, _saving, _travel, _ages]
@@ -172,8 +297,12 @@ class Arithmetic(_Generated):
             return rng.choice(PROBLEMS)(rng, name, she, rng.choice(ITEMS))
 
         question, solution, answer = self._draw(index, make)
-        return {"messages": [{"role": "user", "content": question},
-                             {"role": "assistant", "content": solution_parts(f"{solution}\n#### {answer}")}]}
+        return {
+            "messages": [
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": solution_parts(f"{solution}\n#### {answer}")},
+            ]
+        }
 
     def evaluate(self, conversation: dict, completion: str) -> bool:
         predicted = extract_answer(completion)
@@ -188,7 +317,9 @@ class ArithmeticChoice(_Generated, MultipleChoice):
     def get_example(self, index: int) -> dict:
         def make(rng):
             op = rng.choice("+-*")
-            a, b = (rng.randint(2, 99), rng.randint(2, 12)) if op == "*" else (rng.randint(10, 999), rng.randint(10, 999))
+            a, b = (
+                (rng.randint(2, 99), rng.randint(2, 12)) if op == "*" else (rng.randint(10, 999), rng.randint(10, 999))
+            )
             if op == "-" and b > a:
                 a, b = b, a
             value = a + b if op == "+" else a - b if op == "-" else a * b
@@ -202,6 +333,10 @@ class ArithmeticChoice(_Generated, MultipleChoice):
             return f"What is {a} {op} {b}?", choices, choices.index(value)
 
         question, choices, gold = self._draw(index, make)
-        return {"messages": [{"role": "user", "content": render_mc(question, self.letters, [str(c) for c in choices])},
-                             {"role": "assistant", "content": self.letters[gold]}],
-                "letters": self.letters}
+        return {
+            "messages": [
+                {"role": "user", "content": render_mc(question, self.letters, [str(c) for c in choices])},
+                {"role": "assistant", "content": self.letters[gold]},
+            ],
+            "letters": self.letters,
+        }

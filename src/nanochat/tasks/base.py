@@ -20,7 +20,9 @@ class Task:
 
     def __init__(self, start: int = 0, stop: int | None = None, step: int = 1):
         if start < 0 or (stop is not None and stop < start) or step < 1:
-            raise UserError(f"task slice start={start}, stop={stop}, step={step} is invalid: need 0 <= start <= stop and step >= 1")
+            raise UserError(
+                f"task slice start={start}, stop={stop}, step={step} is invalid: need 0 <= start <= stop and step >= 1"
+            )
         self.start, self.stop, self.step = start, stop, step
 
     rows: Sequence  # tasks backed by loaded rows set this; others override num_examples
@@ -105,7 +107,6 @@ class TaskMixture(Task):
         return self.tasks[self.index_map[self._range()[index]][0]]
 
 
-
 class MultipleChoice(Task):
     """A task answered with one letter (MMLU, ARC, the built-in arithmetic quiz): chat evaluation scores the
     letters' logits; the last assistant message holds the gold letter."""
@@ -115,8 +116,10 @@ class MultipleChoice(Task):
     def evaluate(self, conversation: dict, completion: str) -> bool:
         return completion.strip() == conversation["messages"][-1]["content"]
 
+
 def render_mc(question: str, letters: Sequence[str], choices: Sequence[str]) -> str:
-    """nanochat's multiple-choice prompt; the letter follows the choice with no space so prompt and answer share a token."""
+    """nanochat's multiple-choice prompt; the letter follows the choice with no space so prompt and answer
+    share a token."""
     query = f"Multiple Choice question: {question}\n"
     query += "".join(f"- {choice}={letter}\n" for letter, choice in zip(letters, choices))
     query += "\nRespond only with the letter of the correct answer."

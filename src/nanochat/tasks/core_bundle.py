@@ -68,7 +68,9 @@ def load_bundle(root: str | Path, baselines: str = "eval_meta_data.csv", only: l
     root = Path(root).expanduser()
     if not (root / "core.yaml").is_file():
         what = "does not exist" if not root.exists() else "has no core.yaml"
-        raise DataUnavailable(f"CORE eval bundle {root} {what}; fetch it with `{FETCH_HINT}` or point eval bundle_dir at one")
+        raise DataUnavailable(
+            f"CORE eval bundle {root} {what}; fetch it with `{FETCH_HINT}` or point eval bundle_dir at one"
+        )
     try:
         entries = yaml.safe_load((root / "core.yaml").read_text(encoding="utf-8"))["icl_tasks"]
     except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as e:
@@ -81,13 +83,21 @@ def load_bundle(root: str | Path, baselines: str = "eval_meta_data.csv", only: l
             continue
         task_type = entry.get("icl_task_type")
         if task_type not in FIELDS:
-            raise UserError(f"{root / 'core.yaml'}: task {label!r} has icl_task_type {task_type!r}, not one of {', '.join(FIELDS)}")
+            raise UserError(
+                f"{root / 'core.yaml'}: task {label!r} has icl_task_type {task_type!r}, not one of {', '.join(FIELDS)}"
+            )
         if label not in random_baselines:
             raise UserError(f"{root / baselines} has no `Random baseline` for CORE task {label!r}")
         shots = entry.get("num_fewshot", [0])
         path = root / "eval_data" / entry["dataset_uri"]
-        task = CoreTask(label, task_type, int(shots[0] if isinstance(shots, list) else shots),
-                        entry.get("continuation_delimiter", " "), random_baselines[label], path)
+        task = CoreTask(
+            label,
+            task_type,
+            int(shots[0] if isinstance(shots, list) else shots),
+            entry.get("continuation_delimiter", " "),
+            random_baselines[label],
+            path,
+        )
         (tasks.append(task) if path.is_file() else missing.append(label))
     if only and (unknown := sorted(set(only) - {t.label for t in tasks} - set(missing))):
         raise UserError(f"CORE tasks {unknown} are not in {root / 'core.yaml'}")
@@ -120,7 +130,9 @@ def read_examples(path: Path, task_type: str) -> list[dict]:
                 raise UserError(f"{path}:{lineno}: a {task_type} example needs the fields {', '.join(need)}")
             options = example.get("choices", example.get("context_options"))
             if "gold" in need and not (isinstance(example["gold"], int) and 0 <= example["gold"] < len(options)):
-                raise UserError(f"{path}:{lineno}: gold={example['gold']!r} is not an index into its {len(options)} options")
+                raise UserError(
+                    f"{path}:{lineno}: gold={example['gold']!r} is not an index into its {len(options)} options"
+                )
             examples.append(example)
     if not examples:
         raise UserError(f"{path} has no examples")

@@ -25,7 +25,10 @@ def _check(messages, where: str) -> list[dict]:
     for i, m in enumerate(body):
         if bad is not None and bad[0] == first + i:
             role = m.get("role") if isinstance(m, dict) else type(m).__name__
-            raise UserError(f"{where}: message {i + 1} has role {role!r} but messages must alternate user/assistant starting with user")
+            raise UserError(
+                f"{where}: message {i + 1} has role {role!r} "
+                "but messages must alternate user/assistant starting with user"
+            )
         if not isinstance(m.get("content"), (str, list)):
             raise UserError(f"{where}: message {i + 1} has no string 'content'")
     return messages

@@ -53,10 +53,12 @@ class HumanEval(Task):
     def evaluate(self, conversation: dict, completion: str, timeout: float = 5.0) -> bool:
         from nanochat.engine.sandbox import run_code
 
-        program = "\n\n".join([
-            prompt_imports(conversation["messages"][0]["content"]),
-            completion_code(completion),
-            conversation["test"],
-            f"check({conversation['entry_point']})",
-        ])
+        program = "\n\n".join(
+            [
+                prompt_imports(conversation["messages"][0]["content"]),
+                completion_code(completion),
+                conversation["test"],
+                f"check({conversation['entry_point']})",
+            ]
+        )
         return run_code(program, timeout=timeout).success

@@ -16,7 +16,9 @@ LETTERS = ("A", "B", "C", "D")
 class MMLU(MultipleChoice):
     letters = LETTERS
 
-    def __init__(self, split: str = "auxiliary_train", config: str = "all", path=None, shuffle_seed: int | None = 42, **kw):
+    def __init__(
+        self, split: str = "auxiliary_train", config: str = "all", path=None, shuffle_seed: int | None = 42, **kw
+    ):
         super().__init__(**kw)
         self.split = split
         self.rows = load_rows("cais/mmlu", config, split, path=path, shuffle_seed=shuffle_seed)
@@ -45,4 +47,3 @@ class MMLU(MultipleChoice):
             "subject": subject,
             "letters": LETTERS,
         }
-

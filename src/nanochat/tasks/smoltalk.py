@@ -1,4 +1,5 @@
-"""SmolTalk (`HuggingFaceTB/smol-smoltalk`): general chat conversations from the `messages` field, shuffled (seed 42)."""
+"""SmolTalk (`HuggingFaceTB/smol-smoltalk`): general chat conversations from the `messages` field, shuffled
+(seed 42)."""
 
 from __future__ import annotations
 

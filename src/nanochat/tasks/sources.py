@@ -93,11 +93,15 @@ def _read_jsonl(path: Path) -> list:
             try:
                 records.append(json.loads(raw.decode("utf-8")))
             except UnicodeDecodeError as e:
-                raise UserError(f"{path}:{lineno} is not valid UTF-8 (bad byte at offset {e.start}); fix or delete that line") from None
+                raise UserError(
+                    f"{path}:{lineno} is not valid UTF-8 (bad byte at offset {e.start}); fix or delete that line"
+                ) from None
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{lineno} is not valid JSON ({e.msg}); fix or delete that line") from None
             if not isinstance(records[-1], dict):
-                raise UserError(f"{path}:{lineno} is not a record (an object with named fields); fix or delete that line")
+                raise UserError(
+                    f"{path}:{lineno} is not a record (an object with named fields); fix or delete that line"
+                )
     return records
 
 

@@ -70,7 +70,8 @@ def word_list(words_path=None) -> tuple[str, ...]:
     path = resolve_words(words_path) or default_words_path()
     if path is None:
         raise DataUnavailable(
-            "no word list: pass words_path=<a text file with one word per line>, e.g. the one `nanochat data fetch words` downloads"
+            "no word list: pass words_path=<a text file with one word per line>, "
+            "e.g. the one `nanochat data fetch words` downloads"
         )
     return load_words(str(Path(path).expanduser()))
 

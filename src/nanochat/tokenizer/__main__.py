@@ -1,8 +1,8 @@
 """Tokenizer command line.
 
-    nanochat tokenizer train --input <files or dirs> [--vocab-size 65536] [--max-chars 2e9] [--trainer rustbpe|hf]
-                             [--out DIR]
-    nanochat tokenizer eval [--tokenizer DIR] [--input <files or dirs>] [--allow-download]
+nanochat tokenizer train --input <files or dirs> [--vocab-size 65536] [--max-chars 2e9] [--trainer rustbpe|hf]
+                         [--out DIR]
+nanochat tokenizer eval [--tokenizer DIR] [--input <files or dirs>] [--allow-download]
 """
 
 from __future__ import annotations
@@ -26,8 +26,16 @@ def _count(text: str) -> int:
 def cmd_train(args) -> dict:
     from nanochat.tokenizer.training import train_tokenizer
 
-    return train_tokenizer(args.input, args.vocab_size, args.out, max_chars=args.max_chars, doc_cap=args.doc_cap,
-                           gutenberg=args.gutenberg, show_progress=not args.quiet, trainer=args.trainer)
+    return train_tokenizer(
+        args.input,
+        args.vocab_size,
+        args.out,
+        max_chars=args.max_chars,
+        doc_cap=args.doc_cap,
+        gutenberg=args.gutenberg,
+        show_progress=not args.quiet,
+        trainer=args.trainer,
+    )
 
 
 def cmd_eval(args) -> None:
@@ -57,16 +65,27 @@ def main(argv: list[str] | None = None) -> None:
     default_dir = base_dir() / "tokenizer"
 
     train = sub.add_parser("train", help="train a byte-level BPE tokenizer on text files")
-    train.add_argument("--input", nargs="+", required=True, help="text (.txt), .jsonl (text field) or .parquet files or directories")
+    train.add_argument(
+        "--input", nargs="+", required=True, help="text (.txt), .jsonl (text field) or .parquet files or directories"
+    )
     train.add_argument("--vocab-size", type=_count, default=65536, help="final vocabulary size incl. 9 special tokens")
-    train.add_argument("--max-chars", type=_count, default=TokenizerConfig.max_chars,
-                       help="stop reading after this many characters")
-    train.add_argument("--doc-cap", type=_count, default=TokenizerConfig.doc_cap,
-                       help="crop each document to this many chars (0: no crop)")
+    train.add_argument(
+        "--max-chars", type=_count, default=TokenizerConfig.max_chars, help="stop reading after this many characters"
+    )
+    train.add_argument(
+        "--doc-cap",
+        type=_count,
+        default=TokenizerConfig.doc_cap,
+        help="crop each document to this many chars (0: no crop)",
+    )
     train.add_argument("--gutenberg", action="store_true", help="strip Project Gutenberg licence headers/footers")
     train.add_argument("--out", type=Path, default=default_dir, help=f"output directory (default {default_dir})")
-    train.add_argument("--trainer", choices=TOKENIZER_TRAINERS, default=TokenizerConfig.trainer,
-                       help="BPE trainer: rustbpe (faster) or hf (HF tokenizers); same ids and files either way")
+    train.add_argument(
+        "--trainer",
+        choices=TOKENIZER_TRAINERS,
+        default=TokenizerConfig.trainer,
+        help="BPE trainer: rustbpe (faster) or hf (HF tokenizers); same ids and files either way",
+    )
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.set_defaults(func=cmd_train)
 

@@ -135,8 +135,11 @@ def tiktoken_to_hf(enc: tiktoken.Encoding) -> Tokenizer:
         for i in range(1, len(token))
         if token[:i] in ranks and token[i:] in ranks
     )
-    model = BPE(vocab={t: rank for rank, t in text.items()}, merges=[(text[a], text[b]) for _, a, b in merges],
-                ignore_merges=True)
+    model = BPE(
+        vocab={t: rank for rank, t in text.items()},
+        merges=[(text[a], text[b]) for _, a, b in merges],
+        ignore_merges=True,
+    )
     tok = _hf_tokenizer(model)
     tok.add_special_tokens(list(SPECIAL_TOKENS))
     return tok

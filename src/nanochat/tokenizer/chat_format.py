@@ -4,15 +4,18 @@ Rules (nanochat's): BOS first; a leading system message is merged into the first
 message; user turns are never trained on; in assistant turns the text, python tool calls and the closing
 <|assistant_end|> are trained (mask 1) while tool outputs are not (the engine forces them at inference);
 both lists are truncated to max_tokens. `tok` is a nanochat Tokenizer (its `encode`, `token_id` and
-`bos_token_id`; this module is below it, so it does not import it). Message text is encoded without parsing special-token strings, so
-a user typing "<|assistant_end|>" gets ordinary text tokens.
+`bos_token_id`; this module is below it, so it does not import it). Message text is encoded without parsing
+special-token strings, so a user typing "<|assistant_end|>" gets ordinary text tokens.
 """
 
 from __future__ import annotations
 
 from nanochat.errors import UserError
 
-PART_DELIMITERS = {"python": ("<|python_start|>", "<|python_end|>"), "python_output": ("<|output_start|>", "<|output_end|>")}
+PART_DELIMITERS = {
+    "python": ("<|python_start|>", "<|python_end|>"),
+    "python_output": ("<|output_start|>", "<|output_end|>"),
+}
 PART_TRAINED = {"text": 1, "python": 1, "python_output": 0}
 
 

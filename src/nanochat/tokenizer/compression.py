@@ -41,7 +41,9 @@ def reference_encodings(allow_download: bool = False) -> tuple[dict[str, tiktoke
                 with _no_downloads():
                     found[label] = tiktoken.get_encoding(name)
         except Exception as e:  # noqa: BLE001 - any failure just means "not available"
-            notes.append(f"{label} ({name}) not available locally: {type(e).__name__}; pass --allow-download to fetch it")
+            notes.append(
+                f"{label} ({name}) not available locally: {type(e).__name__}; pass --allow-download to fetch it"
+            )
     return found, notes
 
 
@@ -53,9 +55,17 @@ def held_out_samples(shared_data: Path | None, max_chars: int = 200_000) -> dict
     samples: dict[str, str] = {}
     readers: dict[str, Callable[[Path], list[str]]] = {
         "gsm8k": lambda d: [f"{r['question']}\n{r['answer']}" for r in _jsonl(d / "gsm8k" / "test.jsonl")],
-        "humaneval": lambda d: [r["prompt"] + r["canonical_solution"] for r in _jsonl(d / "humaneval" / "HumanEval.jsonl.gz")],
-        "mmlu": lambda d: [" ".join(row) for f in sorted((d / "mmlu" / "test").glob("*.csv")) for row in csv.reader(open(f, encoding="utf-8"))],
-        "chat": lambda d: [m["content"] for conv in _jsonl(d / "chat_sft" / "nanochat_identity_conversations.jsonl") for m in conv],
+        "humaneval": lambda d: [
+            r["prompt"] + r["canonical_solution"] for r in _jsonl(d / "humaneval" / "HumanEval.jsonl.gz")
+        ],
+        "mmlu": lambda d: [
+            " ".join(row)
+            for f in sorted((d / "mmlu" / "test").glob("*.csv"))
+            for row in csv.reader(open(f, encoding="utf-8"))
+        ],
+        "chat": lambda d: [
+            m["content"] for conv in _jsonl(d / "chat_sft" / "nanochat_identity_conversations.jsonl") for m in conv
+        ],
     }
     if shared_data is not None:
         for name, read in readers.items():
@@ -95,5 +105,7 @@ def format_table(rows: list[dict]) -> str:
     header = f"{'text':<16}{'bytes':>10}" + "".join(f"{label + ' B/tok':>{w}}" for label, w in zip(labels, widths))
     lines = [header, "-" * len(header)]
     for r in rows:
-        lines.append(f"{r['text']:<16}{r['bytes']:>10,}" + "".join(f"{r[label]:>{w}.3f}" for label, w in zip(labels, widths)))
+        lines.append(
+            f"{r['text']:<16}{r['bytes']:>10,}" + "".join(f"{r[label]:>{w}.3f}" for label, w in zip(labels, widths))
+        )
     return "\n".join(lines)

@@ -18,8 +18,8 @@ import torch
 
 from nanochat.errors import UserError
 from nanochat.io import atomic_write
+from nanochat.settings import TokenizerConfig, check_tokenizer_trainer
 from nanochat.tokenizer import chat_format
-from nanochat.settings import TOKENIZER_TRAINERS, TokenizerConfig, check_tokenizer_trainer
 from nanochat.tokenizer.bpe import (
     SPECIAL_TOKENS,
     SPLIT_PATTERN,
@@ -43,8 +43,9 @@ class Tokenizer:
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
-    def train(cls, texts, vocab_size: int = 65536, *, show_progress: bool = True,
-              trainer: str = TokenizerConfig.trainer) -> Tokenizer:
+    def train(
+        cls, texts, vocab_size: int = 65536, *, show_progress: bool = True, trainer: str = TokenizerConfig.trainer
+    ) -> Tokenizer:
         """BPE from `texts`: `trainer` rustbpe (default, the faster) or hf (HF `tokenizers`); the same conventions and
         files either way."""
         if trainer == "rustbpe":
@@ -134,7 +135,9 @@ class Tokenizer:
         """int32 (vocab_size,): raw UTF-8 byte length of each token, 0 for special tokens (for bits per byte)."""
         if self._token_bytes is None:
             special_ids = set(self._specials.values())
-            lengths = [0 if i in special_ids else len(self.enc.decode_single_token_bytes(i)) for i in range(self.vocab_size)]
+            lengths = [
+                0 if i in special_ids else len(self.enc.decode_single_token_bytes(i)) for i in range(self.vocab_size)
+            ]
             self._token_bytes = torch.tensor(lengths, dtype=torch.int32)
         return self._token_bytes
 

@@ -25,9 +25,17 @@ def capped_documents(docs: Iterable[str], max_chars: int, doc_cap: int) -> Itera
             return
 
 
-def train_tokenizer(inputs: list[str | Path], vocab_size: int, out: str | Path, *,
-                    max_chars: int = TokenizerConfig.max_chars, doc_cap: int = TokenizerConfig.doc_cap,
-                    gutenberg: bool = False, show_progress: bool = True, trainer: str = TokenizerConfig.trainer) -> dict:
+def train_tokenizer(
+    inputs: list[str | Path],
+    vocab_size: int,
+    out: str | Path,
+    *,
+    max_chars: int = TokenizerConfig.max_chars,
+    doc_cap: int = TokenizerConfig.doc_cap,
+    gutenberg: bool = False,
+    show_progress: bool = True,
+    trainer: str = TokenizerConfig.trainer,
+) -> dict:
     """Train with `trainer` (rustbpe | hf), save to `out`, and return the summary (vocab size, documents, characters,
     time, token byte lengths)."""
     import sys
@@ -75,6 +83,8 @@ def train_tokenizer(inputs: list[str | Path], vocab_size: int, out: str | Path, 
     atomic_write(out / "train_stats.json", json.dumps(summary, indent=2))
     if tok.vocab_size < vocab_size:
         print(f"note: the text supports only {tok.vocab_size} tokens (asked for {vocab_size}); give it more text")
-    print(f"trained a {tok.vocab_size:,}-token BPE on {stats['chars']:,} chars ({stats['docs']:,} documents) "
-          f"in {train_time:.1f} s ({trainer}); saved to {out}")
+    print(
+        f"trained a {tok.vocab_size:,}-token BPE on {stats['chars']:,} chars ({stats['docs']:,} documents) "
+        f"in {train_time:.1f} s ({trainer}); saved to {out}"
+    )
     return summary

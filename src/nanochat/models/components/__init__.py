@@ -1,4 +1,4 @@
-from nanochat.models.components.gpt_config import GPTConfig
 from nanochat.models.components.gpt import GPT
+from nanochat.models.components.gpt_config import GPTConfig
 
 __all__ = ["GPT", "GPTConfig"]

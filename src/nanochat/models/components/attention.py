@@ -41,8 +41,9 @@ def window_key_mask(key_mask: torch.Tensor, positions: torch.Tensor, window: int
     return key_mask & (slots >= positions[:, None] - window).view(key_mask.shape)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,
-           key_mask: torch.Tensor | None = None) -> torch.Tensor:
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None, key_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Attention of q (B, H, Tq, D) over k, v (B, Hkv, Tk, D), the queries being the last Tq positions."""
     gqa = q.size(1) != k.size(1)
     Tq, Tk = q.size(2), k.size(2)
@@ -52,7 +53,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None
         window = None
     if Tq == 1:  # one decode step attends to everything cached, or to the window's last keys
         if window is not None:
-            k, v = k[:, :, -(window + 1):], v[:, :, -(window + 1):]
+            k, v = k[:, :, -(window + 1) :], v[:, :, -(window + 1) :]
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     if Tq == Tk and window is None:  # training, or prefill into an empty cache
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)

@@ -57,8 +57,10 @@ class GPTConfig:
     def _check_arch(self) -> None:
         pattern = self.window_pattern
         if not isinstance(pattern, str) or not pattern or set(pattern) - set("SL"):
-            raise UserError(f"model window_pattern={pattern!r} may hold only the letters S (short window) and L "
-                            f"(full context), e.g. SSSL")
+            raise UserError(
+                f"model window_pattern={pattern!r} may hold only the letters S (short window) and L "
+                f"(full context), e.g. SSSL"
+            )
         if self.short_window is not None and (not isinstance(self.short_window, int) or self.short_window < 1):
             raise UserError(f"model short_window={self.short_window!r} must be a positive integer or null")
         if any(w is not None for w in self.window_sizes()) and self.window >= self.sequence_len:
@@ -71,15 +73,19 @@ class GPTConfig:
             raise UserError(f"model qk_scale={self.qk_scale!r} must be a positive number")
         for name, channels in (("value_embeds", VE_GATE_CHANNELS), ("smear", SMEAR_GATE_CHANNELS)):
             if getattr(self, name) and self.n_embd < channels:
-                raise UserError(f"model {name}=true needs n_embd >= {channels} (its gate reads the first {channels} "
-                                f"channels), but n_embd={self.n_embd}")
+                raise UserError(
+                    f"model {name}=true needs n_embd >= {channels} (its gate reads the first {channels} "
+                    f"channels), but n_embd={self.n_embd}"
+                )
         if self.init not in INITS:
             raise UserError(f"model init={self.init!r} is not one of {', '.join(INITS)}")
 
     def summary(self) -> str:
         """The shape in one line, for logs and the report card."""
-        shape = (f"d{self.n_layer}: width {self.n_embd}, {self.n_head} heads (kv {self.n_kv_head}), "
-                 f"vocab {self.vocab_size:,}, seq {self.sequence_len}")
+        shape = (
+            f"d{self.n_layer}: width {self.n_embd}, {self.n_head} heads (kv {self.n_kv_head}), "
+            f"vocab {self.vocab_size:,}, seq {self.sequence_len}"
+        )
         return "; ".join([shape, *self.features()[:1]]) + "".join(f", {f}" for f in self.features()[1:])
 
     def features(self) -> list[str]:
@@ -103,9 +109,16 @@ class GPTConfig:
             out.append(("rope_base", f"rope base {self.rope_base:g}"))
         if self.qk_scale != default["qk_scale"]:
             out.append(("qk_scale", f"QK scale {self.qk_scale:g}"))
-        out += [(key, words) for key, words in (("value_embeds", "value embeddings"), ("smear", "smear"),
-                                                ("backout", "backout"), ("layer_lambdas", "residual and x0 lambdas"))
-                if getattr(self, key)]
+        out += [
+            (key, words)
+            for key, words in (
+                ("value_embeds", "value embeddings"),
+                ("smear", "smear"),
+                ("backout", "backout"),
+                ("layer_lambdas", "residual and x0 lambdas"),
+            )
+            if getattr(self, key)
+        ]
         if self.padded_vocab_size != self.vocab_size:
             out.append(("pad_vocab_to", f"vocab padded to {self.padded_vocab_size:,}"))
         if self.init != default["init"]:
@@ -129,8 +142,10 @@ class GPTConfig:
 
     def window_sizes(self) -> list[int | None]:
         """Per layer: the tokens back it attends to, None for the full context (the last layer always)."""
-        sizes = [self.window if self.window_pattern[i % len(self.window_pattern)] == "S" else None
-                 for i in range(self.n_layer)]
+        sizes = [
+            self.window if self.window_pattern[i % len(self.window_pattern)] == "S" else None
+            for i in range(self.n_layer)
+        ]
         sizes[-1] = None
         return sizes
 

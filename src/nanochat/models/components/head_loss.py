@@ -66,8 +66,13 @@ def rows_traced(z: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor | No
     return nll, lse, dz.to(z.dtype)
 
 
-def rows_in_place(z: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor | None, cap: float,
-                  lse_given: torch.Tensor | None = None):
+def rows_in_place(
+    z: torch.Tensor,
+    targets: torch.Tensor,
+    scale: torch.Tensor | None,
+    cap: float,
+    lse_given: torch.Tensor | None = None,
+):
     """As `rows_traced`, block by block in cache, writing dz over z; (nll, lse, z-now-dz or None).
 
     With `lse_given` (backward of reduction='none'), the log-sum-exp is not recomputed. Nine passes over a block:
@@ -173,8 +178,14 @@ class SoftcapCrossEntropy(torch.autograd.Function):
         return grad_h.to(ctx.h_dtype), grad_w.to(ctx.w_dtype), None, None, None, None, None
 
 
-def softcap_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cap: float,
-                          reduction: str = "mean", chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
+def softcap_cross_entropy(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    cap: float,
+    reduction: str = "mean",
+    chunk_bytes: int = CHUNK_BYTES,
+) -> torch.Tensor:
     """cross_entropy(cap * tanh(h @ weight.T / cap), targets, ignore_index=-1, reduction) for (N, d) inputs."""
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
