@@ -40,7 +40,6 @@ import shutil
 import sys
 import tempfile
 import time
-from argparse import Namespace
 from pathlib import Path
 
 from common import markdown_table, save
@@ -171,20 +170,12 @@ def train_tokenizer(shard_dir: Path, out: Path, vocab_size: int, max_chars: int,
     import io
 
     from nanochat.data.shards import list_shards, split_shards
-    from nanochat.tokenizer.__main__ import cmd_train
+    from nanochat.tokenizer.training import train_tokenizer as train
 
     train_files, _ = split_shards(list_shards(shard_dir))
     with contextlib.redirect_stdout(io.StringIO()):  # its one-line summary; the stats come back as a dict
-        return cmd_train(
-            Namespace(
-                input=[str(f) for f in train_files],
-                vocab_size=vocab_size,
-                max_chars=max_chars,
-                doc_cap=doc_cap,
-                gutenberg=False,
-                out=out,
-                quiet=True,
-            )
+        return train(
+            [str(f) for f in train_files], vocab_size, out, max_chars=max_chars, doc_cap=doc_cap, show_progress=False
         )
 
 

@@ -40,7 +40,7 @@ from common import best_of, markdown_table, save, sync
 from nanochat.engine.engine import Engine, generate_naive, sample_next
 from nanochat.engine.kv_cache import KVCache
 from nanochat.models.components import GPT, GPTConfig
-from nanochat.precision import cast_weights, computing, resolve
+from nanochat.precision import ambient_dtype, cast_weights, computing, resolve
 
 PRESETS = {4: (4096, 256), 6: (8192, 512)}  # depth -> (vocab, sequence_len), as conf/model/d4.yaml and d6.yaml
 
@@ -160,7 +160,8 @@ def naive_step_seconds(model, length: int, repeats: int) -> float:
 
     @torch.inference_mode()
     def step():
-        logits = model(torch.tensor([ids], device=device))[:, -1]
+        with computing(model, ambient_dtype(model)):  # as generate_naive runs each forward
+            logits = model(torch.tensor([ids], device=device))[:, -1]
         int(sample_next(logits, None, 0.0, None)[0])
 
     return best_of(step, repeats=repeats, warmup=0)

@@ -43,6 +43,7 @@ HEADS = {"plain ops": plain_ops, "chunked": head_loss.softcap_cross_entropy}
 
 def peak(run) -> int:
     """Most bytes of tensor storage alive at once while `run()` executes on fake tensors."""
+    head_loss._workspace.buf = None  # the eager CPU path's kept logits buffer belongs to the previous fake mode
     with FakeTensorMode():
         tracker = MemTracker()
         with tracker:

@@ -16,7 +16,7 @@ more matmul) from the saved log-sum-exp. Memory beyond the inputs: one chunk of 
 Eager, each chunk's elementwise work runs in place over blocks of rows small enough to stay in a CPU's cache;
 under torch.compile the same maths is written as plain ops for inductor to fuse into a few kernels. On a CPU the op
 stays eager even inside a compiled model (a graph break): inductor's kernel for it stores two fp32 chunk-sized
-intermediates and ran 1.2-1.7x slower than the cache-blocked ops (docs/benchmarks.md).
+intermediates and ran 2.8x slower than the cache-blocked ops at d4 in bf16 (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from contextlib import nullcontext
 import torch
 
 # Rows per chunk: the chunk's logits (rows x vocab, in fp32 terms) stay under this many bytes, which bounds the
-# op's memory. Fewer, larger chunks are faster on a CPU: d4's head at 8,192 x 32,768 took 1.8 s in one chunk, 2.3 s
-# in 4 and 3.1 s in 16 (1 thread, docs/benchmarks.md).
+# op's memory. Fewer, larger chunks are faster on a CPU: d4's head at 8,192 x 32,768 took 0.54 s in one chunk,
+# 0.61 s in 4 and 0.76 s in 16 (bf16, 2 threads, docs/benchmarks.md).
 CHUNK_BYTES = 1 << 30
 # Rows per in-place elementwise block on the eager path: fp32 blocks that stay in cache (1-8 MiB measured alike).
 BLOCK_BYTES = 1 << 21
@@ -114,7 +114,7 @@ _workspace = threading.local()  # per thread: one flat buffer for chunk logits, 
 
 def _logits(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """h @ w.T. Eagerly on a CPU into a kept buffer: a fresh one is hundreds of MB of newly mapped pages every
-    step, and reusing it made the d4 head 12-17 % faster (docs/benchmarks.md)."""
+    step, and reusing it made the d4 head 1.3x faster (docs/benchmarks.md)."""
     if torch.compiler.is_compiling() or h.device.type != "cpu":
         return h @ w.t()
     size = h.size(0) * w.size(0)
