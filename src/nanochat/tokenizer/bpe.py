@@ -64,6 +64,22 @@ def _hf_tokenizer(model: BPE) -> Tokenizer:
     return tok
 
 
+class TrainingText:
+    """A trainer's input texts, counted while the trainer reads them, so that an empty corpus gets one clear error."""
+
+    def __init__(self, texts: Iterable[str]):
+        self.texts, self.chars = texts, 0
+
+    def __iter__(self) -> Iterator[str]:
+        for text in self.texts:
+            self.chars += len(text)
+            yield text
+
+    def check(self) -> None:
+        if self.chars == 0:
+            raise UserError("no training text: the inputs contain no non-empty documents")
+
+
 def check_vocab_size(vocab_size: int) -> None:
     if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
         raise UserError(
@@ -79,12 +95,7 @@ def train_hf_bpe(texts: Iterable[str], vocab_size: int, *, show_progress: bool =
     reaching vocab_size, the vocabulary is smaller; callers read the real size from the result.
     """
     check_vocab_size(vocab_size)
-    seen = {"chars": 0}
-
-    def counted(it: Iterable[str]) -> Iterator[str]:
-        for text in it:
-            seen["chars"] += len(text)
-            yield text
+    corpus = TrainingText(texts)
 
     # ignore_merges: a whole pre-token that is in the vocab maps straight to its id, as tiktoken does.
     tok = _hf_tokenizer(BPE(ignore_merges=True))
@@ -95,9 +106,8 @@ def train_hf_bpe(texts: Iterable[str], vocab_size: int, *, show_progress: bool =
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         special_tokens=[],
     )
-    tok.train_from_iterator(counted(texts), trainer=trainer)
-    if seen["chars"] == 0:
-        raise UserError("no training text: the inputs contain no non-empty documents")
+    tok.train_from_iterator(iter(corpus), trainer=trainer)
+    corpus.check()
     return _renumber_bytes_first(tok)
 
 

@@ -8,10 +8,9 @@ them into the tiktoken runtime and the HF `tokenizer.json` of the same ids.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
-from nanochat.errors import UserError
-from nanochat.tokenizer.bpe import SPECIAL_TOKENS, SPLIT_PATTERN, check_vocab_size
+from nanochat.tokenizer.bpe import SPECIAL_TOKENS, SPLIT_PATTERN, TrainingText, check_vocab_size
 
 
 def train_rustbpe(texts: Iterable[str], vocab_size: int) -> dict[bytes, int]:
@@ -20,17 +19,10 @@ def train_rustbpe(texts: Iterable[str], vocab_size: int) -> dict[bytes, int]:
     import rustbpe
 
     check_vocab_size(vocab_size)
-    seen = {"chars": 0}
-
-    def counted(it: Iterable[str]) -> Iterator[str]:
-        for text in it:
-            seen["chars"] += len(text)
-            yield text
-
+    corpus = TrainingText(texts)
     trainer = rustbpe.Tokenizer()
-    trainer.train_from_iterator(counted(texts), vocab_size - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
-    if seen["chars"] == 0:
-        raise UserError("no training text: the inputs contain no non-empty documents")
+    trainer.train_from_iterator(iter(corpus), vocab_size - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
+    corpus.check()
     ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}
     if any(ranks.get(bytes([b])) != b for b in range(256)):
         raise RuntimeError("rustbpe did not number the 256 bytes 0..255; this version's ids would differ from ours")
