@@ -364,3 +364,17 @@ def test_real_text_parity_and_larger_vocab_compresses_held_out_text_better(share
         assert row["large"] > row["small"], row
     for text in list(samples.values()) + docs[:50]:
         assert large.hf.encode(text, add_special_tokens=False).ids == large.encode(text)
+
+
+@pytest.mark.parametrize("show_progress, lines", [(False, 0), (True, 10)])
+def test_rustbpe_prints_its_progress_lines_only_when_asked(show_progress, lines):
+    """rustbpe logs one INFO line per percent of the merges; a non-interactive run (make demo's log) keeps none."""
+    code = (
+        "import logging; logging.basicConfig(level=logging.INFO)\n"
+        "from nanochat.tokenizer.rustbpe_trainer import train_rustbpe\n"
+        f"train_rustbpe(['hello world, the quick brown fox'] * 200, 300, show_progress={show_progress})\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    progress = [line for line in out.stderr.splitlines() if line.startswith("INFO:rustbpe:Progress")]
+    assert (len(progress) >= lines) if show_progress else not progress, out.stderr[-500:]

@@ -51,7 +51,7 @@ class Tokenizer:
         if trainer == "rustbpe":
             from nanochat.tokenizer.rustbpe_trainer import train_rustbpe
 
-            ranks = train_rustbpe(texts, vocab_size)
+            ranks = train_rustbpe(texts, vocab_size, show_progress=show_progress)
             enc = make_encoding(ranks, {t: len(ranks) + i for i, t in enumerate(SPECIAL_TOKENS)})
             return cls(enc, tiktoken_to_hf(enc))
         check_tokenizer_trainer(trainer)
