@@ -182,7 +182,7 @@ def time_prefill(forward, prompt: list[int], repeats: int) -> float:
 
 # --- nanochat's side: run inside its checkout -------------------------------------------------------
 def worker(args) -> None:
-    """`--worker score|decode`: runs with cwd = the nanochat checkout, whose `nanochat` package this imports."""
+    """`--worker score|decode|rows`: runs with cwd = the nanochat checkout, whose `nanochat` package this imports."""
     job = json.loads(Path(args.job).read_text())
     sys.path.insert(0, os.getcwd())
     torch.set_num_threads(job["threads"])
@@ -191,6 +191,14 @@ def worker(args) -> None:
     from nanochat.engine import Engine, KVCache
 
     device = torch.device("cpu")
+    if args.worker == "rows":
+        from nanochat.dataloader import tokenizing_distributed_data_loader_with_state_bos_bestfit as loader
+        from nanochat.tokenizer import get_tokenizer
+
+        batches = loader(get_tokenizer(), job["batch"], job["seq_len"], "train", device="cpu")
+        torch.save(torch.stack([next(batches)[0].clone() for _ in range(job["count"])]), job["rows_out"])
+        Path(job["out"]).write_text("{}")
+        return
     if args.worker == "score":
         model, _, _ = build_model(job["checkpoint_dir"], job["step"], device, phase="eval")
         result = score(model, torch.load(job["rows"]), torch.load(job["token_bytes"]), job["batch"])
@@ -452,6 +460,33 @@ def decode_side_by_side(args, work: Path, checkout: Path) -> dict:
     return {"nanochat": theirs, "ours": ours, "agree": agree}
 
 
+def same_rows(args, work: Path, checkout: Path, count: int = 70) -> dict:
+    """How many of the first `count` training batches nanochat's best-fit loader and our datamodule (packing=bestfit,
+    its defaults) build identically from the same shards and token ids (input tokens compared)."""
+    from nanochat.data.pretrain_datamodule import PretrainDataModule
+
+    home = work / "nanochat_home"
+    out = work / "nanochat_rows.pt"
+    job = {"batch": args.batch, "seq_len": args.seq_len, "count": count, "rows_out": str(out), "threads": args.threads}
+    run_worker(checkout, "rows", job, thread_env(args.threads, NANOCHAT_BASE_DIR=str(home), NANOCHAT_DTYPE="float32"))
+    theirs = torch.load(out)
+    dm = PretrainDataModule(
+        dir=str(work / "shards"),
+        tokenizer_dir=str(work / f"tokenizer_{args.vocab}"),
+        sequence_len=args.seq_len,
+        device_batch_size=args.batch,
+        total_batch_size=args.batch * args.seq_len,
+        packing="bestfit",
+    )
+    dm.setup("fit")
+    same = 0
+    for raw, want in zip(dm.train_dataloader(), theirs):
+        if not torch.equal(dm.on_before_batch_transfer(raw, 0)[0, :, :-1], want):
+            break
+        same += 1
+    return {"batches": count, "identical": same}
+
+
 # --- set-up and report -----------------------------------------------------------------------------
 def prepare(args, work: Path) -> None:
     """Shards, our tokenizer, nanochat's copy of it and its data dir, and the common evaluator's rows (once)."""
@@ -617,7 +652,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-train", action="store_true", help="decode only, from the runs already in --work")
     p.add_argument("--skip-decode", action="store_true")
     p.add_argument("--json", default="bench/results/nanochat_side_by_side.json")
-    p.add_argument("--worker", choices=("score", "decode"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=("score", "decode", "rows"), help=argparse.SUPPRESS)
     p.add_argument("--job", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -639,7 +674,7 @@ def main(argv=None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     prepare(args, work)
-    results, tables = {}, []
+    results, tables = {"rows": same_rows(args, work, args.nanochat)}, []
     record = work / f"train_{args.precision}.json"
     if args.skip_train:
         results["train"] = json.loads(record.read_text())
@@ -659,7 +694,10 @@ def main(argv=None) -> None:
             )
             results["train"][f"ours @ {rev}"] = train_ours(args, work, args.baseline.resolve(), "baseline")
         record.write_text(json.dumps(results["train"], indent=2))
-    tables.append(training_table(results["train"]))
+    tables.append(
+        f"Best-fit rows: the first {results['rows']['identical']} of {results['rows']['batches']} training batches "
+        "of nanochat's loader and ours (packing=bestfit) are identical.\n\n" + training_table(results["train"])
+    )
     if not args.skip_decode:
         results["decode"] = decode_side_by_side(args, work, args.nanochat)
         tables.append(decode_table(results["decode"]))
