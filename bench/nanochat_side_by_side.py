@@ -24,7 +24,11 @@ script prints why it skipped and exits 0.
   time of every process outside the run's process tree is sampled at each line, and steps during which others used
   more than `--quiet` of the CPUs are left out (the table says how many steps counted; all of them when fewer than
   10 were quiet; the all-steps median is shown beside it). Wall is the whole process (start-up and compilation
-  included); peak RSS from wait4.
+  included); peak RSS from wait4. The training loss of every step is read from both logs: nanochat logs an EMA of it
+  (beta 0.9, debiased), so ours is smoothed the same way and the table shows the first step's, the last step's and
+  the largest gap between the two curves. Our 2026 model+recipe (a `--variant`) starts from nanochat's weights (same
+  seed, same draws) and reads nanochat's rows (same best-fit packing of the same documents), so its curve is
+  nanochat's up to rounding.
 - Common evaluator: the first `--eval-tokens` tokens of the val shard, documents BOS-prefixed and concatenated, cut
   into rows of sequence + 1; each trained model scores them in fp32 with `nanochat.eval.bpb.bpb_sums` (nanochat's
   GPT takes the same `model(x, y, loss_reduction="none")` call; the function's file is loaded by path there).
@@ -58,6 +62,10 @@ NANOCHAT_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 NANOCHAT_STEP = re.compile(r"^step (\d+)/(\d+) .*\| dt: ([\d.]+)ms \| tok/sec: ([\d,]+)")
 # ours: "step     11/60 ( 18.3%) | loss 7.1234 | lrm 1.000 | 10,084 tok/s | mfu ..."
 OUR_STEP = re.compile(r"step\s+(\d+)/(\d+) .*\| ([\d,]+) tok/s")
+# The training loss of each step: nanochat logs an EMA of it (beta 0.9, debiased), ours the step's own.
+NANOCHAT_LOSS = re.compile(r"^step (\d+)/\d+ .*\| loss: ([\d.]+) ")
+OUR_LOSS = re.compile(r"step\s+(\d+)/\d+ .*\| loss ([\d.]+) ")
+EMA_BETA = 0.9
 
 
 # --- pieces that need neither program -------------------------------------------------------------
@@ -71,6 +79,25 @@ def step_rates(log: str, pattern: re.Pattern, first: int, one_based: bool) -> di
             if step >= first:
                 rates[step] = float(m.group(m.lastindex).replace(",", ""))
     return rates
+
+
+def step_losses(lines: list[str], pattern: re.Pattern, one_based: bool) -> list[float]:
+    """The loss each step logged, in step order (steps counted from 1)."""
+    found = {}
+    for line in lines:
+        m = pattern.search(line)
+        if m:
+            found[int(m.group(1)) + (0 if one_based else 1)] = float(m.group(2))
+    return [found[k] for k in sorted(found)]
+
+
+def smoothed(losses: list[float], beta: float = EMA_BETA) -> list[float]:
+    """nanochat's logged training loss: an exponential moving average, divided by 1 - beta^steps."""
+    ema, out = 0.0, []
+    for step, loss in enumerate(losses, 1):
+        ema = beta * ema + (1 - beta) * loss
+        out.append(ema / (1 - beta**step))
+    return out
 
 
 def val_rows(texts, tokenizer, n_tokens: int, seq_len: int) -> torch.Tensor:
@@ -155,7 +182,7 @@ def time_prefill(forward, prompt: list[int], repeats: int) -> float:
 
 # --- nanochat's side: run inside its checkout -------------------------------------------------------
 def worker(args) -> None:
-    """`--worker score|decode`: runs with cwd = the nanochat checkout, whose `nanochat` package this imports."""
+    """`--worker score|decode|rows`: runs with cwd = the nanochat checkout, whose `nanochat` package this imports."""
     job = json.loads(Path(args.job).read_text())
     sys.path.insert(0, os.getcwd())
     torch.set_num_threads(job["threads"])
@@ -164,6 +191,14 @@ def worker(args) -> None:
     from nanochat.engine import Engine, KVCache
 
     device = torch.device("cpu")
+    if args.worker == "rows":
+        from nanochat.dataloader import tokenizing_distributed_data_loader_with_state_bos_bestfit as loader
+        from nanochat.tokenizer import get_tokenizer
+
+        batches = loader(get_tokenizer(), job["batch"], job["seq_len"], "train", device="cpu")
+        torch.save(torch.stack([next(batches)[0].clone() for _ in range(job["count"])]), job["rows_out"])
+        Path(job["out"]).write_text("{}")
+        return
     if args.worker == "score":
         model, _, _ = build_model(job["checkpoint_dir"], job["step"], device, phase="eval")
         result = score(model, torch.load(job["rows"]), torch.load(job["token_bytes"]), job["batch"])
@@ -309,6 +344,7 @@ def train_nanochat(args, work: Path, checkout: Path) -> dict:
     env = thread_env(args.threads, NANOCHAT_BASE_DIR=str(home), NANOCHAT_DTYPE=NANOCHAT_DTYPES[args.precision])
     log = work / f"nanochat_train_{args.precision}.log"
     run = timed_process(cmd, checkout, env, log)
+    run["smoothed_losses"] = step_losses([line for line, _ in run["lines"]], NANOCHAT_LOSS, one_based=False)
     rates = quiet_rates(run.pop("lines"), NANOCHAT_STEP, 11, one_based=False, threshold=args.quiet)
     ckpt = home / "base_checkpoints" / "side_by_side"
     job = {
@@ -360,6 +396,8 @@ def train_ours(args, work: Path, repo: Path = REPO, name: str = "ours", extra: l
     env = thread_env(args.threads, NANOCHAT_BASE_DIR=str(home), PYTHONPATH=str(repo / "src"))
     log = work / f"{name}_train_{args.precision}.log"
     out = timed_process(cmd, repo, env, log)
+    out["losses"] = step_losses([line for line, _ in out["lines"]], OUR_LOSS, one_based=True)
+    out["smoothed_losses"] = smoothed(out["losses"])
     rates = quiet_rates(out.pop("lines"), OUR_STEP, 11, one_based=True, threshold=args.quiet)
     model, tokenizer, _ = load_export(home / "runs" / run / "base")
     rows = torch.load(work / "val_rows.pt")
@@ -422,6 +460,33 @@ def decode_side_by_side(args, work: Path, checkout: Path) -> dict:
     return {"nanochat": theirs, "ours": ours, "agree": agree}
 
 
+def same_rows(args, work: Path, checkout: Path, count: int = 70) -> dict:
+    """How many of the first `count` training batches nanochat's best-fit loader and our datamodule (packing=bestfit,
+    its defaults) build identically from the same shards and token ids (input tokens compared)."""
+    from nanochat.data.pretrain_datamodule import PretrainDataModule
+
+    home = work / "nanochat_home"
+    out = work / "nanochat_rows.pt"
+    job = {"batch": args.batch, "seq_len": args.seq_len, "count": count, "rows_out": str(out), "threads": args.threads}
+    run_worker(checkout, "rows", job, thread_env(args.threads, NANOCHAT_BASE_DIR=str(home), NANOCHAT_DTYPE="float32"))
+    theirs = torch.load(out)
+    dm = PretrainDataModule(
+        dir=str(work / "shards"),
+        tokenizer_dir=str(work / f"tokenizer_{args.vocab}"),
+        sequence_len=args.seq_len,
+        device_batch_size=args.batch,
+        total_batch_size=args.batch * args.seq_len,
+        packing="bestfit",
+    )
+    dm.setup("fit")
+    same = 0
+    for raw, want in zip(dm.train_dataloader(), theirs):
+        if not torch.equal(dm.on_before_batch_transfer(raw, 0)[0, :, :-1], want):
+            break
+        same += 1
+    return {"batches": count, "identical": same}
+
+
 # --- set-up and report -----------------------------------------------------------------------------
 def prepare(args, work: Path) -> None:
     """Shards, our tokenizer, nanochat's copy of it and its data dir, and the common evaluator's rows (once)."""
@@ -467,8 +532,11 @@ def training_table(results: dict) -> str:
     from common import markdown_table
 
     base = results["nanochat"]["tok_per_s"]
+    reference = results["nanochat"].get("smoothed_losses", [])
     rows = []
     for name, r in results.items():
+        curve = r.get("smoothed_losses", [])
+        gap = max((abs(a - b) for a, b in zip(curve, reference)), default=float("nan"))
         rows.append(
             [
                 name,
@@ -479,6 +547,9 @@ def training_table(results: dict) -> str:
                 f"{r['peak_rss_gb']:.2f} GB",
                 f"{r['bpb']:.4f}",
                 f"{r['loss']:.4f}",
+                f"{curve[0]:.6f}" if curve else "",
+                f"{curve[-1]:.4f}" if curve else "",
+                "" if name == "nanochat" or not curve else f"{gap:.4f}",
             ]
         )
     return markdown_table(
@@ -491,6 +562,9 @@ def training_table(results: dict) -> str:
             "peak RSS",
             "val bpb (common evaluator)",
             "val loss",
+            "train loss, step 1",
+            "train loss, last step (EMA 0.9)",
+            "max gap to nanochat's (EMA)",
         ],
         rows,
     )
@@ -578,7 +652,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-train", action="store_true", help="decode only, from the runs already in --work")
     p.add_argument("--skip-decode", action="store_true")
     p.add_argument("--json", default="bench/results/nanochat_side_by_side.json")
-    p.add_argument("--worker", choices=("score", "decode"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=("score", "decode", "rows"), help=argparse.SUPPRESS)
     p.add_argument("--job", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -600,7 +674,7 @@ def main(argv=None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     prepare(args, work)
-    results, tables = {}, []
+    results, tables = {"rows": same_rows(args, work, args.nanochat)}, []
     record = work / f"train_{args.precision}.json"
     if args.skip_train:
         results["train"] = json.loads(record.read_text())
@@ -620,7 +694,10 @@ def main(argv=None) -> None:
             )
             results["train"][f"ours @ {rev}"] = train_ours(args, work, args.baseline.resolve(), "baseline")
         record.write_text(json.dumps(results["train"], indent=2))
-    tables.append(training_table(results["train"]))
+    tables.append(
+        f"Best-fit rows: the first {results['rows']['identical']} of {results['rows']['batches']} training batches "
+        "of nanochat's loader and ours (packing=bestfit) are identical.\n\n" + training_table(results["train"])
+    )
     if not args.skip_decode:
         results["decode"] = decode_side_by_side(args, work, args.nanochat)
         tables.append(decode_table(results["decode"]))

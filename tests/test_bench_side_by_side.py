@@ -47,6 +47,22 @@ def test_step_rates_read_both_logs(sbs):
     assert ours == {11: 2011.0, 12: 2012.0}
 
 
+def test_losses_read_both_logs_and_ours_smooth_as_nanochat_logs_them(sbs):
+    nanochat_log = [
+        f"step {i:05d}/00003 ({i}%) | loss: {loss:.6f} | lrm: 1.00 | dt: 1.0ms | tok/sec: 1,000 | x"
+        for i, loss in enumerate([10.0, 9.052632, 7.918819])
+    ]
+    ours_log = [
+        f"x - step {i:6d}/3 ( 1.0%) | loss {loss:.4f} | lrm 1.000 | 2,000 tok/s"
+        for i, loss in [(1, 10), (2, 8), (3, 5)]
+    ]
+    assert sbs.step_losses(nanochat_log, sbs.NANOCHAT_LOSS, one_based=False) == [10.0, 9.052632, 7.918819]
+    ours = sbs.step_losses(ours_log, sbs.OUR_LOSS, one_based=True)
+    assert ours == [10.0, 8.0, 5.0]
+    # EMA 0.9 debiased: 1.0/0.1 = 10; (0.9 + 0.8)/0.19 = 8.947368...; (1.53 + 0.5)/0.271 = 7.490775...
+    assert sbs.smoothed(ours) == pytest.approx([10.0, 1.7 / 0.19, 2.03 / 0.271])
+
+
 def test_quiet_rates_leave_out_disturbed_steps(sbs):
     lines = [
         (f"step {i:05d}/00030 (0%) | loss: 7.1 | lrm: 1.00 | dt: 1.0ms | tok/sec: {100 * i:,} | x", others)

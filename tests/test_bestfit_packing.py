@@ -21,7 +21,7 @@ def synthetic(lengths):
 def test_rows_by_hand():
     # Width 8, a buffer of 3. Row 1 takes the 8; row 2 the 6, then (after a refill) the 2; row 3 the 5 and the 3;
     # row 4 the 4, then nothing fits the 4 tokens left, so the shortest left (the 10) is cropped to 4, dropping 6.
-    batches = list(pack_bestfit(synthetic([5, 3, 8, 6, 2, 10, 4]), rows=1, seq_len=7, buffer_size=3))
+    batches = list(pack_bestfit(synthetic([5, 3, 8, 6, 2, 10, 4]), rows=1, seq_len=7, buffer_size=3, refill=1))
     rows = [b[0][0].tolist() for b in batches]
     assert rows == [
         [0, 3, 3, 3, 3, 3, 3, 3],
@@ -35,6 +35,26 @@ def test_rows_by_hand():
     assert [b[2]["crop"]["cropped"] for b in batches] == [0, 0, 0, 6]  # running counts
     assert batches[0][2]["buffer"] == [[0, 0, 0], [0, 0, 1]]  # the 5 and the 3 wait in the buffer
     assert batches[0][1] == Position(0, 0, 3)  # the next document to read
+
+
+def test_the_buffer_grows_by_whole_chunks_of_a_row_group():
+    # Width 8, a buffer of 2, chunks of 3 documents: row group 0 holds lengths 4, 4, 8 (one chunk), row group 1
+    # holds 3, 5. Row 1: the first chunk comes in whole, so the 8 is there and fills the row (one document at a
+    # time, the two 4s would have). Row 2: the two 4s, the second after row group 1's chunk arrives; row 3: the 5,
+    # then the 3.
+    docs = [(Position(0, 0, 0), 4), (Position(0, 0, 1), 4), (Position(0, 0, 2), 8), (Position(0, 1, 0), 3)]
+    docs += [(Position(0, 1, 1), 5)]
+    items = [(p, [BOS] + [n] * (n - 1)) for p, n in docs]
+    batches = list(pack_bestfit(iter(items), rows=1, seq_len=7, buffer_size=2, refill=3))
+    assert [b[0][0].tolist() for b in batches] == [
+        [0, 8, 8, 8, 8, 8, 8, 8],
+        [0, 4, 4, 4, 0, 4, 4, 4],
+        [0, 5, 5, 5, 5, 0, 3, 3],
+    ]
+    assert batches[0][2]["buffer"] == [[0, 0, 0], [0, 0, 1]] and batches[0][1] == Position(0, 0, 3)
+    assert batches[1][2]["buffer"] == [[0, 1, 0], [0, 1, 1]] and batches[1][1] == Position(0, 1, 2)
+    one_at_a_time = list(pack_bestfit(iter(items), rows=1, seq_len=7, buffer_size=2, refill=1))
+    assert one_at_a_time[0][0][0].tolist() == [0, 4, 4, 4, 0, 4, 4, 4]
 
 
 def test_every_row_starts_with_bos_and_none_overflows():

@@ -145,6 +145,24 @@ def test_nanochat2026_init_draws_what_nanochat_draws_under_the_same_seed():
         assert state[name].double().square().sum().item() == pytest.approx(squares, rel=1e-5, abs=1e-6), name
 
 
+def test_a_training_runs_gpt_draws_nothing_before_init_weights(tiny_tokenizer_dir):
+    """A stage's model is its init_weights() right after the run's seed (nanochat's weights under the same seed, the
+    test above): built on meta, no default initialisation consumes the generator first."""
+    from nanochat.models.stage_parts import build_gpt
+
+    shape = {k: v for k, v in preset("nanochat2026").items() if k != "window_pattern"}
+    torch.manual_seed(7)
+    _, model, _ = build_gpt(depth=2, tokenizer_dir=tiny_tokenizer_dir, init_from=None, sequence_len=32, **shape)
+    with torch.device("meta"):
+        expected = GPT(model.config)
+    expected.to_empty(device="cpu")
+    torch.manual_seed(7)
+    expected.init_weights()
+    built, wanted = model.state_dict(), expected.state_dict()
+    assert built.keys() == wanted.keys() and all(torch.equal(built[k], wanted[k]) for k in wanted)
+    assert model.transformer.wte.weight.std().item() == pytest.approx(0.8, rel=0.1)  # nanochat2026's N(0, 0.8)
+
+
 def test_a_state_dict_in_nanochats_layout_loads_and_gives_nanochats_logits_loss_and_tokens(precision, tmp_path):
     """The weights go through a file as nanochat's checkpoints hold them (its key names, embeddings in bf16 as on a
     GPU), load with load_state_dict(strict), and the logits, loss and 32 greedy KV-cached tokens are nanochat's:

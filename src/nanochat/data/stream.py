@@ -30,6 +30,7 @@ import math
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from itertools import groupby
 from pathlib import Path
 
 import torch
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 FAULT_KINDS = ("skipped_shards", "skipped_row_groups", "empty_documents", "invalid_documents")
 PACKINGS = ("concat", "bestfit")
 POSITION_KEYS = ("epoch", "round", "doc", "token")
+REFILL = 128  # documents tokenized together by nanochat's loader: its best-fit buffer grows by one such batch
 
 
 def one_line(error: Exception) -> str:
@@ -329,15 +331,18 @@ def pack_bestfit(
     seq_len: int,
     buffer_size: int = 1000,
     *,
+    refill: int = REFILL,
     buffer: list[tuple[Position, list[int]]] | None = None,
     counts: tuple[int, int] = (0, 0),
     start: Position | None = None,
 ) -> Iterator[tuple[torch.Tensor, Position, dict]]:
     """BOS-aligned best-fit rows: (rows, seq_len + 1) batches in which every row starts at a document's first token.
 
-    Each row is filled from a buffer kept at `buffer_size` documents: the largest document that fits the space left
-    (the earliest of equals), again and again; when none fits, the shortest is cropped to fill the row exactly and
-    its rest dropped. No padding. Yields (batch, position of the next document to read, state) where the state has
+    Each row is filled from a buffer kept at `buffer_size` documents or more: the largest document that fits the
+    space left (the earliest of equals), again and again; when none fits, the shortest is cropped to fill the row
+    exactly and its rest dropped. No padding. The buffer grows a chunk at a time, documents `refill * k` to
+    `refill * (k + 1) - 1` of a row group (nanochat's tokenizer batches), so the rows are the ones nanochat's
+    loader packs from the same documents. Yields (batch, position of the next document to read, state) where the state has
     the buffer's positions ([epoch, round, doc], in order) and the running counts `cropped` (tokens dropped) and
     `taken` (tokens of every document taken from the buffer); `buffer` and `counts` continue a resumed stream.
     Finite documents end with the last full batch.
@@ -347,6 +352,7 @@ def pack_bestfit(
     lengths = [len(ids) for _, ids in buf]
     cropped, taken = counts
     nxt = start or Position()
+    chunks = (list(c) for _, c in groupby(documents, key=lambda d: (d[0].epoch, d[0].round, d[0].doc // refill)))
     exhausted = False
     while True:
         out = torch.empty(rows, width, dtype=torch.long)
@@ -354,13 +360,13 @@ def pack_bestfit(
             filled = 0
             while filled < width:
                 while len(buf) < buffer_size and not exhausted:
-                    item = next(documents, None)
-                    if item is None:
+                    chunk = next(chunks, None)
+                    if chunk is None:
                         exhausted = True
                     else:
-                        buf.append(item)
-                        lengths.append(len(item[1]))
-                        p = item[0]
+                        buf.extend(chunk)
+                        lengths.extend(len(ids) for _, ids in chunk)
+                        p = chunk[-1][0]
                         nxt = Position(p.epoch, p.round, p.doc + 1, 0)
                 if not buf:
                     return
