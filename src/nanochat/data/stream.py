@@ -342,10 +342,10 @@ def pack_bestfit(
     space left (the earliest of equals), again and again; when none fits, the shortest is cropped to fill the row
     exactly and its rest dropped. No padding. The buffer grows a chunk at a time, documents `refill * k` to
     `refill * (k + 1) - 1` of a row group (nanochat's tokenizer batches), so the rows are the ones nanochat's
-    loader packs from the same documents. Yields (batch, position of the next document to read, state) where the state has
-    the buffer's positions ([epoch, round, doc], in order) and the running counts `cropped` (tokens dropped) and
-    `taken` (tokens of every document taken from the buffer); `buffer` and `counts` continue a resumed stream.
-    Finite documents end with the last full batch.
+    loader packs from the same documents. Yields (batch, position of the next document to read, state) where the
+    state has the buffer's positions ([epoch, round, doc], in order) and the running counts `cropped` (tokens
+    dropped) and `taken` (tokens of every document taken from the buffer); `buffer` and `counts` continue a resumed
+    stream. Finite documents end with the last full batch.
     """
     width = seq_len + 1
     buf = list(buffer or [])
