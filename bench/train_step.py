@@ -152,7 +152,7 @@ def bf16_autocast(device: str) -> torch.autocast:
 
 def run_plain(args, depth: int, precision: str, batches: list[torch.Tensor]):
     L.seed_everything(args.seed, verbose=False)
-    model = GPT(gpt_config(args, depth)).to(args.device)
+    model = GPT.initialised(gpt_config(args, depth), args.device)  # the Lightning side's weights
     opt = build_optimizer(model)
     schedule = ScheduleConfig()
     forward = torch.compile(model) if args.compile else model

@@ -42,12 +42,7 @@ def build_gpt(*, depth: int | None, tokenizer_dir, init_from, sequence_len: int 
             )
     else:
         config = GPTConfig.from_depth(depth, tokenizer.vocab_size, sequence_len, **shape)
-    # Built on meta, so that the only draws after the run's seed are init_weights' own: the same weights as
-    # nanochat's under the same seed (and no throwaway default initialisation of a large model).
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
-    model.init_weights()
+    model = GPT.initialised(config)  # the run's seed alone decides the weights, as in nanochat
     parent = None
     if init_from:
         load_weights(model, init_from)

@@ -138,6 +138,16 @@ class GPT(nn.Module):
         self.register_buffer("sin", torch.empty(0), persistent=False)
         self.init_weights()
 
+    @classmethod
+    def initialised(cls, config: GPTConfig, device: str | torch.device = "cpu") -> GPT:
+        """A GPT whose weights are `init_weights`' draws alone: built on meta, so no module's default initialisation
+        uses the generator first. After `torch.manual_seed(s)` these are the weights nanochat draws under seed s."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.to_empty(device=device)
+        model.init_weights()
+        return model
+
     @torch.no_grad()
     def init_weights(self) -> None:
         """(Re)initialise every weight; call after `to_empty(device=...)` on a model built on `meta`.
