@@ -187,10 +187,7 @@ def load_export(path: str | Path, device: str | torch.device = "cpu", dtype: tor
 
     export = find_export(path)
     cfg = read_export_config(export)
-    with torch.device("meta"):
-        model = GPT(GPTConfig.from_dict(cfg["model"]))
-    model.to_empty(device=device)
-    model.init_weights()  # rebuilds the non-persistent rotary tables
+    model = GPT.initialised(GPTConfig.from_dict(cfg["model"]), device)  # init_weights builds the rotary tables
     cast_weights(model, dtype)  # before loading: the fp32 file is copied straight into dtype
     load_weights(model, export)
     return model.eval(), Tokenizer.load(export), cfg.get("meta", {})
